@@ -1,0 +1,47 @@
+"""rmqdelay: delayed and scheduled tasks on RabbitMQ.
+
+Publishers call :class:`Scheduler`; workers run :class:`Worker` (or ``rmqdelay consume``).
+"""
+
+from rmqdelay.errors import (
+    BrokerError,
+    BrokerUnavailableError,
+    ConfigError,
+    InvalidDelayError,
+    InvalidDestinationError,
+    InvalidPayloadError,
+    InvalidTaskError,
+    MessageDecodeError,
+    PublishNotConfirmedError,
+    RmqDelayError,
+    TopologyMismatchError,
+    UnroutableError,
+)
+from rmqdelay.scheduler import Scheduler
+from rmqdelay.settings import Settings
+from rmqdelay.task import Handler, ScheduledTask, Task
+from rmqdelay.worker import Worker, WorkerStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BrokerError",
+    "BrokerUnavailableError",
+    "ConfigError",
+    "Handler",
+    "InvalidDelayError",
+    "InvalidDestinationError",
+    "InvalidPayloadError",
+    "InvalidTaskError",
+    "MessageDecodeError",
+    "PublishNotConfirmedError",
+    "RmqDelayError",
+    "ScheduledTask",
+    "Scheduler",
+    "Settings",
+    "Task",
+    "TopologyMismatchError",
+    "UnroutableError",
+    "Worker",
+    "WorkerStats",
+]

@@ -1,0 +1,134 @@
+"""Delay arithmetic: durations, resolution units and hop plans. Pure; no I/O.
+
+A delay becomes ``n = ceil(delay / resolution)`` units. Level ``k`` holds a message
+exactly ``resolution * 2**k``, so a message visits the levels of the set bits of ``n``,
+highest first, and spends exactly ``n`` units in the levels: never early, at most one
+unit later than asked for (plus broker hop time).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal, InvalidOperation
+
+from rmqdelay.errors import InvalidDelayError
+
+#: RabbitMQ 3.10 refuses an ``x-message-ttl`` above this (10 x 365 days, classic and quorum).
+BROKER_MAX_TTL_MS = 315_360_000_000
+
+_US_PER_MS = 1_000
+_UNIT_US = {
+    "us": 1,
+    "ms": 1_000,
+    "s": 1_000_000,
+    "m": 60_000_000,
+    "h": 3_600_000_000,
+    "d": 86_400_000_000,
+    "w": 604_800_000_000,
+}
+_PART = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|m|h|d|w)")
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse ``250ms``, ``90s``, ``30m``, ``2h``, ``3d``, ``1w`` or a sum like ``1h30m``.
+
+    A bare number is refused rather than guessed at: ``30`` could mean seconds or minutes.
+    """
+    compact = text.strip().replace(" ", "")
+    if not compact:
+        raise InvalidDelayError("empty duration; write it with a unit, e.g. 250ms, 90s, 30m, 2h")
+    pos, total_us = 0, Decimal(0)
+    for match in _PART.finditer(compact):
+        if match.start() != pos:
+            break
+        total_us += Decimal(match.group(1)) * _UNIT_US[match.group(2)]
+        pos = match.end()
+    if pos != len(compact):
+        raise InvalidDelayError(
+            f"cannot read duration {text!r}; use a number with a unit (us, ms, s, m, h, d, w), "
+            "e.g. 250ms, 90s, 30m, 2h, 1h30m"
+        )
+    return timedelta(microseconds=math.ceil(total_us))
+
+
+def delay_to_us(delay: timedelta | float | int) -> int:
+    """Return a delay as whole microseconds (rounded up), refusing what cannot be a delay.
+
+    Floats and ints are seconds. Floats go through their shortest decimal form, so ``0.1``
+    is exactly 100000 us rather than the binary float's 100000.00000000001.
+    """
+    if isinstance(delay, timedelta):
+        us = delay // timedelta(microseconds=1)
+    elif isinstance(delay, bool) or not isinstance(delay, int | float):
+        raise InvalidDelayError(
+            f"delay must be a timedelta or a number of seconds, not {type(delay).__name__} "
+            f"({delay!r})"
+        )
+    else:
+        try:
+            seconds = Decimal(repr(delay)) if isinstance(delay, float) else Decimal(delay)
+        except InvalidOperation as e:  # pragma: no cover - repr of a float is always parseable
+            raise InvalidDelayError(f"delay {delay!r} is not a number") from e
+        if not seconds.is_finite():
+            raise InvalidDelayError(f"delay must be finite, got {delay!r}")
+        us = math.ceil(seconds * 1_000_000)
+    if us < 0:
+        raise InvalidDelayError(f"delay must not be negative, got {delay!r}")
+    return us
+
+
+def level_count(resolution_ms: int, max_delay_us: int) -> int:
+    """Number of levels needed so that every delay up to ``max_delay_us`` is exact."""
+    return max(1, units_for(max_delay_us, resolution_ms).bit_length())
+
+
+def units_for(delay_us: int, resolution_ms: int) -> int:
+    """Resolution units for a delay: rounded up, so a task is never early."""
+    unit_us = resolution_ms * _US_PER_MS
+    return -(-delay_us // unit_us)
+
+
+def level_ttl_ms(level: int, resolution_ms: int) -> int:
+    """The fixed TTL of level ``level``."""
+    return resolution_ms << level
+
+
+def hop_plan(units: int) -> tuple[int, ...]:
+    """Levels a message of ``units`` visits: the set bits of ``units``, highest first."""
+    if units < 0:
+        raise InvalidDelayError(f"units must not be negative, got {units}")
+    return tuple(bit for bit in range(units.bit_length() - 1, -1, -1) if units >> bit & 1)
+
+
+@dataclass(frozen=True, slots=True)
+class DelayLimits:
+    """What a given resolution and level count can express."""
+
+    resolution_ms: int
+    levels: int
+    max_delay_us: int
+
+    def units(self, delay_us: int) -> int:
+        """Units for ``delay_us``, refusing a delay over the configured maximum."""
+        if delay_us > self.max_delay_us:
+            raise InvalidDelayError(
+                f"delay of {describe_us(delay_us)} exceeds the maximum of "
+                f"{describe_us(self.max_delay_us)} (setting RMQDELAY_MAX_DELAY)"
+            )
+        return units_for(delay_us, self.resolution_ms)
+
+
+def describe_us(us: int) -> str:
+    """A short human form of a duration, for messages: ``1d2h``, ``250ms``, ``12.5s``."""
+    if us % 86_400_000_000 == 0 and us:
+        return f"{us // 86_400_000_000}d"
+    if us % 3_600_000_000 == 0 and us:
+        return f"{us // 3_600_000_000}h"
+    if us % 1_000_000 == 0:
+        return f"{us // 1_000_000}s"
+    if us % 1_000 == 0:
+        return f"{us // 1_000}ms"
+    return f"{us}us"

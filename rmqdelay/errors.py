@@ -1,0 +1,72 @@
+"""Every exception rmqdelay raises on purpose.
+
+    RmqDelayError
+    ├── ConfigError (ValueError)            settings or CLI options that cannot work
+    ├── InvalidTaskError (ValueError)       a schedule() call refused before anything was sent
+    │   ├── InvalidDelayError
+    │   ├── InvalidDestinationError
+    │   └── InvalidPayloadError
+    ├── BrokerError                         the broker said no, or could not be reached
+    │   ├── BrokerUnavailableError (ConnectionError)
+    │   ├── TopologyMismatchError
+    │   ├── UnroutableError
+    │   └── PublishNotConfirmedError
+    └── MessageDecodeError                  a delivered message is not an rmqdelay task
+
+Messages name the offending value and, where there is one, what to do about it.
+Broker errors are always raised ``from`` the aio-pika/aiormq exception behind them.
+"""
+
+from __future__ import annotations
+
+
+class RmqDelayError(Exception):
+    """Raised for every failure rmqdelay detects; catch this to catch them all."""
+
+
+class ConfigError(RmqDelayError, ValueError):
+    """Raised when settings or command-line options are invalid or inconsistent."""
+
+
+class InvalidTaskError(RmqDelayError, ValueError):
+    """Raised when a task is refused before anything is sent to the broker."""
+
+
+class InvalidDelayError(InvalidTaskError):
+    """Raised for a negative, non-finite or too long delay, or a bad ``at``/``delay`` pair."""
+
+
+class InvalidDestinationError(InvalidTaskError):
+    """Raised for an empty, over-long or otherwise unusable destination name."""
+
+
+class InvalidPayloadError(InvalidTaskError):
+    """Raised for a payload that is neither JSON-serialisable nor bytes with a content type."""
+
+
+class BrokerError(RmqDelayError):
+    """Raised when the broker refused an operation or could not be reached."""
+
+
+class BrokerUnavailableError(BrokerError, ConnectionError):
+    """Raised when no connection to the broker could be made within the allowed attempts."""
+
+
+class TopologyMismatchError(BrokerError):
+    """Raised when a broker object exists with arguments other than the settings expect."""
+
+
+class UnroutableError(BrokerError):
+    """Raised when the broker could not route a task to its destination's work queue."""
+
+    def __init__(self, message: str, *, destination: str) -> None:
+        super().__init__(message)
+        self.destination = destination
+
+
+class PublishNotConfirmedError(BrokerError):
+    """Raised when the broker nacked a publish or the channel closed before it confirmed."""
+
+
+class MessageDecodeError(RmqDelayError):
+    """Raised when a delivered message lacks or garbles the rmqdelay headers or body."""

@@ -1,0 +1,76 @@
+"""Every broker object name, derived from the namespace alone. Pure; no I/O.
+
+Other languages publish to these names, so they are part of the wire contract (README).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rmqdelay.errors import InvalidDestinationError
+
+#: Routing-key / queue-name limit of AMQP 0-9-1 (a shortstr), in UTF-8 bytes.
+MAX_NAME_BYTES = 255
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """Names of one deployment's objects: ``<namespace>.<role>[.<detail>]``."""
+
+    namespace: str
+
+    @property
+    def schedule_exchange(self) -> str:
+        """Headers exchange publishers send to; routes on ``rmqdelay-route-in``."""
+        return f"{self.namespace}.schedule"
+
+    def level_queue(self, level: int) -> str:
+        """Queue holding messages exactly ``resolution * 2**level``."""
+        return f"{self.namespace}.level.{level:02d}"
+
+    def after_exchange(self, level: int) -> str:
+        """Headers exchange ``level`` dead-letters into; routes on ``rmqdelay-route-<level>``."""
+        return f"{self.namespace}.after.{level:02d}"
+
+    @property
+    def work_exchange(self) -> str:
+        """Direct exchange: routing key = destination."""
+        return f"{self.namespace}.work"
+
+    def work_queue(self, destination: str) -> str:
+        """The queue workers of ``destination`` consume."""
+        return f"{self.namespace}.work.{destination}"
+
+    @property
+    def unroutable(self) -> str:
+        """Fanout exchange and queue catching whatever no binding matched."""
+        return f"{self.namespace}.unroutable"
+
+    @property
+    def parked(self) -> str:
+        """Fanout exchange and queue for tasks that failed or could not be decoded."""
+        return f"{self.namespace}.parked"
+
+    @property
+    def max_destination_bytes(self) -> int:
+        """Longest destination (UTF-8 bytes) whose work queue name still fits."""
+        return MAX_NAME_BYTES - len(self.work_queue("").encode())
+
+    def check_destination(self, destination: object) -> str:
+        """Return ``destination`` if it can name a work queue, else say why not."""
+        if not isinstance(destination, str) or not destination:
+            raise InvalidDestinationError(
+                f"destination must be a non-empty string, got {destination!r}"
+            )
+        if any(ord(c) < 32 or ord(c) == 127 for c in destination):
+            raise InvalidDestinationError(
+                f"destination {destination!r} contains a control character"
+            )
+        size, limit = len(destination.encode()), self.max_destination_bytes
+        if size > limit:
+            raise InvalidDestinationError(
+                f"destination {destination[:40]!r}... is {size} bytes long; with namespace "
+                f"{self.namespace!r} the limit is {limit} bytes (AMQP names are at most "
+                f"{MAX_NAME_BYTES})"
+            )
+        return destination

@@ -1,0 +1,225 @@
+"""The publisher side: ``Scheduler.schedule()`` sends a task into the delay levels."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, Self
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aiormq.exceptions import ChannelNotFoundEntity, DeliveryError, PublishError
+from pamqp.commands import Basic
+
+from rmqdelay.connection import connect
+from rmqdelay.declare import declare_topology
+from rmqdelay.delays import delay_to_us, hop_plan
+from rmqdelay.errors import (
+    InvalidDelayError,
+    PublishNotConfirmedError,
+    UnroutableError,
+)
+from rmqdelay.settings import Settings
+from rmqdelay.task import ScheduledTask
+from rmqdelay.topology import build_topology, destination_topology
+from rmqdelay.wire import encode_payload, task_headers
+
+log = logging.getLogger("rmqdelay.scheduler")
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+#: How long a publish may wait for the broker's confirm.
+PUBLISH_TIMEOUT_S = 30.0
+
+
+def _due_us(now_us: int, delay: timedelta | float | None, at: datetime | None) -> int:
+    if (delay is None) == (at is None):
+        raise InvalidDelayError(
+            f"give exactly one of delay= or at= (got delay={delay!r}, at={at!r})"
+        )
+    if at is not None:
+        if not isinstance(at, datetime):
+            raise InvalidDelayError(f"at must be a datetime, got {type(at).__name__} ({at!r})")
+        if at.tzinfo is None or at.utcoffset() is None:
+            raise InvalidDelayError(
+                f"at={at.isoformat()} is naive; give a timezone-aware datetime "
+                "(e.g. datetime.now(UTC) + ...), since the publisher's local zone is a guess"
+            )
+        return (at - _EPOCH) // _US
+    assert delay is not None
+    return now_us + delay_to_us(delay)
+
+
+class Scheduler:
+    """Schedules tasks; use as ``async with Scheduler(Settings()) as scheduler: ...``.
+
+    Many ``schedule()`` calls may run at once on one scheduler: they share one channel and
+    their publisher confirms are pipelined, which is where throughput comes from.
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings if settings is not None else Settings()
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._destinations: dict[str, asyncio.Future[None]] = {}
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Connect, declare the topology (unless ``declare`` is off) and open the channel."""
+        self._connection = await connect(self.settings)
+        try:
+            self._channel = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            if self.settings.declare:
+                await declare_topology(self._channel, build_topology(self.settings.layout))
+            self._exchange = await self._channel.get_exchange(
+                self.settings.names.schedule_exchange, ensure=False
+            )
+        except BaseException:
+            await self._connection.close()
+            raise
+
+    async def close(self) -> None:
+        """Close the connection; schedules that already returned are safe in the broker."""
+        if self._connection is not None:
+            await self._connection.close()
+        self._connection = self._channel = self._exchange = None
+
+    async def declare_destination(self, destination: str) -> None:
+        """Create ``destination``'s work queue, so tasks can be scheduled before a worker runs."""
+        self.settings.names.check_destination(destination)
+        topology = destination_topology(self.settings.layout, destination)
+        await declare_topology(self._require_channel(), topology)
+
+    async def schedule(
+        self,
+        destination: str,
+        payload: Any,
+        *,
+        delay: timedelta | float | None = None,
+        at: datetime | None = None,
+        content_type: str | None = None,
+        task_id: str | None = None,
+    ) -> ScheduledTask:
+        """Schedule ``payload`` for ``destination`` after ``delay`` or at ``at``.
+
+        Returns once the broker has confirmed the message: from then on it is not lost.
+
+        Args:
+            destination: Work queue to deliver to; it must exist (a worker, or
+                ``declare_destination()``, creates it).
+            payload: Anything JSON-serialisable, or bytes together with ``content_type``.
+            delay: A timedelta or seconds; 0 delivers at once.
+            at: A timezone-aware due time; one in the past delivers at once.
+            content_type: Only for bytes payloads.
+            task_id: Your own id (default: a new UUID).
+
+        Raises:
+            InvalidTaskError: bad destination, payload or delay; nothing was sent.
+            UnroutableError: no work queue for ``destination``.
+            PublishNotConfirmedError: the broker did not confirm the message.
+        """
+        settings = self.settings
+        destination = settings.names.check_destination(destination)
+        body, content_type = encode_payload(payload, content_type)
+        now_us = time.time_ns() // 1000
+        due_us = _due_us(now_us, delay, at)
+        plan = hop_plan(settings.limits.units(max(0, due_us - now_us)))
+        task_id = task_id or uuid.uuid4().hex
+        headers = task_headers(
+            task_id, due_ms=-(-due_us // 1000), published_ms=now_us // 1000, plan=plan
+        )
+        await self._check_destination(destination)
+        message = aio_pika.Message(
+            body,
+            headers=headers,
+            content_type=content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=task_id,
+        )
+        await self._publish(message, destination)
+        log.debug("scheduled %s for %s in %d hops", task_id, destination, len(plan))
+        return ScheduledTask(task_id, destination, _EPOCH + due_us * _US, len(plan))
+
+    async def _publish(self, message: aio_pika.Message, destination: str) -> None:
+        exchange = self._require_exchange()
+        try:
+            confirm = await exchange.publish(
+                message, routing_key=destination, mandatory=True, timeout=PUBLISH_TIMEOUT_S
+            )
+        except PublishError as e:
+            raise UnroutableError(
+                f"the broker returned the task for destination {destination!r} as unroutable "
+                f"({e}); are the hop-plan headers and "
+                f"the topology of namespace {self.settings.namespace!r} intact?",
+                destination=destination,
+            ) from e
+        except (DeliveryError, TimeoutError) as e:
+            raise PublishNotConfirmedError(
+                f"the broker did not confirm the task for {destination!r}: {e!r}"
+            ) from e
+        if not isinstance(confirm, Basic.Ack):
+            raise PublishNotConfirmedError(
+                f"the broker answered {confirm!r} instead of an ack for {destination!r}"
+            )
+
+    async def _check_destination(self, destination: str) -> None:
+        """Fail early when no work queue exists: otherwise the task would surface only at
+        its due time, in the unroutable queue. Checked once per destination and scheduler."""
+        pending = self._destinations.get(destination)
+        if pending is None:
+            pending = asyncio.ensure_future(self._queue_exists(destination))
+            self._destinations[destination] = pending
+        try:
+            await asyncio.shield(pending)
+        except Exception:
+            if self._destinations.get(destination) is pending:
+                del self._destinations[destination]  # not cached: a later call asks again
+            raise
+
+    async def _queue_exists(self, destination: str) -> None:
+        if self._connection is None:
+            raise _not_started()
+        queue = self.settings.names.work_queue(destination)
+        # A failed passive declare closes its channel: use a throwaway one.
+        async with self._connection.channel() as probe:
+            try:
+                await probe.declare_queue(queue, passive=True)
+            except ChannelNotFoundEntity as e:
+                raise UnroutableError(
+                    f"destination {destination!r} has no work queue ({queue!r}): start a "
+                    f"worker ('rmqdelay consume {destination}') or declare it "
+                    f"('rmqdelay declare {destination}') first",
+                    destination=destination,
+                ) from e
+
+    def _require_channel(self) -> AbstractChannel:
+        if self._channel is None:
+            raise _not_started()
+        return self._channel
+
+    def _require_exchange(self) -> AbstractExchange:
+        if self._exchange is None:
+            raise _not_started()
+        return self._exchange
+
+
+def _not_started() -> RuntimeError:
+    return RuntimeError("Scheduler is not started; use 'async with Scheduler(...)' or start()")

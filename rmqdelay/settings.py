@@ -1,0 +1,173 @@
+"""Settings, read once at the edge (``RMQDELAY_*`` environment variables or ``.env``)."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rmqdelay.delays import (
+    BROKER_MAX_TTL_MS,
+    DelayLimits,
+    delay_to_us,
+    level_count,
+    level_ttl_ms,
+    parse_duration,
+)
+from rmqdelay.errors import ConfigError, InvalidDelayError
+from rmqdelay.names import Names
+from rmqdelay.topology import Layout
+
+ENV_PREFIX = "RMQDELAY_"
+_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+
+
+def _duration(value: Any) -> Any:
+    """Accept ``30s``/``3650d`` style strings besides what pydantic takes for a timedelta."""
+    if isinstance(value, str) and value.strip() and not value.strip().startswith("P"):
+        try:
+            return parse_duration(value)
+        except InvalidDelayError as e:
+            raise ValueError(str(e)) from e
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username or ''}:******@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Settings(BaseSettings):
+    """Everything rmqdelay can be configured with; each field reads ``RMQDELAY_<FIELD>``.
+
+    Invalid values raise :class:`rmqdelay.ConfigError` naming the variable.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", frozen=True
+    )
+
+    url: str = Field(
+        default="amqp://guest:guest@localhost:5672/%2F",
+        description="AMQP URL; its path names the vhost (%2F is '/').",
+    )
+    namespace: str = Field(
+        default="rmqdelay", description="Prefix of every broker object this deployment uses."
+    )
+    queue_type: Literal["quorum", "classic"] = Field(
+        default="quorum", description="Type of every queue; quorum replicates and never loses."
+    )
+    resolution_ms: int = Field(
+        default=10, ge=1, le=3_600_000, description="Delay unit; delays are rounded up to it."
+    )
+    max_delay: Duration = Field(
+        default=timedelta(days=3650), description="Longest delay accepted (e.g. 3650d)."
+    )
+    prefetch: int = Field(default=32, ge=1, le=65535, description="Unacked tasks per worker.")
+    concurrency: int = Field(default=16, ge=1, le=10_000, description="Handlers run at once.")
+    declare: bool = Field(
+        default=True, description="Declare the topology on start (false: ops import it)."
+    )
+    connect_timeout: Duration = Field(
+        default=timedelta(seconds=30), description="How long to keep retrying the first connect."
+    )
+    shutdown_grace: Duration = Field(
+        default=timedelta(seconds=30), description="How long in-flight tasks may finish on stop."
+    )
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise ConfigError(_describe(e)) from e
+
+    @field_validator("namespace")
+    @classmethod
+    def _check_namespace(cls, value: str) -> str:
+        if not _NAMESPACE.fullmatch(value):
+            raise ValueError(
+                "must be 1-64 characters of letters, digits, '_', '.', ':' or '-', "
+                "starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("amqp", "amqps"):
+            raise ValueError("must start with amqp:// or amqps://")
+        return value
+
+    @field_validator("max_delay", "connect_timeout", "shutdown_grace")
+    @classmethod
+    def _check_positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be positive")
+        return value
+
+    @model_validator(mode="after")
+    def _check_levels_fit(self) -> Settings:
+        top = level_ttl_ms(self.levels - 1, self.resolution_ms)
+        if top > BROKER_MAX_TTL_MS:
+            raise ValueError(
+                f"max_delay={self.max_delay} at resolution_ms={self.resolution_ms} needs a "
+                f"level with a TTL of {top} ms; RabbitMQ allows at most {BROKER_MAX_TTL_MS} ms. "
+                "Lower RMQDELAY_MAX_DELAY."
+            )
+        return self
+
+    @property
+    def levels(self) -> int:
+        """Number of delay levels."""
+        return level_count(self.resolution_ms, delay_to_us(self.max_delay))
+
+    @property
+    def layout(self) -> Layout:
+        """The part of the settings that shapes the topology."""
+        return Layout(self.namespace, self.queue_type, self.resolution_ms, self.levels)
+
+    @property
+    def limits(self) -> DelayLimits:
+        """Delay arithmetic for these settings."""
+        return DelayLimits(self.resolution_ms, self.levels, delay_to_us(self.max_delay))
+
+    @property
+    def names(self) -> Names:
+        """Broker object names for this namespace."""
+        return Names(self.namespace)
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without its password."""
+        return redact_url(self.url)
+
+    def __repr_args__(self) -> Any:
+        for key, value in super().__repr_args__():
+            yield key, (redact_url(value) if key == "url" else value)
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "settings"
+        env = f"{ENV_PREFIX}{field.upper()}" if item["loc"] else "settings"
+        shown = item.get("input")
+        if field == "url" and isinstance(shown, str):
+            shown = redact_url(shown)
+        got = f" (got {shown!r})" if item["loc"] and "input" in item else ""
+        lines.append(f"{env}: {item['msg']}{got}")
+    return "invalid settings: " + "; ".join(lines)

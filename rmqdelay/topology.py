@@ -1,0 +1,165 @@
+"""The whole broker topology as plain data, computed from a layout. Pure; no I/O.
+
+``declare.py`` walks this data to declare it; ``definitions.py`` renders it as RabbitMQ
+definitions. Neither computes an argument of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, TypeAlias
+
+from rmqdelay.delays import level_ttl_ms
+from rmqdelay.names import Names
+from rmqdelay.wire import DELIVER, ROUTE_IN, route_header
+
+QueueType: TypeAlias = Literal["quorum", "classic"]
+ExchangeType: TypeAlias = Literal["direct", "fanout", "headers"]
+ArgValue: TypeAlias = str | int
+Arguments: TypeAlias = dict[str, ArgValue]
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """The settings that shape the topology; two clients agree iff their layouts do."""
+
+    namespace: str
+    queue_type: QueueType
+    resolution_ms: int
+    levels: int
+
+    @property
+    def names(self) -> Names:
+        """Object names for this namespace."""
+        return Names(self.namespace)
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeSpec:
+    """A durable exchange."""
+
+    name: str
+    type: ExchangeType
+    arguments: Arguments = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    """A durable queue."""
+
+    name: str
+    arguments: Arguments
+
+
+@dataclass(frozen=True, slots=True)
+class BindingSpec:
+    """A binding from ``source`` exchange to a queue or an exchange."""
+
+    source: str
+    destination: str
+    destination_type: Literal["queue", "exchange"]
+    routing_key: str = ""
+    arguments: Arguments = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Everything to declare, in an order that declares cleanly front to back."""
+
+    exchanges: tuple[ExchangeSpec, ...]
+    queues: tuple[QueueSpec, ...]
+    bindings: tuple[BindingSpec, ...]
+
+
+def _queue_arguments(
+    queue_type: QueueType, *, dead_letter_exchange: str | None = None
+) -> Arguments:
+    args: Arguments = {"x-queue-type": queue_type}
+    if dead_letter_exchange is not None:
+        args["x-dead-letter-exchange"] = dead_letter_exchange
+        if queue_type == "quorum":
+            # at-least-once only holds with reject-publish; with the default drop-head the
+            # broker silently falls back to at-most-once (DESIGN.md).
+            args["x-dead-letter-strategy"] = "at-least-once"
+            args["x-overflow"] = "reject-publish"
+    return args
+
+
+def level_queue_spec(layout: Layout, level: int) -> QueueSpec:
+    """The queue for one delay level."""
+    names = layout.names
+    args = _queue_arguments(layout.queue_type, dead_letter_exchange=names.after_exchange(level))
+    args["x-message-ttl"] = level_ttl_ms(level, layout.resolution_ms)
+    return QueueSpec(names.level_queue(level), args)
+
+
+def work_queue_spec(layout: Layout, destination: str) -> QueueSpec:
+    """A destination's work queue; rejected messages dead-letter to the parking lot."""
+    names = layout.names
+    return QueueSpec(
+        names.work_queue(destination),
+        _queue_arguments(layout.queue_type, dead_letter_exchange=names.parked),
+    )
+
+
+def work_queue_binding(layout: Layout, destination: str) -> BindingSpec:
+    """Binds a destination's work queue to the work exchange."""
+    names = layout.names
+    return BindingSpec(
+        names.work_exchange, names.work_queue(destination), "queue", routing_key=destination
+    )
+
+
+def _route_binding(source: str, header: str, stop: int | None, names: Names) -> BindingSpec:
+    """``source`` sends messages whose ``header`` names ``stop`` to that level (or work)."""
+    arguments: Arguments = {"x-match": "all", header: DELIVER if stop is None else str(stop)}
+    if stop is None:
+        return BindingSpec(source, names.work_exchange, "exchange", arguments=arguments)
+    return BindingSpec(source, names.level_queue(stop), "queue", arguments=arguments)
+
+
+def build_topology(layout: Layout, destinations: tuple[str, ...] = ()) -> Topology:
+    """All exchanges, queues and bindings for ``layout`` (plus work queues for ``destinations``).
+
+    Every exchange a level dead-letters into, and the work exchange, has the unroutable
+    exchange as alternate: under at-least-once dead-lettering a message that routes nowhere
+    would stay at the head of its level and block everything behind it.
+    """
+    names = layout.names
+    levels = range(layout.levels)
+    catch_all: Arguments = {"alternate-exchange": names.unroutable}
+    exchanges = (
+        ExchangeSpec(names.unroutable, "fanout"),
+        ExchangeSpec(names.parked, "fanout"),
+        ExchangeSpec(names.work_exchange, "direct", dict(catch_all)),
+        # No alternate here: a publisher with a malformed plan gets its message returned
+        # (mandatory) instead of it vanishing into the unroutable queue.
+        ExchangeSpec(names.schedule_exchange, "headers"),
+        *(ExchangeSpec(names.after_exchange(k), "headers", dict(catch_all)) for k in levels),
+    )
+    plain = _queue_arguments(layout.queue_type)
+    queues = (
+        QueueSpec(names.unroutable, dict(plain)),
+        QueueSpec(names.parked, dict(plain)),
+        *(level_queue_spec(layout, k) for k in levels),
+        *(work_queue_spec(layout, d) for d in destinations),
+    )
+    bindings = [
+        BindingSpec(names.unroutable, names.unroutable, "queue"),
+        BindingSpec(names.parked, names.parked, "queue"),
+        _route_binding(names.schedule_exchange, ROUTE_IN, None, names),
+        *(_route_binding(names.schedule_exchange, ROUTE_IN, k, names) for k in levels),
+    ]
+    for k in levels:
+        after, header = names.after_exchange(k), route_header(k)
+        bindings.append(_route_binding(after, header, None, names))
+        bindings.extend(_route_binding(after, header, j, names) for j in range(k))
+    bindings.extend(work_queue_binding(layout, d) for d in destinations)
+    return Topology(exchanges, queues, tuple(bindings))
+
+
+def destination_topology(layout: Layout, destination: str) -> Topology:
+    """Just a destination's work queue and its binding (the rest is declared elsewhere)."""
+    return Topology(
+        (), (work_queue_spec(layout, destination),), (work_queue_binding(layout, destination),)
+    )

@@ -1,0 +1,159 @@
+"""The message format on the wire: header names, units, payload encoding. Pure; no I/O.
+
+This is a public contract: services in other languages schedule by publishing messages
+that follow it (README, "Wire format"). Times are integer milliseconds since the Unix
+epoch: pamqp would encode a float header as a 32-bit float and lose up to a minute.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from rmqdelay.errors import InvalidPayloadError, MessageDecodeError
+from rmqdelay.task import Task
+
+TASK_ID = "rmqdelay-id"
+DUE_MS = "rmqdelay-due"
+PUBLISHED_MS = "rmqdelay-published"
+ATTEMPT = "rmqdelay-attempt"
+ROUTE_IN = "rmqdelay-route-in"
+#: Route value meaning "on to the work exchange" (any other value is a level number).
+DELIVER = "work"
+JSON = "application/json"
+
+
+def route_header(level: int) -> str:
+    """Header that the exchange after ``level`` routes on."""
+    return f"rmqdelay-route-{level}"
+
+
+def route_headers(plan: tuple[int, ...]) -> dict[str, str]:
+    """The hop plan as headers: the first stop, then for each level the stop after it.
+
+    Values are strings, not ints: headers exchanges compare types too, and every client
+    library encodes a string the same way.
+    """
+    stops = [*(str(level) for level in plan), DELIVER]
+    headers = {ROUTE_IN: stops[0]}
+    headers.update({route_header(level): nxt for level, nxt in zip(plan, stops[1:], strict=True)})
+    return headers
+
+
+def task_headers(
+    task_id: str, *, due_ms: int, published_ms: int, plan: tuple[int, ...], attempt: int = 1
+) -> dict[str, Any]:
+    """All rmqdelay headers of a scheduled message."""
+    return {
+        TASK_ID: task_id,
+        DUE_MS: due_ms,
+        PUBLISHED_MS: published_ms,
+        ATTEMPT: attempt,
+        **route_headers(plan),
+    }
+
+
+def encode_payload(payload: Any, content_type: str | None) -> tuple[bytes, str]:
+    """Body and content type for a payload: JSON unless bytes with an explicit content type."""
+    if isinstance(payload, bytes | bytearray | memoryview):
+        if not content_type:
+            raise InvalidPayloadError(
+                "a bytes payload needs an explicit content_type, e.g. "
+                "content_type='application/octet-stream'"
+            )
+        return bytes(payload), content_type
+    if content_type not in (None, JSON):
+        raise InvalidPayloadError(
+            f"content_type {content_type!r} is only for bytes payloads; "
+            f"a {type(payload).__name__} payload is sent as {JSON}"
+        )
+    try:
+        body = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        raise InvalidPayloadError(f"payload is not JSON-serialisable: {e}") from e
+    return body.encode(), JSON
+
+
+def ms_to_datetime(ms: int) -> datetime:
+    """Milliseconds since the epoch as an aware UTC datetime."""
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _str_header(headers: Mapping[str, Any], name: str) -> str:
+    value = headers.get(name)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str) or not value:
+        raise MessageDecodeError(f"header {name!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _int_header(headers: Mapping[str, Any], name: str, default: int | None = None) -> int:
+    value = headers.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MessageDecodeError(f"header {name!r} must be an integer, got {value!r}")
+    return value
+
+
+def decode_task(
+    *,
+    headers: Mapping[str, Any] | None,
+    body: bytes,
+    content_type: str | None,
+    routing_key: str,
+    redelivered: bool = False,
+) -> Task:
+    """Build the Task a handler sees, or say exactly what is wrong with the message."""
+    headers = headers or {}
+    if not content_type:
+        raise MessageDecodeError("message has no content_type; rmqdelay sends application/json")
+    payload: Any = body
+    if content_type.split(";")[0].strip().lower() == JSON:
+        try:
+            payload = json.loads(body)
+        except ValueError as e:
+            raise MessageDecodeError(f"body is not valid JSON: {e}") from e
+    attempt = _int_header(headers, ATTEMPT, 1)
+    if attempt < 1:
+        raise MessageDecodeError(f"header {ATTEMPT!r} must be >= 1, got {attempt}")
+    return Task(
+        id=_str_header(headers, TASK_ID),
+        destination=routing_key,
+        payload=payload,
+        due_at=ms_to_datetime(_int_header(headers, DUE_MS)),
+        published_at=ms_to_datetime(_int_header(headers, PUBLISHED_MS)),
+        attempt=attempt,
+        content_type=content_type,
+        headers=dict(headers),
+        redelivered=redelivered,
+    )
+
+
+PARKED_REASON = "rmqdelay-parked-reason"
+PARKED_AT = "rmqdelay-parked-at"
+PARKED_FROM = "rmqdelay-parked-from"
+_MAX_REASON = 1000
+#: Dead-letter bookkeeping the broker adds. RabbitMQ 3.x trusts a client-published x-death
+#: and drops a message expiring into a queue it lists, so it never goes back out with us.
+_DEATH_HEADERS = ("x-death", "x-first-death-", "x-last-death-")
+
+
+def strip_death_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """``headers`` without the broker's dead-letter bookkeeping."""
+    return {k: v for k, v in headers.items() if not k.startswith(_DEATH_HEADERS)}
+
+
+def parked_headers(
+    headers: Mapping[str, Any] | None, *, reason: str, now_ms: int, source: str
+) -> dict[str, Any]:
+    """Headers of a message going to the parking lot: the original ones plus why."""
+    if len(reason) > _MAX_REASON:
+        reason = reason[: _MAX_REASON - 1] + "…"
+    return {
+        **strip_death_headers(headers or {}),
+        PARKED_REASON: reason,
+        PARKED_AT: now_ms,
+        PARKED_FROM: source,
+    }

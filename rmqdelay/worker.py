@@ -1,0 +1,194 @@
+"""The worker: consume a destination's work queue, run the handler, ack only afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+
+from rmqdelay.connection import connect
+from rmqdelay.declare import declare_topology
+from rmqdelay.errors import MessageDecodeError, PublishNotConfirmedError
+from rmqdelay.handler import call_handler
+from rmqdelay.settings import Settings
+from rmqdelay.task import Handler
+from rmqdelay.topology import build_topology
+from rmqdelay.wire import decode_task, parked_headers
+
+log = logging.getLogger("rmqdelay.worker")
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """Counts since the worker started."""
+
+    executed: int = 0
+    parked: int = 0
+    requeued: int = 0
+    lateness_max_s: float = 0.0
+    lateness_total_s: float = 0.0
+
+    def record_lateness(self, seconds: float) -> None:
+        """Account one execution that started ``seconds`` after its due time."""
+        self.lateness_max_s = max(self.lateness_max_s, seconds)
+        self.lateness_total_s += seconds
+
+    def summary(self) -> str:
+        """One line for the log."""
+        mean_ms = 1000 * self.lateness_total_s / self.executed if self.executed else 0.0
+        return (
+            f"executed {self.executed}, parked {self.parked}, requeued {self.requeued}; "
+            f"lateness mean {mean_ms:.0f} ms, max {1000 * self.lateness_max_s:.0f} ms"
+        )
+
+
+class Worker:
+    """Executes the tasks of one destination with ``handler``.
+
+    Run it with ``await worker.run(stop)``; setting ``stop`` stops consuming, lets in-flight
+    tasks finish within ``settings.shutdown_grace`` and returns every other delivered task
+    to the queue.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        destination: str,
+        handler: Handler,
+        *,
+        concurrency: int | None = None,
+        prefetch: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.destination = settings.names.check_destination(destination)
+        self.handler = handler
+        self.concurrency = concurrency or settings.concurrency
+        self.prefetch = prefetch or settings.prefetch
+        self.stats = WorkerStats()
+        #: Set once the worker consumes; tests and the demo wait on it.
+        self.ready = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="rmqdelay")
+        self._running: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._parked: AbstractExchange | None = None
+
+    async def run(self, stop: asyncio.Event) -> WorkerStats:
+        """Consume until ``stop`` is set, then shut down cleanly. Returns the counts."""
+        names = self.settings.names
+        connection = await connect(self.settings)
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            await channel.set_qos(prefetch_count=self.prefetch)
+            if self.settings.declare:
+                topology = build_topology(self.settings.layout, (self.destination,))
+                await declare_topology(channel, topology)
+            queue = await channel.get_queue(names.work_queue(self.destination), ensure=True)
+            self._parked = await channel.get_exchange(names.parked, ensure=False)
+            tag = await queue.consume(self._on_message)
+            log.info(
+                "consuming %s (concurrency %d, prefetch %d) on %s",
+                queue.name,
+                self.concurrency,
+                self.prefetch,
+                self.settings.safe_url,
+            )
+            self.ready.set()
+            await stop.wait()
+            self._stopping = True
+            await queue.cancel(tag)
+            await self._drain(channel)
+        finally:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            await connection.close()
+            self.ready.clear()
+        log.info("worker for %s stopped: %s", self.destination, self.stats.summary())
+        return self.stats
+
+    async def _drain(self, channel: AbstractChannel) -> None:
+        """Let in-flight tasks finish within the grace period; cancel (and requeue) the rest."""
+        if not self._running:
+            return
+        grace = self.settings.shutdown_grace.total_seconds()
+        log.info("waiting up to %.0fs for %d in-flight task(s)", grace, len(self._running))
+        _, pending = await asyncio.wait(set(self._running), timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("%d task(s) did not finish in time; returned to the queue", len(pending))
+            await asyncio.wait(pending)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        current = asyncio.current_task()
+        assert current is not None
+        self._running.add(current)
+        try:
+            async with self._slots:
+                if self._stopping:
+                    await self._requeue(message)
+                    return
+                await self._process(message)
+        except asyncio.CancelledError:
+            await self._requeue(message)
+            raise
+        finally:
+            self._running.discard(current)
+
+    async def _requeue(self, message: AbstractIncomingMessage) -> None:
+        self.stats.requeued += 1
+        if not message.channel.is_closed:
+            await message.nack(requeue=True)
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
+        try:
+            task = decode_task(
+                headers=message.headers,
+                body=message.body,
+                content_type=message.content_type,
+                routing_key=message.routing_key or "",
+                redelivered=bool(message.redelivered),
+            )
+        except MessageDecodeError as e:
+            log.warning("cannot decode message %s: %s; parking it", message.message_id, e)
+            await self._park(message, f"undecodable: {e}")
+            return
+        lateness = time.time() - task.due_at.timestamp()
+        log.debug("executing %s (attempt %d, %.0f ms late)", task.id, task.attempt, lateness * 1e3)
+        try:
+            await call_handler(self.handler, task, self._executor)
+        except Exception as e:
+            log.warning("task %s failed: %s: %s; parking it", task.id, type(e).__name__, e)
+            await self._park(message, f"{type(e).__name__}: {e}")
+            return
+        await message.ack()
+        self.stats.executed += 1
+        self.stats.record_lateness(lateness)
+
+    async def _park(self, message: AbstractIncomingMessage, reason: str) -> None:
+        """Move a message to the parking lot with ``reason``; requeue it if that fails."""
+        assert self._parked is not None
+        parked = aio_pika.Message(
+            message.body,
+            headers=parked_headers(
+                message.headers,
+                reason=reason,
+                now_ms=time.time_ns() // 1_000_000,
+                source=self.settings.names.work_queue(self.destination),
+            ),
+            content_type=message.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+        )
+        try:
+            await self._parked.publish(parked, routing_key=message.routing_key or "")
+        except Exception as e:
+            log.error("could not park %s (%s); returning it to the queue", message.message_id, e)
+            await self._requeue(message)
+            raise PublishNotConfirmedError(f"parking {message.message_id} failed: {e}") from e
+        await message.ack()
+        self.stats.parked += 1
