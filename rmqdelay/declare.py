@@ -44,9 +44,13 @@ async def declare_topology(channel: AbstractChannel, topology: Topology) -> None
             raise _mismatch("queue", q.name, q.arguments, e) from e
     for b in topology.bindings:
         if b.destination_type == "queue":
-            await raw.queue_bind(b.destination, b.source, b.routing_key, arguments=dict(b.arguments))
+            await raw.queue_bind(
+                b.destination, b.source, b.routing_key, arguments=dict(b.arguments)
+            )
         else:
-            await raw.exchange_bind(b.destination, b.source, b.routing_key, arguments=dict(b.arguments))
+            await raw.exchange_bind(
+                b.destination, b.source, b.routing_key, arguments=dict(b.arguments)
+            )
 
 
 async def delete_topology(channel: AbstractChannel, topology: Topology) -> None:

@@ -1,0 +1,5 @@
+import sys
+
+from rmqdelay.cli import main
+
+sys.exit(main())

@@ -1,0 +1,169 @@
+"""The ``rmqdelay`` command.
+
+Exit codes: 0 success, 1 an rmqdelay error (message on stderr), 2 bad usage,
+130 interrupted before finishing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from rmqdelay.delays import parse_duration
+from rmqdelay.demo import run_demo
+from rmqdelay.errors import ConfigError, RmqDelayError
+from rmqdelay.handler import load_handler
+from rmqdelay.scheduler import Scheduler
+from rmqdelay.settings import Settings
+from rmqdelay.worker import Worker
+
+RET_OK = 0
+RET_ERROR = 1
+RET_USAGE = 2
+RET_INTERRUPTED = 130
+
+log = logging.getLogger("rmqdelay.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; settings not given here come from RMQDELAY_* variables."""
+    parser = argparse.ArgumentParser(
+        prog="rmqdelay", description="Delayed and scheduled tasks on RabbitMQ."
+    )
+    parser.add_argument("--url", help="AMQP URL (default: RMQDELAY_URL)")
+    parser.add_argument("--namespace", help="object name prefix (default: RMQDELAY_NAMESPACE)")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    consume = commands.add_parser("consume", help="run a worker for a destination")
+    consume.add_argument("destination")
+    consume.add_argument("--handler", required=True, help="package.module:function")
+    consume.add_argument("--concurrency", type=int, help="handlers at once")
+    consume.add_argument("--prefetch", type=int, help="unacked deliveries")
+
+    schedule = commands.add_parser("schedule", help="schedule one task")
+    schedule.add_argument("destination")
+    schedule.add_argument("payload", help="JSON text ('-' reads stdin); raw with --content-type")
+    when = schedule.add_mutually_exclusive_group(required=True)
+    when.add_argument("--delay", help="e.g. 250ms, 90s, 30m, 2h, 3d, 1h30m")
+    when.add_argument("--at", help="ISO 8601 with a UTC offset, e.g. 2026-12-01T08:00:00+08:00")
+    schedule.add_argument("--content-type", help="send the payload as raw bytes of this type")
+    schedule.add_argument("--id", dest="task_id", help="task id (default: a new UUID)")
+
+    declare = commands.add_parser("declare", help="declare the topology (and work queues)")
+    declare.add_argument("destinations", nargs="*", help="also declare these work queues")
+
+    commands.add_parser("demo", help="a short live run: schedule, execute, show lateness")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {k: getattr(args, k) for k in ("url", "namespace") if getattr(args, k)}
+    return Settings(**overrides)
+
+
+async def _consume(args: argparse.Namespace, settings: Settings) -> int:
+    worker = Worker(
+        settings,
+        args.destination,
+        load_handler(args.handler),
+        concurrency=args.concurrency,
+        prefetch=args.prefetch,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _stopper(stop, sig))
+    await worker.run(stop)
+    return RET_OK
+
+
+def _stopper(stop: asyncio.Event, sig: signal.Signals) -> Any:
+    def handle() -> None:
+        log.info("%s received: finishing in-flight tasks, then stopping", sig.name)
+        stop.set()
+
+    return handle
+
+
+def _payload(args: argparse.Namespace) -> Any:
+    text = sys.stdin.read() if args.payload == "-" else args.payload
+    if args.content_type:
+        return text.encode()
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ConfigError(
+            f"payload {text[:60]!r} is not JSON ({e}); quote strings as '\"text\"' or "
+            "pass --content-type to send raw bytes"
+        ) from e
+
+
+def _at(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError as e:
+        raise ConfigError(f"--at {text!r} is not an ISO 8601 date-time") from e
+
+
+async def _schedule(args: argparse.Namespace, settings: Settings) -> int:
+    payload = _payload(args)
+    when: dict[str, Any] = (
+        {"delay": parse_duration(args.delay)} if args.delay else {"at": _at(args.at)}
+    )
+    async with Scheduler(settings) as scheduler:
+        s = await scheduler.schedule(
+            args.destination,
+            payload,
+            content_type=args.content_type,
+            task_id=args.task_id,
+            **when,
+        )
+    print(f"scheduled {s.id} for {s.destination}, due {s.due_at.isoformat()} ({s.hops} hops)")
+    return RET_OK
+
+
+async def _declare(args: argparse.Namespace, settings: Settings) -> int:
+    # Declaring is this command's whole point, whatever RMQDELAY_DECLARE says.
+    settings = settings.model_copy(update={"declare": True})
+    async with Scheduler(settings) as scheduler:
+        for destination in args.destinations:
+            await scheduler.declare_destination(destination)
+    print(
+        f"declared namespace {settings.namespace!r}: {settings.levels} levels at "
+        f"{settings.resolution_ms} ms ({settings.queue_type})"
+        + (f", destinations {', '.join(args.destinations)}" if args.destinations else "")
+    )
+    return RET_OK
+
+
+async def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    return await run_demo(settings)
+
+
+_COMMANDS = {"consume": _consume, "schedule": _schedule, "declare": _declare, "demo": _demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = _settings(args)
+        return asyncio.run(_COMMANDS[args.command](args, settings))
+    except RmqDelayError as e:
+        print(f"rmqdelay: error: {e}", file=sys.stderr)
+        return RET_ERROR
+    except KeyboardInterrupt:
+        return RET_INTERRUPTED

@@ -1,0 +1,162 @@
+from datetime import timedelta
+
+import pytest
+
+from rmqdelay.delays import (
+    DelayLimits,
+    delay_to_us,
+    describe_us,
+    hop_plan,
+    level_count,
+    level_ttl_ms,
+    parse_duration,
+    units_for,
+)
+from rmqdelay.errors import InvalidDelayError
+
+EDGE_UNITS = sorted(
+    {n for k in range(41) for n in (2**k - 1, 2**k, 2**k + 1) if n >= 0} | set(range(1025))
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("250ms", timedelta(milliseconds=250)),
+        ("90s", timedelta(seconds=90)),
+        ("30m", timedelta(minutes=30)),
+        ("2h", timedelta(hours=2)),
+        ("3d", timedelta(days=3)),
+        ("1w", timedelta(weeks=1)),
+        ("1h30m", timedelta(minutes=90)),
+        ("1.5s", timedelta(milliseconds=1500)),
+        ("0s", timedelta(0)),
+        (" 2h 5m ", timedelta(minutes=125)),
+        ("7us", timedelta(microseconds=7)),
+    ],
+)
+def test_parse_duration_reads_units(text: str, expected: timedelta) -> None:
+    assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "30", "ms", "5x", "-5s", "1h-", "1.s", "abc"])
+def test_parse_duration_refuses_and_names_the_text(text: str) -> None:
+    with pytest.raises(InvalidDelayError) as info:
+        parse_duration(text)
+    if text.strip():
+        assert repr(text) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("delay", "us"),
+    [
+        (0, 0),
+        (0.1, 100_000),  # exactly, not 100_001 via binary float error
+        (0.3, 300_000),
+        (1, 1_000_000),
+        (1e-7, 1),  # rounded up, never down
+        (timedelta(milliseconds=5), 5_000),
+        (timedelta(microseconds=1), 1),
+    ],
+)
+def test_delay_to_us_is_exact_and_rounds_up(delay: float | timedelta, us: int) -> None:
+    assert delay_to_us(delay) == us
+
+
+@pytest.mark.parametrize(
+    ("delay", "fragment"),
+    [
+        (-1, "negative"),
+        (-0.001, "negative"),
+        (timedelta(seconds=-1), "negative"),
+        (float("nan"), "finite"),
+        (float("inf"), "finite"),
+        (float("-inf"), "finite"),
+        (True, "bool"),
+        ("5s", "str"),
+        (None, "NoneType"),
+    ],
+)
+def test_delay_to_us_refuses_bad_delays(delay: object, fragment: str) -> None:
+    with pytest.raises(InvalidDelayError, match=fragment):
+        delay_to_us(delay)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("delay_us", "resolution_ms", "units"),
+    [
+        (0, 10, 0),
+        (1, 10, 1),
+        (9_999, 10, 1),
+        (10_000, 10, 1),
+        (10_001, 10, 2),
+        (50_000, 10, 5),
+        (1, 1, 1),
+        (1_000, 1, 1),
+        (1_001, 1, 2),
+    ],
+)
+def test_units_round_up_to_the_resolution(delay_us: int, resolution_ms: int, units: int) -> None:
+    assert units_for(delay_us, resolution_ms) == units
+    assert units * resolution_ms * 1000 >= delay_us  # never early
+
+
+@pytest.mark.parametrize("n", EDGE_UNITS)
+def test_hop_plan_visits_the_set_bits_highest_first(n: int) -> None:
+    plan = hop_plan(n)
+    assert sum(1 << level for level in plan) == n
+    assert list(plan) == sorted(set(plan), reverse=True)
+    assert len(plan) == bin(n).count("1")
+
+
+def test_hop_plan_of_zero_is_empty_and_negative_is_refused() -> None:
+    assert hop_plan(0) == ()
+    with pytest.raises(InvalidDelayError):
+        hop_plan(-1)
+
+
+@pytest.mark.parametrize(
+    ("resolution_ms", "max_delay", "levels"),
+    [
+        (10, timedelta(days=3650), 35),
+        (1, timedelta(days=3650), 39),
+        (10, timedelta(milliseconds=10), 1),
+        (10, timedelta(milliseconds=11), 2),  # 2 units need levels 0 and 1
+        (10, timedelta(milliseconds=30), 2),
+        (10, timedelta(milliseconds=40), 3),
+        (1000, timedelta(seconds=1), 1),
+    ],
+)
+def test_level_count_covers_the_maximum(
+    resolution_ms: int, max_delay: timedelta, levels: int
+) -> None:
+    max_us = delay_to_us(max_delay)
+    assert level_count(resolution_ms, max_us) == levels
+    # every delay up to the maximum has a plan within the levels
+    assert max(hop_plan(units_for(max_us, resolution_ms)), default=0) < levels
+
+
+def test_level_ttls_double() -> None:
+    assert [level_ttl_ms(k, 10) for k in range(4)] == [10, 20, 40, 80]
+
+
+def test_limits_refuse_delays_over_the_maximum_and_name_both() -> None:
+    limits = DelayLimits(resolution_ms=10, levels=3, max_delay_us=70_000)
+    assert limits.units(70_000) == 7
+    with pytest.raises(InvalidDelayError, match=r"70001us exceeds the maximum of 70ms"):
+        limits.units(70_001)
+
+
+@pytest.mark.parametrize(
+    ("us", "text"),
+    [
+        (0, "0s"),
+        (5, "5us"),
+        (2_000, "2ms"),
+        (3_000_000, "3s"),
+        (7_200_000_000, "2h"),
+        (86_400_000_000 * 2, "2d"),
+    ],
+)
+def test_describe_us(us: int, text: str) -> None:
+    assert describe_us(us) == text

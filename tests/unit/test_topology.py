@@ -1,0 +1,140 @@
+"""Topology shape, and a walk of every hop plan through it as a broker would route it."""
+
+from collections.abc import Mapping
+
+import pytest
+
+from rmqdelay.delays import hop_plan, level_ttl_ms
+from rmqdelay.names import Names
+from rmqdelay.settings import Settings
+from rmqdelay.topology import Layout, Topology, build_topology
+from rmqdelay.wire import ROUTE_IN, route_headers
+
+LAYOUT = Layout("t", "quorum", 10, 12)
+TOPOLOGY = build_topology(LAYOUT, ("alarms",))
+
+
+def _matches(binding_args: Mapping[str, object], headers: Mapping[str, object]) -> bool:
+    wanted = {k: v for k, v in binding_args.items() if k != "x-match"}
+    assert binding_args.get("x-match") == "all"
+    return all(headers.get(k) == v for k, v in wanted.items())
+
+
+def walk(topology: Topology, headers: Mapping[str, object], routing_key: str) -> tuple[str, int]:
+    """Route like RabbitMQ: headers/fanout/direct exchanges, alternate exchanges, TTL + DLX.
+
+    Returns the queue the message ends in and the total TTL it spent in levels.
+    """
+    exchanges = {x.name: x for x in topology.exchanges}
+    queues = {q.name: q for q in topology.queues}
+    exchange, waited = topology.exchanges[3].name, 0  # the schedule exchange
+    for _ in range(200):
+        x = exchanges[exchange]
+        out = [b for b in topology.bindings if b.source == exchange]
+        if x.type == "headers":
+            out = [b for b in out if _matches(b.arguments, headers)]
+        elif x.type == "direct":
+            out = [b for b in out if b.routing_key == routing_key]
+        if not out:
+            assert "alternate-exchange" in x.arguments, f"{exchange} drops unmatched messages"
+            exchange = str(x.arguments["alternate-exchange"])
+            continue
+        assert len(out) == 1, f"{exchange} routes one message to {len(out)} places"
+        binding = out[0]
+        if binding.destination_type == "exchange":
+            exchange = binding.destination
+            continue
+        queue = queues[binding.destination]
+        if "x-message-ttl" not in queue.arguments:
+            return queue.name, waited
+        waited += int(queue.arguments["x-message-ttl"])
+        exchange = str(queue.arguments["x-dead-letter-exchange"])
+    raise AssertionError("routing loop")
+
+
+@pytest.mark.parametrize("units", range(2**LAYOUT.levels))
+def test_every_plan_reaches_the_work_queue_after_exactly_its_units(units: int) -> None:
+    queue, waited = walk(TOPOLOGY, route_headers(hop_plan(units)), "alarms")
+    assert queue == "t.work.alarms"
+    assert waited == units * LAYOUT.resolution_ms
+
+
+def test_malformed_plans_end_in_the_unroutable_queue_not_a_level() -> None:
+    topology = build_topology(LAYOUT, ("alarms",))
+    bogus = {**route_headers(hop_plan(0b1010)), "rmqdelay-route-3": "7"}  # upward: no binding
+    assert walk(topology, bogus, "alarms")[0] == "t.unroutable"
+    assert walk(topology, route_headers(hop_plan(5)), "no-such-destination")[0] == "t.unroutable"
+    assert (
+        walk(topology, {**route_headers(hop_plan(4)), "rmqdelay-route-2": "x"}, "alarms")[0]
+        == "t.unroutable"
+    )
+
+
+def test_schedule_exchange_has_no_alternate_so_publishers_get_returns() -> None:
+    topology = build_topology(LAYOUT)
+    schedule = next(x for x in topology.exchanges if x.name == "t.schedule")
+    assert schedule.arguments == {}
+    assert not any(
+        _matches(b.arguments, {ROUTE_IN: "99"})
+        for b in topology.bindings
+        if b.source == "t.schedule"
+    )
+
+
+def test_quorum_levels_dead_letter_at_least_once_with_reject_publish() -> None:
+    topology = build_topology(LAYOUT)
+    levels = [q for q in topology.queues if ".level." in q.name]
+    assert len(levels) == LAYOUT.levels
+    for k, q in enumerate(levels):
+        assert q.name == Names("t").level_queue(k)
+        assert q.arguments == {
+            "x-queue-type": "quorum",
+            "x-message-ttl": level_ttl_ms(k, 10),
+            "x-dead-letter-exchange": f"t.after.{k:02d}",
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+
+
+def test_classic_levels_have_no_quorum_only_arguments() -> None:
+    topology = build_topology(Layout("t", "classic", 10, 3))
+    for q in topology.queues:
+        assert q.arguments["x-queue-type"] == "classic"
+        assert "x-dead-letter-strategy" not in q.arguments
+        assert "x-overflow" not in q.arguments
+
+
+def test_every_dead_letter_target_and_the_work_exchange_route_somewhere() -> None:
+    topology = build_topology(LAYOUT, ("a", "b"))
+    exchanges = {x.name: x for x in topology.exchanges}
+    targets = {
+        q.arguments["x-dead-letter-exchange"]
+        for q in topology.queues
+        if "x-dead-letter-exchange" in q.arguments
+    }
+    for name in targets | {"t.work"}:
+        x = exchanges[str(name)]
+        assert x.type == "fanout" or x.arguments.get("alternate-exchange") == "t.unroutable"
+    assert exchanges["t.unroutable"].type == "fanout"
+
+
+def test_binding_counts() -> None:
+    topology = build_topology(LAYOUT, ("a",))
+    by_source: dict[str, int] = {}
+    for b in topology.bindings:
+        by_source[b.source] = by_source.get(b.source, 0) + 1
+    assert by_source["t.schedule"] == LAYOUT.levels + 1
+    for k in range(LAYOUT.levels):
+        assert by_source[f"t.after.{k:02d}"] == k + 1
+    assert by_source["t.work"] == 1
+
+
+def test_default_settings_make_35_levels_of_10ms_up_to_ten_years() -> None:
+    layout = Settings(_env_file=None).layout
+    assert (layout.resolution_ms, layout.levels) == (10, 35)
+    topology = build_topology(layout)
+    top = max(int(q.arguments.get("x-message-ttl", 0)) for q in topology.queues)
+    assert top == 10 * 2**34 <= 315_360_000_000
+    queue, waited = walk(topology, route_headers(hop_plan(2**35 - 1)), "x")
+    assert queue == "rmqdelay.unroutable"  # no work queue "x" declared: caught, not dropped
+    assert waited == (2**35 - 1) * 10

@@ -1,0 +1,123 @@
+import json
+import math
+from datetime import UTC, datetime
+
+import pytest
+
+from rmqdelay.errors import InvalidPayloadError, MessageDecodeError
+from rmqdelay.wire import (
+    ATTEMPT,
+    DUE_MS,
+    PUBLISHED_MS,
+    TASK_ID,
+    decode_task,
+    encode_payload,
+    parked_headers,
+    route_headers,
+    strip_death_headers,
+    task_headers,
+)
+
+
+def test_route_headers_chain_levels_then_work() -> None:
+    assert route_headers((5, 2, 0)) == {
+        "rmqdelay-route-in": "5",
+        "rmqdelay-route-5": "2",
+        "rmqdelay-route-2": "0",
+        "rmqdelay-route-0": "work",
+    }
+    assert route_headers(()) == {"rmqdelay-route-in": "work"}
+
+
+def test_task_headers_use_integer_milliseconds() -> None:
+    headers = task_headers(
+        "id1", due_ms=1_763_900_000_123, published_ms=1_763_900_000_000, plan=(1,)
+    )
+    assert headers[DUE_MS] == 1_763_900_000_123 and isinstance(headers[DUE_MS], int)
+    assert headers[PUBLISHED_MS] == 1_763_900_000_000
+    assert headers[TASK_ID] == "id1" and headers[ATTEMPT] == 1
+
+
+@pytest.mark.parametrize("payload", [{"incident": 42}, [1, "x"], "text", 3, None, {"ü": "✓"}])
+def test_json_payloads_roundtrip(payload: object) -> None:
+    body, content_type = encode_payload(payload, None)
+    assert content_type == "application/json"
+    task = decode_task(
+        headers=task_headers("i", due_ms=1000, published_ms=0, plan=()),
+        body=body,
+        content_type=content_type,
+        routing_key="alarms",
+    )
+    assert task.payload == payload
+    assert task.due_at == datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)
+    assert (task.id, task.destination, task.attempt) == ("i", "alarms", 1)
+
+
+def test_bytes_need_a_content_type_and_come_back_as_bytes() -> None:
+    with pytest.raises(InvalidPayloadError, match="content_type"):
+        encode_payload(b"\x00\x01", None)
+    body, content_type = encode_payload(b"\x00\x01", "application/octet-stream")
+    task = decode_task(
+        headers=task_headers("i", due_ms=0, published_ms=0, plan=()),
+        body=body,
+        content_type=content_type,
+        routing_key="d",
+    )
+    assert task.payload == b"\x00\x01"
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [({1, 2}, "set"), (object(), "object"), (math.nan, "JSON"), ({"x": math.inf}, "JSON")],
+)
+def test_non_json_payloads_are_refused_naming_the_problem(payload: object, fragment: str) -> None:
+    with pytest.raises(InvalidPayloadError, match=fragment):
+        encode_payload(payload, None)
+
+
+def test_content_type_with_a_non_bytes_payload_is_refused() -> None:
+    with pytest.raises(InvalidPayloadError, match="text/plain"):
+        encode_payload({"a": 1}, "text/plain")
+
+
+GOOD = task_headers("i", due_ms=0, published_ms=0, plan=())
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "content_type", "fragment"),
+    [
+        (GOOD, b"{", "application/json", "not valid JSON"),
+        (GOOD, b"{}", None, "content_type"),
+        ({**GOOD, TASK_ID: ""}, b"{}", "application/json", TASK_ID),
+        ({k: v for k, v in GOOD.items() if k != DUE_MS}, b"{}", "application/json", DUE_MS),
+        ({**GOOD, DUE_MS: "soon"}, b"{}", "application/json", DUE_MS),
+        ({**GOOD, ATTEMPT: 0}, b"{}", "application/json", ATTEMPT),
+        ({**GOOD, PUBLISHED_MS: 1.5}, b"{}", "application/json", PUBLISHED_MS),
+        (None, b"{}", "application/json", TASK_ID),
+    ],
+)
+def test_decode_says_what_is_wrong(
+    headers: dict[str, object] | None, body: bytes, content_type: str | None, fragment: str
+) -> None:
+    with pytest.raises(MessageDecodeError, match=fragment):
+        decode_task(headers=headers, body=body, content_type=content_type, routing_key="d")
+
+
+def test_json_content_type_parameters_are_accepted() -> None:
+    task = decode_task(
+        headers=GOOD,
+        body=json.dumps([1]).encode(),
+        content_type="application/json; charset=utf-8",
+        routing_key="d",
+    )
+    assert task.payload == [1]
+
+
+def test_parked_headers_strip_death_bookkeeping_and_say_why() -> None:
+    original = {**GOOD, "x-death": [{}], "x-first-death-queue": "q", "x-last-death-reason": "r"}
+    parked = parked_headers(original, reason="ValueError: " + "x" * 5000, now_ms=7, source="q")
+    assert not any(k.startswith(("x-death", "x-first-death", "x-last-death")) for k in parked)
+    assert parked["rmqdelay-parked-reason"].startswith("ValueError: ")
+    assert len(parked["rmqdelay-parked-reason"]) == 1000
+    assert parked["rmqdelay-parked-at"] == 7 and parked[TASK_ID] == "i"
+    assert strip_death_headers({"x-death": 1, "a": 2}) == {"a": 2}
