@@ -44,11 +44,14 @@ async def test_plain_handlers_run_in_the_pool_and_async_ones_are_awaited() -> No
         async def __call__(self, task: Task) -> None:
             seen.append("callable")
 
-    assert not is_async(plain) and is_async(coro) and is_async(Callable())
+    assert not is_async(plain)
+    assert is_async(coro)
+    assert is_async(Callable())
     with ThreadPoolExecutor(1, thread_name_prefix="pool") as pool:
         for handler in (plain, coro, Callable()):
             await call_handler(handler, TASK, pool)
-    assert seen[0].startswith("pool") and seen[1:] == ["async", "callable"]
+    assert seen[0].startswith("pool")
+    assert seen[1:] == ["async", "callable"]
     assert asyncio.get_running_loop()
 
 

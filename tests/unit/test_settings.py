@@ -11,7 +11,8 @@ from rmqdelay.settings import redact_url
 def test_defaults() -> None:
     s = Settings(_env_file=None)
     assert (s.namespace, s.queue_type, s.resolution_ms) == ("rmqdelay", "quorum", 10)
-    assert s.max_delay == timedelta(days=3650) and s.declare is True
+    assert s.max_delay == timedelta(days=3650)
+    assert s.declare is True
 
 
 def test_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,7 +46,8 @@ def test_invalid_settings_name_the_variable(values: dict[str, object], fragment:
 
 def test_passwords_never_appear_in_repr_or_errors() -> None:
     s = Settings(_env_file=None, url="amqp://app:s3cret@broker:5672/prod")
-    assert "s3cret" not in repr(s) and "s3cret" not in s.safe_url
+    assert "s3cret" not in repr(s)
+    assert "s3cret" not in s.safe_url
     with pytest.raises(ConfigError) as info:
         Settings(_env_file=None, url="http://app:s3cret@broker/")
     assert "s3cret" not in str(info.value)

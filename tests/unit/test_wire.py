@@ -33,9 +33,11 @@ def test_task_headers_use_integer_milliseconds() -> None:
     headers = task_headers(
         "id1", due_ms=1_763_900_000_123, published_ms=1_763_900_000_000, plan=(1,)
     )
-    assert headers[DUE_MS] == 1_763_900_000_123 and isinstance(headers[DUE_MS], int)
+    assert headers[DUE_MS] == 1_763_900_000_123
+    assert isinstance(headers[DUE_MS], int)
     assert headers[PUBLISHED_MS] == 1_763_900_000_000
-    assert headers[TASK_ID] == "id1" and headers[ATTEMPT] == 1
+    assert headers[TASK_ID] == "id1"
+    assert headers[ATTEMPT] == 1
 
 
 @pytest.mark.parametrize("payload", [{"incident": 42}, [1, "x"], "text", 3, None, {"ü": "✓"}])
@@ -119,5 +121,6 @@ def test_parked_headers_strip_death_bookkeeping_and_say_why() -> None:
     assert not any(k.startswith(("x-death", "x-first-death", "x-last-death")) for k in parked)
     assert parked["rmqdelay-parked-reason"].startswith("ValueError: ")
     assert len(parked["rmqdelay-parked-reason"]) == 1000
-    assert parked["rmqdelay-parked-at"] == 7 and parked[TASK_ID] == "i"
+    assert parked["rmqdelay-parked-at"] == 7
+    assert parked[TASK_ID] == "i"
     assert strip_death_headers({"x-death": 1, "a": 2}) == {"a": 2}
