@@ -17,7 +17,8 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from rmqdelay.errors import BrokerUnavailableError
@@ -62,7 +63,7 @@ async def connect(settings: Settings) -> AbstractRobustConnection:
     """
     retrying = AsyncRetrying(
         stop=stop_after_delay(settings.connect_timeout.total_seconds()),
-        wait=wait_exponential_jitter(initial=0.2, max=5),
+        wait=wait_exponential(multiplier=0.2, max=5) + wait_random(0, 0.5),
         retry=retry_if_exception(_retryable),
         before_sleep=_log_retry(settings),  # type: ignore[arg-type]
         reraise=True,

@@ -1,0 +1,90 @@
+"""Test helpers: a recording handler, a worker running in the background, queue peeking."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aio_pika
+
+from rmqdelay import Settings, Task, Worker
+
+
+class Recorder:
+    """A handler that records every execution and lets a test await a count of them."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[Task, float]] = []
+        self.counts: Counter[str] = Counter()
+        self._changed = asyncio.Event()
+
+    async def __call__(self, task: Task) -> None:
+        self.runs.append((task, time.time()))
+        self.counts[task.id] += 1
+        self._changed.set()
+
+    @property
+    def ids(self) -> set[str]:
+        return set(self.counts)
+
+    async def wait_for(self, ids: set[str], timeout: float) -> None:
+        """Return once every id in ``ids`` ran; fail after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            while not ids <= self.ids:
+                self._changed.clear()
+                await self._changed.wait()
+
+    def lateness_ms(self) -> dict[str, float]:
+        """Lateness of the first execution of each task."""
+        first: dict[str, float] = {}
+        for task, ran in self.runs:
+            first.setdefault(task.id, (ran - task.due_at.timestamp()) * 1000)
+        return first
+
+
+@asynccontextmanager
+async def running_worker(
+    settings: Settings, destination: str, handler: Any, **kwargs: Any
+) -> AsyncIterator[Worker]:
+    """A worker consuming in the background for the duration of the block."""
+    worker = Worker(settings, destination, handler, **kwargs)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    ready = asyncio.create_task(worker.ready.wait())
+    done, _ = await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        ready.cancel()
+        task.result()  # raises what stopped it
+    assert ready in done, "worker did not start consuming within 30 s"
+    try:
+        yield worker
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=60)
+
+
+async def get_all(settings: Settings, queue: str, *, ack: bool = False) -> list[Any]:
+    """Every message currently in ``queue`` (left in place unless ``ack``)."""
+    connection = await aio_pika.connect(settings.url)
+    async with connection:
+        channel = await connection.channel()
+        q = await channel.get_queue(queue, ensure=False)
+        messages = []
+        while (message := await q.get(fail=False)) is not None:
+            messages.append(message)
+        for message in messages:
+            await (message.ack() if ack else message.nack(requeue=True))
+        return messages
+
+
+async def depth(settings: Settings, queue: str) -> int:
+    connection = await aio_pika.connect(settings.url)
+    async with connection:
+        channel = await connection.channel()
+        q = await channel.declare_queue(queue, passive=True)
+        assert q.declaration_result.message_count is not None
+        return q.declaration_result.message_count

@@ -1,0 +1,94 @@
+"""The rmqdelay command against a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import pytest
+
+from rmqdelay import Settings
+from rmqdelay.cli import RET_ERROR, RET_OK, main
+from rmqdelay.demo import DESTINATION, run_demo
+from rmqdelay.topology import destination_topology
+
+from .conftest import ROOT, apply
+from .helpers import depth
+
+pytestmark = pytest.mark.integration
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RMQDELAY_")}
+    env.update(
+        RMQDELAY_URL=settings.url,
+        RMQDELAY_NAMESPACE=settings.namespace,
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+async def _line_with(stream: asyncio.StreamReader, text: str, timeout: float) -> str:
+    async with asyncio.timeout(timeout):
+        while line := (await stream.readline()).decode():
+            if text in line:
+                return line
+    raise AssertionError(f"stream ended without a line containing {text!r}")
+
+
+async def test_consume_executes_and_stops_cleanly_on_sigterm(
+    settings: Settings, destination: str
+) -> None:
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "rmqdelay", "consume", destination,
+        "--handler", "tests.integration.handlers:report",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_env(settings),
+    )  # fmt: skip
+    assert worker.stdout is not None and worker.stderr is not None
+    try:
+        await _line_with(worker.stderr, "consuming", timeout=30)
+        scheduled = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "rmqdelay", "schedule", destination, '{"n": 7}',
+            "--delay", "300ms", "--id", "cli-task-1",
+            stdout=asyncio.subprocess.PIPE, env=_env(settings),
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(scheduled.communicate(), timeout=30)
+        assert scheduled.returncode == RET_OK
+        assert out.decode().startswith("scheduled cli-task-1")
+        line = await _line_with(worker.stdout, "executed", timeout=10)
+        assert line.strip() == "executed cli-task-1 {'n': 7}"
+        worker.send_signal(signal.SIGTERM)
+        await _line_with(worker.stderr, "stopped: executed 1", timeout=20)
+        assert await asyncio.wait_for(worker.wait(), timeout=20) == RET_OK
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
+
+
+def test_declare_creates_work_queues_and_schedule_reports_errors(
+    settings: Settings, destination: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["--url", settings.url, "--namespace", settings.namespace]
+    assert main([*common, "declare", destination]) == RET_OK
+    assert f"destinations {destination}" in capsys.readouterr().out
+    assert asyncio.run(depth(settings, settings.names.work_queue(destination))) == 0
+    assert main([*common, "schedule", "no-such-dest", "{}", "--delay", "1s"]) == RET_ERROR
+    err = capsys.readouterr().err
+    assert "'no-such-dest' has no work queue" in err
+    assert "guest:guest" not in err
+    code = main([*common, "schedule", destination, "{}", "--at", "2030-01-01T00:00:00"])
+    assert code == RET_ERROR
+    assert "naive" in capsys.readouterr().err
+
+
+async def test_demo_runs_and_reports_every_task_on_time(settings: Settings) -> None:
+    lines: list[str] = []
+    try:
+        assert await run_demo(settings, lines.append) == 0
+    finally:
+        await apply(settings, destination_topology(settings.layout, DESTINATION), delete=True)
+    assert lines[-1].startswith("summary: 9/9 executed, 0 early")
+    assert sum(line.lstrip().startswith("ran ") for line in lines) == 9
