@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel
 from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity, ChannelPreconditionFailed
 
 from rmqdelay.errors import BrokerError, TopologyMismatchError
+from rmqdelay.settings import Settings
 from rmqdelay.topology import Topology
 
 
@@ -64,3 +66,11 @@ async def delete_topology(channel: AbstractChannel, topology: Topology) -> None:
             await raw.exchange_delete(x.name, if_unused=False)
         except ChannelNotFoundEntity:  # pragma: no cover - 3.x deletes missing exchanges fine
             raw = await channel.get_underlay_channel()
+
+
+async def apply_topology(settings: Settings, topology: Topology, *, delete: bool = False) -> None:
+    """Declare (or delete) ``topology`` over a connection of its own, closed afterwards."""
+    connection = await aio_pika.connect(settings.url)
+    async with connection:
+        channel = await connection.channel()
+        await (delete_topology if delete else declare_topology)(channel, topology)

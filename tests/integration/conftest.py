@@ -16,12 +16,11 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 
-import aio_pika
 import pytest
 
 from rmqdelay import Settings
-from rmqdelay.declare import declare_topology, delete_topology
-from rmqdelay.topology import Topology, build_topology, destination_topology
+from rmqdelay.declare import apply_topology as apply
+from rmqdelay.topology import build_topology, destination_topology
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -80,14 +79,6 @@ def make_settings(url: str, **overrides: object) -> Settings:
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)
-
-
-async def apply(settings: Settings, topology: Topology, *, delete: bool = False) -> None:
-    """Declare or delete ``topology`` over a fresh connection."""
-    connection = await aio_pika.connect(settings.url)
-    async with connection:
-        channel = await connection.channel()
-        await (delete_topology if delete else declare_topology)(channel, topology)
 
 
 @pytest.fixture(scope="session")

@@ -31,9 +31,9 @@ class Recorder:
     def ids(self) -> set[str]:
         return set(self.counts)
 
-    async def wait_for(self, ids: set[str], timeout: float) -> None:
-        """Return once every id in ``ids`` ran; fail after ``timeout`` seconds."""
-        async with asyncio.timeout(timeout):
+    async def wait_for(self, ids: set[str], within: float) -> None:
+        """Return once every id in ``ids`` ran; fail after ``within`` seconds."""
+        async with asyncio.timeout(within):
             while not ids <= self.ids:
                 self._changed.clear()
                 await self._changed.wait()

@@ -30,8 +30,8 @@ def _env(settings: Settings) -> dict[str, str]:
     return env
 
 
-async def _line_with(stream: asyncio.StreamReader, text: str, timeout: float) -> str:
-    async with asyncio.timeout(timeout):
+async def _line_with(stream: asyncio.StreamReader, text: str, within: float) -> str:
+    async with asyncio.timeout(within):
         while line := (await stream.readline()).decode():
             if text in line:
                 return line
@@ -46,9 +46,10 @@ async def test_consume_executes_and_stops_cleanly_on_sigterm(
         "--handler", "tests.integration.handlers:report",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_env(settings),
     )  # fmt: skip
-    assert worker.stdout is not None and worker.stderr is not None
+    assert worker.stdout is not None
+    assert worker.stderr is not None
     try:
-        await _line_with(worker.stderr, "consuming", timeout=30)
+        await _line_with(worker.stderr, "consuming", within=30)
         scheduled = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "rmqdelay", "schedule", destination, '{"n": 7}',
             "--delay", "300ms", "--id", "cli-task-1",
@@ -57,10 +58,10 @@ async def test_consume_executes_and_stops_cleanly_on_sigterm(
         out, _ = await asyncio.wait_for(scheduled.communicate(), timeout=30)
         assert scheduled.returncode == RET_OK
         assert out.decode().startswith("scheduled cli-task-1")
-        line = await _line_with(worker.stdout, "executed", timeout=10)
+        line = await _line_with(worker.stdout, "executed", within=10)
         assert line.strip() == "executed cli-task-1 {'n': 7}"
         worker.send_signal(signal.SIGTERM)
-        await _line_with(worker.stderr, "stopped: executed 1", timeout=20)
+        await _line_with(worker.stderr, "stopped: executed 1", within=20)
         assert await asyncio.wait_for(worker.wait(), timeout=20) == RET_OK
     finally:
         if worker.returncode is None:

@@ -36,7 +36,7 @@ async def test_mixed_delays_in_reverse_order_arrive_in_due_order_and_none_early(
             await scheduler.schedule(destination, {"ms": ms}, delay=timedelta(milliseconds=ms))
             for ms in delays_ms
         ]
-        await recorder.wait_for({s.id for s in scheduled}, timeout=15)
+        await recorder.wait_for({s.id for s in scheduled}, within=15)
     order = [task.payload["ms"] for task, _ in recorder.runs]
     assert order == sorted(delays_ms)
     lateness = recorder.lateness_ms()
@@ -56,7 +56,7 @@ async def test_thousand_random_delays_up_to_5s_all_execute_exactly_once(
         )
         ids = {s.id for s in scheduled}
         assert len(ids) == 1000
-        await recorder.wait_for(ids, timeout=40)
+        await recorder.wait_for(ids, within=40)
     assert recorder.ids == ids
     assert set(recorder.counts.values()) == {1}, "some task ran more than once"
     lateness = recorder.lateness_ms()
@@ -83,7 +83,7 @@ async def test_declare_destination_lets_tasks_wait_for_a_later_worker(
         await scheduler.declare_destination(destination)
         s = await scheduler.schedule(destination, {"early": True}, delay=0.05)
     async with running_worker(settings, destination, recorder):
-        await recorder.wait_for({s.id}, timeout=10)
+        await recorder.wait_for({s.id}, within=10)
 
 
 @pytest.mark.parametrize(
@@ -119,7 +119,7 @@ async def test_past_due_time_is_delivered_at_once(settings: Settings, destinatio
     async with running_worker(settings, destination, recorder), Scheduler(settings) as scheduler:
         s = await scheduler.schedule(destination, {}, at=datetime.now(UTC) - timedelta(hours=1))
         assert s.hops == 0
-        await recorder.wait_for({s.id}, timeout=5)
+        await recorder.wait_for({s.id}, within=5)
 
 
 async def _publish_raw(settings: Settings, destination: str, headers: dict[str, object]) -> None:
@@ -149,7 +149,7 @@ async def test_malformed_hop_plans_are_caught_as_unroutable_and_do_not_stall_the
             }
             await _publish_raw(settings, destination, bad)
         after = await scheduler.schedule(destination, {}, delay=timedelta(milliseconds=20))
-        await recorder.wait_for({after.id}, timeout=10)  # through level 1, behind the bad ones
+        await recorder.wait_for({after.id}, within=10)  # through level 1, behind the bad ones
     unroutable = await get_all(settings, settings.names.unroutable, ack=True)
     # A set: 3.10.8 dead-letters some of an overflowed window twice (at-least-once allows it).
     assert {m.headers[TASK_ID] for m in unroutable} == set(bad_ids)
@@ -194,7 +194,7 @@ async def test_classic_queues_work_too(broker_url: str) -> None:
     try:
         async with running_worker(settings, "c", recorder), Scheduler(settings) as scheduler:
             s = [await scheduler.schedule("c", {}, delay=d) for d in (0.3, 0.1, 0)]
-            await recorder.wait_for({x.id for x in s}, timeout=10)
+            await recorder.wait_for({x.id for x in s}, within=10)
         assert [t.id for t, _ in recorder.runs] == [x.id for x in reversed(s)]
     finally:
         from rmqdelay.topology import build_topology

@@ -42,7 +42,7 @@ async def test_consumer_stopped_mid_run_loses_nothing(settings: Settings, destin
     assert 20 <= stats.executed < 200, "the worker should have stopped mid-run"
     assert stats.requeued > 0, "prefetched deliveries should have gone back to the queue"
     async with running_worker(settings, destination, second):
-        await second.wait_for(ids - first.ids, timeout=20)
+        await second.wait_for(ids - first.ids, within=20)
     assert first.ids | second.ids == ids
     assert await depth(settings, settings.names.work_queue(destination)) == 0
 
@@ -67,7 +67,7 @@ async def test_task_running_past_the_grace_period_goes_back_to_the_queue(
     assert worker.stats.executed == 0
     assert worker.stats.requeued == 1
     async with running_worker(settings, destination, recorder):
-        await recorder.wait_for({s.id}, timeout=10)
+        await recorder.wait_for({s.id}, within=10)
     assert recorder.runs[0][0].redelivered
 
 
@@ -86,7 +86,7 @@ async def test_concurrency_is_bounded_and_used(settings: Settings, destination: 
         await scheduler.declare_destination(destination)
         scheduled = [await scheduler.schedule(destination, {}, delay=0) for _ in range(30)]
     async with running_worker(settings, destination, handler, concurrency=3, prefetch=10):
-        await done.wait_for({s.id for s in scheduled}, timeout=20)
+        await done.wait_for({s.id for s in scheduled}, within=20)
     assert peak == 3
 
 
@@ -143,7 +143,7 @@ async def test_undecodable_message_is_parked_and_the_worker_goes_on(
             queue = settings.names.work_queue(destination)
             await channel.default_exchange.publish(aio_pika.Message(b"not json"), queue)
         good = await scheduler.schedule(destination, {}, delay=0)
-        await recorder.wait_for({good.id}, timeout=10)
+        await recorder.wait_for({good.id}, within=10)
     assert worker.stats.parked == 1
     parked = await get_all(settings, settings.names.parked, ack=True)
     assert len(parked) == 1
