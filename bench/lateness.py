@@ -18,8 +18,9 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika
 
@@ -36,6 +37,26 @@ class Result:
     missing: int
     duplicates: int
     hops: float = 0.0
+
+    @classmethod
+    def of(
+        cls,
+        name: str,
+        publish_rate: float,
+        lateness: Mapping[Any, float],
+        seen: Counter[Any],
+        total: int,
+        hops: int,
+    ) -> Result:
+        """Summarise one pipeline's run: first-execution lateness, and what went wrong."""
+        return cls(
+            name,
+            publish_rate,
+            list(lateness.values()),
+            missing=total - len(seen),
+            duplicates=sum(n - 1 for n in seen.values()),
+            hops=hops / total,
+        )
 
     def pct(self, q: float) -> float:
         ordered = sorted(self.lateness_ms)
@@ -72,6 +93,24 @@ async def paced(count: int, rate: float, publish: Callable[[int], Awaitable[obje
     return count / (loop.time() - start)
 
 
+async def load(
+    delays: list[float],
+    rate: float,
+    publish: Callable[[int], Awaitable[object]],
+    all_in: asyncio.Event,
+) -> float:
+    """Publish every task at ``rate``, then wait (bounded) until all have executed.
+
+    Returns the publish rate; tasks still missing at the deadline are counted, not waited on.
+    """
+    publish_rate = await paced(len(delays), rate, publish)
+    try:
+        await asyncio.wait_for(all_in.wait(), max(delays) + 60)
+    except TimeoutError:
+        pass
+    return publish_rate
+
+
 async def run_rmqdelay(url: str, delays: list[float], rate: float, res: int, qtype: str) -> Result:
     settings = Settings(
         _env_file=None,
@@ -105,23 +144,12 @@ async def run_rmqdelay(url: str, delays: list[float], rate: float, res: int, qty
                 scheduled = await scheduler.schedule("bench", {"i": i}, delay=delays[i])
                 hops += scheduled.hops  # after the await: `hops += await ...` loses updates
 
-            publish_rate = await paced(len(delays), rate, publish)
-        try:
-            await asyncio.wait_for(all_in.wait(), max(delays) + 60)
-        except TimeoutError:
-            pass
+            publish_rate = await load(delays, rate, publish, all_in)
     finally:
         stop.set()
         await running
         await apply_topology(settings, build_topology(settings.layout, ("bench",)), delete=True)
-    return Result(
-        f"rmqdelay {qtype} {res}ms",
-        publish_rate,
-        list(lateness.values()),
-        missing=len(delays) - len(seen),
-        duplicates=sum(n - 1 for n in seen.values()),
-        hops=hops / len(delays),
-    )
+    return Result.of(f"rmqdelay {qtype} {res}ms", publish_rate, lateness, seen, len(delays), hops)
 
 
 async def run_naive(url: str, delays: list[float], rate: float) -> Result:
@@ -164,22 +192,12 @@ async def run_naive(url: str, delays: list[float], rate: float) -> Result:
             await channel.default_exchange.publish(message, hold)
 
         try:
-            publish_rate = await paced(len(delays), rate, publish)
-            try:
-                await asyncio.wait_for(all_in.wait(), max(delays) + 60)
-            except TimeoutError:
-                pass
+            publish_rate = await load(delays, rate, publish, all_in)
         finally:
             await sink_q.cancel(consumer_tag)
             await channel.queue_delete(hold)
             await channel.queue_delete(sink)
-    return Result(
-        "naive single queue",
-        publish_rate,
-        list(lateness.values()),
-        missing=len(delays) - len(seen),
-        duplicates=sum(n - 1 for n in seen.values()),
-    )
+    return Result.of("naive single queue", publish_rate, lateness, seen, len(delays), 0)
 
 
 async def main() -> int:

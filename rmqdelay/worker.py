@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from rmqdelay.connection import connect
 from rmqdelay.declare import declare_topology
@@ -21,6 +21,8 @@ from rmqdelay.topology import build_topology
 from rmqdelay.wire import decode_task, parked_headers
 
 log = logging.getLogger("rmqdelay.worker")
+#: Seconds between the info-level summaries a busy worker logs.
+SUMMARY_INTERVAL_S = 60.0
 
 
 @dataclass(slots=True)
@@ -73,7 +75,7 @@ class Worker:
         #: Set once the worker consumes; tests and the demo wait on it.
         self.ready = asyncio.Event()
         self._slots = asyncio.Semaphore(self.concurrency)
-        self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="rmqdelay")
+        self._executor: ThreadPoolExecutor | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._parked: AbstractExchange | None = None
@@ -82,6 +84,9 @@ class Worker:
         """Consume until ``stop`` is set, then shut down cleanly. Returns the counts."""
         names = self.settings.names
         connection = await connect(self.settings)
+        self._stopping = False
+        self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="rmqdelay")
+        reporter = asyncio.create_task(self._report_periodically())
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             await channel.set_qos(prefetch_count=self.prefetch)
@@ -102,15 +107,26 @@ class Worker:
             await stop.wait()
             self._stopping = True
             await queue.cancel(tag)
-            await self._drain(channel)
+            await self._drain()
         finally:
+            reporter.cancel()
             self._executor.shutdown(wait=False, cancel_futures=True)
             await connection.close()
             self.ready.clear()
         log.info("worker for %s stopped: %s", self.destination, self.stats.summary())
         return self.stats
 
-    async def _drain(self, channel: AbstractChannel) -> None:
+    async def _report_periodically(self) -> None:
+        """An info line every SUMMARY_INTERVAL_S while tasks come in: a worker runs for months."""
+        last: tuple[int, int, int] | None = None
+        while True:
+            await asyncio.sleep(SUMMARY_INTERVAL_S)
+            current = (self.stats.executed, self.stats.parked, self.stats.requeued)
+            if current != last:
+                log.info("worker for %s: %s", self.destination, self.stats.summary())
+                last = current
+
+    async def _drain(self) -> None:
         """Let in-flight tasks finish within the grace period; cancel (and requeue) the rest."""
         if not self._running:
             return
@@ -159,6 +175,7 @@ class Worker:
             return
         lateness = time.time() - task.due_at.timestamp()
         log.debug("executing %s (attempt %d, %.0f ms late)", task.id, task.attempt, lateness * 1e3)
+        assert self._executor is not None
         try:
             await call_handler(self.handler, task, self._executor)
         except Exception as e:
