@@ -9,11 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import aio_pika
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from aiormq.exceptions import ChannelNotFoundEntity
 
 from rmqdelay.connection import connect
 from rmqdelay.declare import declare_topology
-from rmqdelay.errors import MessageDecodeError, PublishNotConfirmedError
+from rmqdelay.errors import MessageDecodeError, PublishNotConfirmedError, TopologyMismatchError
 from rmqdelay.handler import call_handler
 from rmqdelay.settings import Settings
 from rmqdelay.task import Handler
@@ -93,7 +94,7 @@ class Worker:
             if self.settings.declare:
                 topology = build_topology(self.settings.layout, (self.destination,))
                 await declare_topology(channel, topology)
-            queue = await channel.get_queue(names.work_queue(self.destination), ensure=True)
+            queue = await self._work_queue(channel)
             self._parked = await channel.get_exchange(names.parked, ensure=False)
             tag = await queue.consume(self._on_message)
             log.info(
@@ -115,6 +116,17 @@ class Worker:
             self.ready.clear()
         log.info("worker for %s stopped: %s", self.destination, self.stats.summary())
         return self.stats
+
+    async def _work_queue(self, channel: AbstractChannel) -> AbstractQueue:
+        name = self.settings.names.work_queue(self.destination)
+        try:
+            return await channel.get_queue(name, ensure=True)
+        except ChannelNotFoundEntity as e:
+            raise TopologyMismatchError(
+                f"work queue {name!r} for destination {self.destination!r} does not exist and "
+                "RMQDELAY_DECLARE is false: declare it ('rmqdelay declare "
+                f"{self.destination}') or let the worker declare (RMQDELAY_DECLARE=true)"
+            ) from e
 
     async def _report_periodically(self) -> None:
         """An info line every SUMMARY_INTERVAL_S while tasks come in: a worker runs for months."""

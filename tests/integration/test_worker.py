@@ -9,7 +9,7 @@ import time
 import aio_pika
 import pytest
 
-from rmqdelay import Scheduler, Settings, Task
+from rmqdelay import Scheduler, Settings, Task, TopologyMismatchError, Worker
 from rmqdelay.wire import PARKED_FROM, PARKED_REASON, TASK_ID
 
 from .conftest import make_settings
@@ -148,3 +148,12 @@ async def test_undecodable_message_is_parked_and_the_worker_goes_on(
     parked = await get_all(settings, settings.names.parked, ack=True)
     assert len(parked) == 1
     assert parked[0].headers[PARKED_REASON].startswith("undecodable: message has no content_type")
+
+
+async def test_worker_without_declaring_names_the_missing_work_queue(
+    broker_url: str, settings: Settings, destination: str
+) -> None:
+    undeclared = make_settings(broker_url, namespace=settings.namespace, declare=False)
+    worker = Worker(undeclared, destination, Recorder())
+    with pytest.raises(TopologyMismatchError, match=f"'{destination}' does not exist"):
+        await worker.run(asyncio.Event())
