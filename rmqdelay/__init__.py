@@ -9,6 +9,7 @@ from rmqdelay.errors import (
     ConfigError,
     InvalidDelayError,
     InvalidDestinationError,
+    InvalidKeyError,
     InvalidPayloadError,
     InvalidTaskError,
     MessageDecodeError,
@@ -19,7 +20,7 @@ from rmqdelay.errors import (
 )
 from rmqdelay.scheduler import Scheduler
 from rmqdelay.settings import Settings
-from rmqdelay.task import Handler, ScheduledTask, Task
+from rmqdelay.task import Cancellation, Handler, ScheduledTask, Task
 from rmqdelay.worker import Worker, WorkerStats
 
 __version__ = "0.1.0"
@@ -27,10 +28,12 @@ __version__ = "0.1.0"
 __all__ = [
     "BrokerError",
     "BrokerUnavailableError",
+    "Cancellation",
     "ConfigError",
     "Handler",
     "InvalidDelayError",
     "InvalidDestinationError",
+    "InvalidKeyError",
     "InvalidPayloadError",
     "InvalidTaskError",
     "MessageDecodeError",

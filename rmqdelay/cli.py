@@ -58,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--at", help="ISO 8601 with a UTC offset, e.g. 2026-12-01T08:00:00+08:00")
     schedule.add_argument("--content-type", help="send the payload as raw bytes of this type")
     schedule.add_argument("--id", dest="task_id", help="task id (default: a new UUID)")
+    schedule.add_argument(
+        "--key", dest="keys", action="append", default=[], help="cancel key (repeatable)"
+    )
+    schedule.add_argument(
+        "--replace", action="store_true", help="cancel the tasks under --key first (reschedule)"
+    )
+
+    cancel = commands.add_parser("cancel", help="call off every pending task under a key or id")
+    cancel.add_argument("keys", nargs="+", metavar="KEY")
 
     declare = commands.add_parser("declare", help="declare the topology (and work queues)")
     declare.add_argument("destinations", nargs="*", help="also declare these work queues")
@@ -126,9 +135,28 @@ async def _schedule(args: argparse.Namespace, settings: Settings) -> int:
             payload,
             content_type=args.content_type,
             task_id=args.task_id,
+            keys=args.keys,
+            replace=args.replace,
             **when,
         )
-    print(f"scheduled {s.id} for {s.destination}, due {s.due_at.isoformat()} ({s.hops} hops)")
+    under = f" under {', '.join(s.keys)}" if s.keys else ""
+    replaced = " (earlier tasks under them cancelled)" if args.replace else ""
+    print(
+        f"scheduled {s.id} for {s.destination}{under}{replaced}, due {s.due_at.isoformat()} "
+        f"({s.hops} hops)"
+    )
+    return RET_OK
+
+
+async def _cancel(args: argparse.Namespace, settings: Settings) -> int:
+    async with Scheduler(settings) as scheduler:
+        for key in args.keys:
+            c = await scheduler.cancel(key)
+            print(
+                f"cancelled {c.key!r} at {c.at.isoformat()}: tasks under it published before "
+                "then will not run (workers log each one they skip; whether any was pending "
+                "is not known here)"
+            )
     return RET_OK
 
 
@@ -150,7 +178,13 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     return await run_demo(settings)
 
 
-_COMMANDS = {"consume": _consume, "schedule": _schedule, "declare": _declare, "demo": _demo}
+_COMMANDS = {
+    "consume": _consume,
+    "schedule": _schedule,
+    "cancel": _cancel,
+    "declare": _declare,
+    "demo": _demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

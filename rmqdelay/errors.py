@@ -5,6 +5,7 @@
     ├── InvalidTaskError (ValueError)       a schedule() call refused before anything was sent
     │   ├── InvalidDelayError
     │   ├── InvalidDestinationError
+    │   ├── InvalidKeyError
     │   └── InvalidPayloadError
     ├── BrokerError                         the broker said no, or could not be reached
     │   ├── BrokerUnavailableError (ConnectionError)
@@ -38,6 +39,10 @@ class InvalidDelayError(InvalidTaskError):
 
 class InvalidDestinationError(InvalidTaskError):
     """Raised for an empty, over-long or otherwise unusable destination name."""
+
+
+class InvalidKeyError(InvalidTaskError):
+    """Raised for a cancel key that is empty, too long, not a string, or one too many."""
 
 
 class InvalidPayloadError(InvalidTaskError):

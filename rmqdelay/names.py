@@ -52,6 +52,11 @@ class Names:
         return f"{self.namespace}.parked"
 
     @property
+    def cancels(self) -> str:
+        """Stream of cancel records every worker replays and follows."""
+        return f"{self.namespace}.cancels"
+
+    @property
     def max_destination_bytes(self) -> int:
         """Longest destination (UTF-8 bytes) whose work queue name still fits."""
         return MAX_NAME_BYTES - len(self.work_queue("").encode())

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
@@ -15,18 +16,21 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 from aiormq.exceptions import ChannelNotFoundEntity, DeliveryError, PublishError
 from pamqp.commands import Basic
 
+from rmqdelay.cancelset import Stamps
 from rmqdelay.connection import connect
 from rmqdelay.declare import declare_topology
 from rmqdelay.delays import delay_to_us, hop_plan
 from rmqdelay.errors import (
     InvalidDelayError,
+    InvalidKeyError,
     PublishNotConfirmedError,
+    TopologyMismatchError,
     UnroutableError,
 )
 from rmqdelay.settings import Settings
-from rmqdelay.task import ScheduledTask
+from rmqdelay.task import Cancellation, ScheduledTask
 from rmqdelay.topology import build_topology, destination_topology
-from rmqdelay.wire import encode_payload, task_headers
+from rmqdelay.wire import cancel_headers, check_key, check_keys, encode_payload, task_headers
 
 log = logging.getLogger("rmqdelay.scheduler")
 
@@ -67,6 +71,7 @@ class Scheduler:
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._destinations: dict[str, asyncio.Future[None]] = {}
+        self._stamps = Stamps()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -117,6 +122,8 @@ class Scheduler:
         at: datetime | None = None,
         content_type: str | None = None,
         task_id: str | None = None,
+        keys: Iterable[str] = (),
+        replace: bool = False,
     ) -> ScheduledTask:
         """Schedule ``payload`` for ``destination`` after ``delay`` or at ``at``.
 
@@ -129,7 +136,11 @@ class Scheduler:
             delay: A timedelta or seconds; 0 delivers at once.
             at: A timezone-aware due time; one in the past delivers at once.
             content_type: Only for bytes payloads.
-            task_id: Your own id (default: a new UUID).
+            task_id: Your own id (default: a new UUID). It is a cancel key too.
+            keys: Cancel keys: ``cancel(key)`` calls off every task under it published
+                before the cancel.
+            replace: Reschedule: cancel ``keys`` first, so that of the tasks under them only
+                this one runs. The cancel is confirmed before this task is published.
 
         Raises:
             InvalidTaskError: bad destination, payload or delay; nothing was sent.
@@ -139,14 +150,25 @@ class Scheduler:
         settings = self.settings
         destination = settings.names.check_destination(destination)
         body, content_type = encode_payload(payload, content_type)
+        keys = check_keys(list(keys) if not isinstance(keys, str | bytes) else keys)
+        if replace and not keys:
+            raise InvalidKeyError("replace=True needs keys: it cancels the tasks under them")
+        task_id = check_key(task_id) if task_id is not None else uuid.uuid4().hex
+        _due_us(time.time_ns() // 1000, delay, at)  # refuse bad timing before any I/O
+        await self._check_destination(destination)
+        for key in keys if replace else ():
+            await self.cancel(key)
+        # Timing is computed after the checks and cancels: they take time, the delay does not.
         now_us = time.time_ns() // 1000
         due_us = _due_us(now_us, delay, at)
         plan = hop_plan(settings.limits.units(max(0, due_us - now_us)))
-        task_id = task_id or uuid.uuid4().hex
         headers = task_headers(
-            task_id, due_ms=-(-due_us // 1000), published_ms=now_us // 1000, plan=plan
+            task_id,
+            due_ms=-(-due_us // 1000),
+            published_ms=self._stamps.publish(now_us // 1000),
+            plan=plan,
+            keys=keys,
         )
-        await self._check_destination(destination)
         message = aio_pika.Message(
             body,
             headers=headers,
@@ -156,10 +178,44 @@ class Scheduler:
         )
         await self._publish(message, destination)
         log.debug("scheduled %s for %s in %d hops", task_id, destination, len(plan))
-        return ScheduledTask(task_id, destination, _EPOCH + due_us * _US, len(plan))
+        return ScheduledTask(task_id, destination, _EPOCH + due_us * _US, len(plan), keys)
 
-    async def _publish(self, message: aio_pika.Message, destination: str) -> None:
-        exchange = self._require_exchange()
+    async def cancel(self, key: str) -> Cancellation:
+        """Call off every task under ``key`` (or with id ``key``) published before now.
+
+        Returns once the broker has confirmed the cancel record. Tasks scheduled under the
+        same key afterwards run normally. Cancelling a key with nothing pending is fine.
+
+        Raises:
+            InvalidKeyError: ``key`` is not a usable key; nothing was sent.
+            PublishNotConfirmedError: the broker did not confirm the record.
+        """
+        key = check_key(key)
+        at_ms = self._stamps.cancel(time.time_ns() // 1_000_000)
+        message = aio_pika.Message(
+            b"",
+            headers=cancel_headers(key, at_ms),
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        stream = self.settings.names.cancels
+        try:
+            await self._publish(message, stream, exchange=self._require_channel().default_exchange)
+        except UnroutableError as e:
+            raise TopologyMismatchError(
+                f"cancellation stream {stream!r} does not exist; declare the topology "
+                "('rmqdelay declare') or set RMQDELAY_DECLARE=true"
+            ) from e
+        log.debug("cancelled %r at %d", key, at_ms)
+        return Cancellation(key, _EPOCH + at_ms * 1000 * _US)
+
+    async def _publish(
+        self,
+        message: aio_pika.Message,
+        destination: str,
+        *,
+        exchange: AbstractExchange | None = None,
+    ) -> None:
+        exchange = exchange or self._require_exchange()
         try:
             confirm = await exchange.publish(
                 message, routing_key=destination, mandatory=True, timeout=PUBLISH_TIMEOUT_S

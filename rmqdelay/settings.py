@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import timedelta
 from typing import Annotated, Any, Literal
@@ -85,6 +86,10 @@ class Settings(BaseSettings):
     connect_timeout: Duration = Field(
         default=timedelta(seconds=30), description="How long to keep retrying the first connect."
     )
+    cancel_retention: Duration | None = Field(
+        default=None,
+        description="How long cancels are kept (default and minimum: max_delay).",
+    )
     shutdown_grace: Duration = Field(
         default=timedelta(seconds=30), description="How long in-flight tasks may finish on stop."
     )
@@ -112,10 +117,10 @@ class Settings(BaseSettings):
             raise ValueError("must start with amqp:// or amqps://")
         return value
 
-    @field_validator("max_delay", "connect_timeout", "shutdown_grace")
+    @field_validator("max_delay", "connect_timeout", "shutdown_grace", "cancel_retention")
     @classmethod
-    def _check_positive(cls, value: timedelta) -> timedelta:
-        if value <= timedelta(0):
+    def _check_positive(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value <= timedelta(0):
             raise ValueError("must be positive")
         return value
 
@@ -128,7 +133,18 @@ class Settings(BaseSettings):
                 f"level with a TTL of {top} ms; RabbitMQ allows at most {BROKER_MAX_TTL_MS} ms. "
                 "Lower RMQDELAY_MAX_DELAY."
             )
+        if self.cancel_retention is not None and self.cancel_retention < self.max_delay:
+            raise ValueError(
+                f"cancel_retention={self.cancel_retention} is shorter than max_delay="
+                f"{self.max_delay}: a cancel could be forgotten before the task it cancels is "
+                "due. Raise RMQDELAY_CANCEL_RETENTION or lower RMQDELAY_MAX_DELAY."
+            )
         return self
+
+    @property
+    def retention(self) -> timedelta:
+        """How long cancels are kept: at least as long as any task can wait."""
+        return self.cancel_retention or self.max_delay
 
     @property
     def levels(self) -> int:
@@ -138,7 +154,13 @@ class Settings(BaseSettings):
     @property
     def layout(self) -> Layout:
         """The part of the settings that shapes the topology."""
-        return Layout(self.namespace, self.queue_type, self.resolution_ms, self.levels)
+        return Layout(
+            self.namespace,
+            self.queue_type,
+            self.resolution_ms,
+            self.levels,
+            math.ceil(self.retention.total_seconds()),
+        )
 
     @property
     def limits(self) -> DelayLimits:

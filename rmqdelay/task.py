@@ -19,6 +19,7 @@ class Task:
         due_at: When it was due (UTC).
         published_at: When it was scheduled (UTC, publisher's clock).
         attempt: 1 for the first execution, counting up on retries.
+        keys: Cancel keys it was scheduled with (its id cancels it too).
         content_type: Content type of the body.
         headers: Every AMQP header of the delivered message.
         redelivered: True when the broker delivered it before (a worker stopped mid-task).
@@ -30,6 +31,7 @@ class Task:
     due_at: datetime
     published_at: datetime
     attempt: int
+    keys: tuple[str, ...]
     content_type: str
     headers: Mapping[str, Any] = field(repr=False)
     redelivered: bool = False
@@ -44,12 +46,30 @@ class ScheduledTask:
         destination: Destination it will be delivered to.
         due_at: When it is due (UTC); it is never delivered before.
         hops: Delay levels the message passes through (0 when delivered at once).
+        keys: Cancel keys, besides the id.
     """
 
     id: str
     destination: str
     due_at: datetime
     hops: int
+    keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Cancellation:
+    """Returned by ``Scheduler.cancel()`` once the broker has confirmed the cancel record.
+
+    Whether a task was pending under the key is not known to the publisher: workers skip
+    (and count and log) every task under it published up to ``at``, whenever it comes due.
+
+    Attributes:
+        key: The cancelled key (or task id).
+        at: The cancel's stamp (UTC): tasks under ``key`` published up to it will not run.
+    """
+
+    key: str
+    at: datetime
 
 
 class Handler(Protocol):

@@ -27,6 +27,7 @@ class Layout:
     queue_type: QueueType
     resolution_ms: int
     levels: int
+    cancel_retention_s: int = 3650 * 86400
 
     @property
     def names(self) -> Names:
@@ -141,6 +142,10 @@ def build_topology(layout: Layout, destinations: tuple[str, ...] = ()) -> Topolo
     queues = (
         QueueSpec(names.unroutable, dict(plain)),
         QueueSpec(names.parked, dict(plain)),
+        QueueSpec(
+            names.cancels,
+            {"x-queue-type": "stream", "x-max-age": f"{layout.cancel_retention_s}s"},
+        ),
         *(level_queue_spec(layout, k) for k in levels),
         *(work_queue_spec(layout, d) for d in destinations),
     )

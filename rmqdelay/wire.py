@@ -12,13 +12,20 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from rmqdelay.errors import InvalidPayloadError, MessageDecodeError
+from rmqdelay.errors import InvalidKeyError, InvalidPayloadError, MessageDecodeError
 from rmqdelay.task import Task
 
 TASK_ID = "rmqdelay-id"
 DUE_MS = "rmqdelay-due"
 PUBLISHED_MS = "rmqdelay-published"
 ATTEMPT = "rmqdelay-attempt"
+KEYS = "rmqdelay-keys"
+CANCEL_KEY = "rmqdelay-cancel-key"
+CANCEL_AT_MS = "rmqdelay-cancel-at"
+MARKER = "rmqdelay-marker"
+#: Keys are AMQP strings in an array header; these bounds keep headers well under frame size.
+MAX_KEY_BYTES = 255
+MAX_KEYS = 32
 ROUTE_IN = "rmqdelay-route-in"
 #: Route value meaning "on to the work exchange" (any other value is a level number).
 DELIVER = "work"
@@ -43,7 +50,13 @@ def route_headers(plan: tuple[int, ...]) -> dict[str, str]:
 
 
 def task_headers(
-    task_id: str, *, due_ms: int, published_ms: int, plan: tuple[int, ...], attempt: int = 1
+    task_id: str,
+    *,
+    due_ms: int,
+    published_ms: int,
+    plan: tuple[int, ...],
+    attempt: int = 1,
+    keys: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """All rmqdelay headers of a scheduled message."""
     return {
@@ -51,8 +64,45 @@ def task_headers(
         DUE_MS: due_ms,
         PUBLISHED_MS: published_ms,
         ATTEMPT: attempt,
+        KEYS: list(keys),
         **route_headers(plan),
     }
+
+
+def check_key(key: object) -> str:
+    """Return ``key`` if it can be a cancel key, else say why not."""
+    if not isinstance(key, str) or not key:
+        raise InvalidKeyError(f"a cancel key must be a non-empty string, got {key!r}")
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise InvalidKeyError(
+            f"cancel key {key[:40]!r}... is {len(key.encode())} bytes; the limit is {MAX_KEY_BYTES}"
+        )
+    return key
+
+
+def check_keys(keys: object) -> tuple[str, ...]:
+    """Validate a task's cancel keys (a list or tuple of strings, not one bare string)."""
+    if isinstance(keys, str | bytes) or not isinstance(keys, list | tuple | set | frozenset):
+        raise InvalidKeyError(f"keys must be a list of strings, got {keys!r}")
+    if len(keys) > MAX_KEYS:
+        raise InvalidKeyError(f"a task may have at most {MAX_KEYS} keys, got {len(keys)}")
+    return tuple(dict.fromkeys(check_key(k) for k in keys))
+
+
+def cancel_headers(key: str, at_ms: int) -> dict[str, Any]:
+    """Headers of a cancel record in the cancellation stream."""
+    return {CANCEL_KEY: key, CANCEL_AT_MS: at_ms}
+
+
+def decode_cancel(headers: Mapping[str, Any] | None) -> tuple[str, int]:
+    """The key and time of a cancel record."""
+    headers = headers or {}
+    return _str_header(headers, CANCEL_KEY), _int_header(headers, CANCEL_AT_MS)
+
+
+def published_ms(task: Task) -> int:
+    """The publish stamp of a task, exactly (the datetime may round)."""
+    return _int_header(task.headers, PUBLISHED_MS)
 
 
 def encode_payload(payload: Any, content_type: str | None) -> tuple[bytes, str]:
@@ -118,6 +168,9 @@ def decode_task(
     attempt = _int_header(headers, ATTEMPT, 1)
     if attempt < 1:
         raise MessageDecodeError(f"header {ATTEMPT!r} must be >= 1, got {attempt}")
+    keys = headers.get(KEYS, [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise MessageDecodeError(f"header {KEYS!r} must be an array of strings, got {keys!r}")
     return Task(
         id=_str_header(headers, TASK_ID),
         destination=routing_key,
@@ -125,6 +178,7 @@ def decode_task(
         due_at=ms_to_datetime(_int_header(headers, DUE_MS)),
         published_at=ms_to_datetime(_int_header(headers, PUBLISHED_MS)),
         attempt=attempt,
+        keys=tuple(keys),
         content_type=content_type,
         headers=dict(headers),
         redelivered=redelivered,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
 from aiormq.exceptions import ChannelNotFoundEntity
 
+from rmqdelay.cancels import CancelFollower
 from rmqdelay.connection import connect
 from rmqdelay.declare import declare_topology
 from rmqdelay.errors import MessageDecodeError, PublishNotConfirmedError, TopologyMismatchError
@@ -19,7 +21,7 @@ from rmqdelay.handler import call_handler
 from rmqdelay.settings import Settings
 from rmqdelay.task import Handler
 from rmqdelay.topology import build_topology
-from rmqdelay.wire import decode_task, parked_headers
+from rmqdelay.wire import decode_task, parked_headers, published_ms
 
 log = logging.getLogger("rmqdelay.worker")
 #: Seconds between the info-level summaries a busy worker logs.
@@ -32,6 +34,7 @@ class WorkerStats:
 
     executed: int = 0
     parked: int = 0
+    cancelled: int = 0
     requeued: int = 0
     lateness_max_s: float = 0.0
     lateness_total_s: float = 0.0
@@ -45,7 +48,8 @@ class WorkerStats:
         """One line for the log."""
         mean_ms = 1000 * self.lateness_total_s / self.executed if self.executed else 0.0
         return (
-            f"executed {self.executed}, parked {self.parked}, requeued {self.requeued}; "
+            f"executed {self.executed}, cancelled {self.cancelled}, parked {self.parked}, "
+            f"requeued {self.requeued}; "
             f"lateness mean {mean_ms:.0f} ms, max {1000 * self.lateness_max_s:.0f} ms"
         )
 
@@ -80,14 +84,16 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._parked: AbstractExchange | None = None
+        self._follower = CancelFollower(settings)
 
     async def run(self, stop: asyncio.Event) -> WorkerStats:
         """Consume until ``stop`` is set, then shut down cleanly. Returns the counts."""
-        names = self.settings.names
         connection = await connect(self.settings)
         self._stopping = False
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="rmqdelay")
         reporter = asyncio.create_task(self._report_periodically())
+        stop_following = asyncio.Event()
+        following: asyncio.Task[None] | None = None
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             await channel.set_qos(prefetch_count=self.prefetch)
@@ -95,7 +101,13 @@ class Worker:
                 topology = build_topology(self.settings.layout, (self.destination,))
                 await declare_topology(channel, topology)
             queue = await self._work_queue(channel)
-            self._parked = await channel.get_exchange(names.parked, ensure=False)
+            self._parked = await channel.get_exchange(self.settings.names.parked, ensure=False)
+            following = asyncio.create_task(self._follower.run(stop_following))
+            # A dropped connection may have hidden cancels: vouch for nothing until a fresh
+            # marker has come back through the stream.
+            connection.close_callbacks.add(lambda *_: self._follower.pause())
+            connection.reconnect_callbacks.add(lambda *_: self._follower.resync())
+            await _until(self._follower.caught_up.wait(), following)
             tag = await queue.consume(self._on_message)
             log.info(
                 "consuming %s (concurrency %d, prefetch %d) on %s",
@@ -105,12 +117,15 @@ class Worker:
                 self.settings.safe_url,
             )
             self.ready.set()
-            await stop.wait()
+            await _until(stop.wait(), following)
             self._stopping = True
             await queue.cancel(tag)
             await self._drain()
         finally:
             reporter.cancel()
+            stop_following.set()
+            if following is not None:
+                await asyncio.gather(following, return_exceptions=True)
             self._executor.shutdown(wait=False, cancel_futures=True)
             await connection.close()
             self.ready.clear()
@@ -157,6 +172,7 @@ class Worker:
         self._running.add(current)
         try:
             async with self._slots:
+                await self._follower.caught_up.wait()
                 if self._stopping:
                     await self._requeue(message)
                     return
@@ -184,6 +200,14 @@ class Worker:
         except MessageDecodeError as e:
             log.warning("cannot decode message %s: %s; parking it", message.message_id, e)
             await self._park(message, f"undecodable: {e}")
+            return
+        cancelled_by = self._follower.cancels.cancelled_by(
+            (task.id, *task.keys), published_ms(task)
+        )
+        if cancelled_by is not None:
+            log.info("task %s cancelled by %r; not run", task.id, cancelled_by)
+            await message.ack()
+            self.stats.cancelled += 1
             return
         lateness = time.time() - task.due_at.timestamp()
         log.debug("executing %s (attempt %d, %.0f ms late)", task.id, task.attempt, lateness * 1e3)
@@ -221,3 +245,15 @@ class Worker:
             raise PublishNotConfirmedError(f"parking {message.message_id} failed: {e}") from e
         await message.ack()
         self.stats.parked += 1
+
+
+async def _until(event: Awaitable[object], following: asyncio.Task[None]) -> None:
+    """Wait for ``event``; if the cancellation follower dies first, raise what killed it."""
+    waiting = asyncio.ensure_future(event)
+    try:
+        await asyncio.wait({waiting, following}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+    if following.done():
+        following.result()
+        raise RuntimeError("the cancellation follower stopped unexpectedly")

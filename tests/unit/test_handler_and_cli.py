@@ -8,7 +8,7 @@ from rmqdelay import ConfigError, Task
 from rmqdelay.cli import RET_ERROR, build_parser, main
 from rmqdelay.handler import call_handler, is_async, load_handler
 
-TASK = Task("i", "d", {}, datetime.now(UTC), datetime.now(UTC), 1, "application/json", {})
+TASK = Task("i", "d", {}, datetime.now(UTC), datetime.now(UTC), 1, (), "application/json", {})
 
 
 @pytest.mark.parametrize(

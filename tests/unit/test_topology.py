@@ -99,6 +99,8 @@ def test_quorum_levels_dead_letter_at_least_once_with_reject_publish() -> None:
 def test_classic_levels_have_no_quorum_only_arguments() -> None:
     topology = build_topology(Layout("t", "classic", 10, 3))
     for q in topology.queues:
+        if q.name == "t.cancels":
+            continue
         assert q.arguments["x-queue-type"] == "classic"
         assert "x-dead-letter-strategy" not in q.arguments
         assert "x-overflow" not in q.arguments
@@ -138,3 +140,9 @@ def test_default_settings_make_35_levels_of_10ms_up_to_ten_years() -> None:
     queue, waited = walk(topology, route_headers(hop_plan(2**35 - 1)), "x")
     assert queue == "rmqdelay.unroutable"  # no work queue "x" declared: caught, not dropped
     assert waited == (2**35 - 1) * 10
+
+
+def test_cancels_live_in_a_stream_that_keeps_them_for_the_retention() -> None:
+    topology = build_topology(Layout("t", "classic", 10, 3, cancel_retention_s=86400))
+    stream = next(q for q in topology.queues if q.name == "t.cancels")
+    assert stream.arguments == {"x-queue-type": "stream", "x-max-age": "86400s"}
