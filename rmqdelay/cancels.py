@@ -48,6 +48,8 @@ class CancelFollower:
         #: Set while every cancel confirmed before the last (re)sync is known.
         self.caught_up = asyncio.Event()
         self._on_cancel = on_cancel
+        #: Stream records received (cancels and markers), replays included.
+        self.records_seen = 0
         self._offset: int | None = None
         self._marker: str | None = None
         self._channel: AbstractChannel | None = None
@@ -91,6 +93,9 @@ class CancelFollower:
         # A plain connection: aio-pika's robust one would re-consume from the original
         # x-stream-offset after a reconnect, replaying everything; we resume ourselves.
         connection = await aio_pika.connect(self.settings.url, timeout=10)
+        # closed() only resolves on a close we asked for; a dropped link fires the callbacks.
+        lost = asyncio.Event()
+        connection.close_callbacks.add(lambda *_: lost.set())
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             await channel.set_qos(prefetch_count=STREAM_PREFETCH)
@@ -106,16 +111,19 @@ class CancelFollower:
                     "('rmqdelay declare') or set RMQDELAY_DECLARE=true"
                 ) from e
             self._channel = channel
-            await self.resync()
-            closed = asyncio.ensure_future(connection.closed())
-            stopping = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            self._channel = None
-            if closed.done() and not stop.is_set():
-                raise ConnectionError("connection to the cancellation stream closed")
+            try:
+                await self.resync()
+                waits = {asyncio.ensure_future(lost.wait()), asyncio.ensure_future(stop.wait())}
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for waiting in waits:
+                    waiting.cancel()
+            finally:
+                self._channel = None
+            if lost.is_set() and not stop.is_set():
+                raise ConnectionError("connection to the cancellation stream was lost")
 
     async def _on_record(self, message: AbstractIncomingMessage) -> None:
+        self.records_seen += 1
         headers = message.headers or {}
         offset = headers.get("x-stream-offset")
         if isinstance(offset, int):

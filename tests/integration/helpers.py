@@ -88,3 +88,13 @@ async def depth(settings: Settings, queue: str) -> int:
         q = await channel.declare_queue(queue, passive=True)
         assert q.declaration_result.message_count is not None
         return q.declaration_result.message_count
+
+
+async def eventually(condition: Any, within: float, what: str) -> None:
+    """Poll ``condition()`` until true; for state with no event to await (worker counters)."""
+    try:
+        async with asyncio.timeout(within):
+            while not condition():  # noqa: ASYNC110 - counters have no event to await
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"not within {within}s: {what}") from None

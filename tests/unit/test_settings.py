@@ -69,3 +69,14 @@ def test_longest_destination_fits_an_amqp_name() -> None:
     assert len(names.work_queue(names.check_destination(longest)).encode()) == 255
     with pytest.raises(InvalidDestinationError):
         names.check_destination(longest + "d")
+
+
+def test_cancel_retention_defaults_to_the_max_delay_and_may_not_be_shorter() -> None:
+    s = Settings(_env_file=None, max_delay="30d")
+    assert s.retention == timedelta(days=30)
+    assert s.layout.cancel_retention_s == 30 * 86400
+    assert Settings(_env_file=None, max_delay="30d", cancel_retention="60d").retention == (
+        timedelta(days=60)
+    )
+    with pytest.raises(ConfigError, match="forgotten before the task"):
+        Settings(_env_file=None, max_delay="30d", cancel_retention="7d")
