@@ -16,6 +16,7 @@ DESTINATION = "demo"
 #: Longest first: in one queue with per-message TTLs, every shorter task would wait behind
 #: the 6 s one at the head and arrive seconds late.
 DELAYS_MS = (6000, 4000, 3000, 2000, 1000, 500, 250, 100, 0)
+_DEADLINE_S = 30.0
 
 
 def _clock(moment: datetime) -> str:
@@ -23,19 +24,17 @@ def _clock(moment: datetime) -> str:
 
 
 async def run_demo(settings: Settings, out: Callable[[str], None] = print) -> int:
-    """Schedule a handful of tasks, execute them, print each with its lateness.
+    """Schedule tasks, cancel one, move one, execute them, print each with its lateness.
 
-    Returns 0 when every task ran exactly once and none early, 1 otherwise.
+    Returns 0 when every task ran exactly once, none early, and no cancelled one ran.
     """
-    done: dict[str, float] = {}
-    all_done = asyncio.Event()
+    ran: dict[str, float] = {}
+    expected: set[str] = set()
 
     async def on_task(task: Task) -> None:
         late_ms = (time.time() - task.due_at.timestamp()) * 1000
-        done.setdefault(task.id, late_ms)
-        out(f"  ran {task.payload['name']:<12} due {_clock(task.due_at)}  late {late_ms:6.1f} ms")
-        if len(done) == len(DELAYS_MS):
-            all_done.set()
+        ran.setdefault(task.id, late_ms)
+        out(f"  ran {task.payload['name']:<26} due {_clock(task.due_at)}  late {late_ms:6.1f} ms")
 
     stop = asyncio.Event()
     worker = Worker(settings, DESTINATION, on_task)
@@ -43,24 +42,43 @@ async def run_demo(settings: Settings, out: Callable[[str], None] = print) -> in
     try:
         await asyncio.wait_for(worker.ready.wait(), timeout=60)
         out(f"rmqdelay demo on {settings.safe_url}, namespace {settings.namespace!r}")
-        out(f"scheduling {len(DELAYS_MS)} tasks, longest delay first; each prints as it runs:")
+        out(f"scheduling {len(DELAYS_MS) + 2} tasks, longest delay first; each prints as it runs:")
         async with Scheduler(settings) as scheduler:
-            for ms in DELAYS_MS:
+
+            async def schedule(
+                name: str, ms: int, keys: tuple[str, ...] = (), replace: bool = False
+            ) -> str:
                 s = await scheduler.schedule(
-                    DESTINATION, {"name": f"after {ms} ms"}, delay=timedelta(milliseconds=ms)
+                    DESTINATION,
+                    {"name": name},
+                    delay=timedelta(milliseconds=ms),
+                    keys=keys,
+                    replace=replace,
                 )
-                out(
-                    f"  scheduled {'after ' + str(ms) + ' ms':<12} due {_clock(s.due_at)}"
-                    f"  ({s.hops} hops)"
-                )
-        await asyncio.wait_for(all_done.wait(), timeout=max(DELAYS_MS) / 1000 + 30)
+                out(f"  scheduled {name:<26} due {_clock(s.due_at)}  ({s.hops} hops)")
+                return s.id
+
+            for ms in DELAYS_MS:
+                expected.add(await schedule(f"after {ms} ms", ms))
+            doomed = await schedule("escalate incident 7", 3500, keys=("incident:7",))
+            await schedule("reminder 1 (first time)", 5000, keys=("reminder:1",))
+            await scheduler.cancel("incident:7")
+            out("  cancelled incident:7 (resolved in time): its escalation must never run")
+            moved = await schedule("reminder 1 (moved)", 1500, keys=("reminder:1",), replace=True)
+            expected.add(moved)
+            out("  rescheduled reminder:1 from 5000 ms to 1500 ms: only the new one may run")
+        async with asyncio.timeout(max(DELAYS_MS) / 1000 + _DEADLINE_S):
+            await worker.wait_for(lambda s: expected <= ran.keys() and s.cancelled >= 2)
     finally:
         stop.set()
         await running
-    early = [late for late in done.values() if late < 0]
+    early = [late for late in ran.values() if late < 0]
+    wrong = ran.keys() - expected
     out(
-        f"summary: {len(done)}/{len(DELAYS_MS)} executed, {len(early)} early, "
-        f"max lateness {max(done.values()):.1f} ms; one queue with per-message TTLs would "
-        f"have held the {DELAYS_MS[-2]} ms task behind the {DELAYS_MS[0]} ms one."
+        f"summary: {len(expected & ran.keys())}/{len(expected)} executed, {len(early)} early, "
+        f"{worker.stats.cancelled} cancelled and skipped, {len(wrong)} ran that should not; "
+        f"max lateness {max(ran.values()):.1f} ms. One queue with per-message TTLs would have "
+        f"held the {DELAYS_MS[-2]} ms task behind the {DELAYS_MS[0]} ms one."
     )
-    return 0 if len(done) == len(DELAYS_MS) and not early else 1
+    ok = expected <= ran.keys() and not early and not wrong and doomed not in ran
+    return 0 if ok else 1

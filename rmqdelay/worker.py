@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -85,6 +85,7 @@ class Worker:
         self._stopping = False
         self._parked: AbstractExchange | None = None
         self._follower = CancelFollower(settings)
+        self._counted = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> WorkerStats:
         """Consume until ``stop`` is set, then shut down cleanly. Returns the counts."""
@@ -131,6 +132,21 @@ class Worker:
             self.ready.clear()
         log.info("worker for %s stopped: %s", self.destination, self.stats.summary())
         return self.stats
+
+    async def wait_for(self, condition: Callable[[WorkerStats], bool]) -> WorkerStats:
+        """Return once ``condition(stats)`` holds, re-checked whenever a task is counted.
+
+        For example ``await worker.wait_for(lambda s: s.executed >= 10)``; bound it with
+        ``asyncio.timeout``.
+        """
+        while not condition(self.stats):
+            self._counted.clear()
+            await self._counted.wait()
+        return self.stats
+
+    def _count(self, outcome: str) -> None:
+        setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+        self._counted.set()
 
     async def _work_queue(self, channel: AbstractChannel) -> AbstractQueue:
         name = self.settings.names.work_queue(self.destination)
@@ -184,7 +200,7 @@ class Worker:
             self._running.discard(current)
 
     async def _requeue(self, message: AbstractIncomingMessage) -> None:
-        self.stats.requeued += 1
+        self._count("requeued")
         if not message.channel.is_closed:
             await message.nack(requeue=True)
 
@@ -207,7 +223,7 @@ class Worker:
         if cancelled_by is not None:
             log.info("task %s cancelled by %r; not run", task.id, cancelled_by)
             await message.ack()
-            self.stats.cancelled += 1
+            self._count("cancelled")
             return
         lateness = time.time() - task.due_at.timestamp()
         log.debug("executing %s (attempt %d, %.0f ms late)", task.id, task.attempt, lateness * 1e3)
@@ -219,8 +235,8 @@ class Worker:
             await self._park(message, f"{type(e).__name__}: {e}")
             return
         await message.ack()
-        self.stats.executed += 1
         self.stats.record_lateness(lateness)
+        self._count("executed")
 
     async def _park(self, message: AbstractIncomingMessage, reason: str) -> None:
         """Move a message to the parking lot with ``reason``; requeue it if that fails."""
@@ -244,7 +260,7 @@ class Worker:
             await self._requeue(message)
             raise PublishNotConfirmedError(f"parking {message.message_id} failed: {e}") from e
         await message.ack()
-        self.stats.parked += 1
+        self._count("parked")
 
 
 async def _until(event: Awaitable[object], following: asyncio.Task[None]) -> None:

@@ -91,10 +91,11 @@ async def depth(settings: Settings, queue: str) -> int:
 
 
 async def eventually(condition: Any, within: float, what: str) -> None:
-    """Poll ``condition()`` until true; for state with no event to await (worker counters)."""
+    """Poll ``condition()`` until true: for state spread over several workers, where no
+    single ``Worker.wait_for`` covers it."""
     try:
         async with asyncio.timeout(within):
-            while not condition():  # noqa: ASYNC110 - counters have no event to await
+            while not condition():  # noqa: ASYNC110 - see the docstring
                 await asyncio.sleep(0.02)
     except TimeoutError:
         raise AssertionError(f"not within {within}s: {what}") from None

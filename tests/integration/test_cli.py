@@ -15,7 +15,7 @@ from rmqdelay.demo import DESTINATION, run_demo
 from rmqdelay.topology import destination_topology
 
 from .conftest import ROOT, apply
-from .helpers import depth
+from .helpers import Recorder, depth, running_worker
 
 pytestmark = pytest.mark.integration
 
@@ -91,5 +91,32 @@ async def test_demo_runs_and_reports_every_task_on_time(settings: Settings) -> N
         assert await run_demo(settings, lines.append) == 0
     finally:
         await apply(settings, destination_topology(settings.layout, DESTINATION), delete=True)
-    assert lines[-1].startswith("summary: 9/9 executed, 0 early")
-    assert sum(line.lstrip().startswith("ran ") for line in lines) == 9
+    assert lines[-1].startswith("summary: 10/10 executed, 0 early, 2 cancelled and skipped, 0 ran")
+    ran = [line for line in lines if line.lstrip().startswith("ran ")]
+    assert len(ran) == 10
+    assert not any("incident 7" in line or "first time" in line for line in ran)
+
+
+def test_cli_cancel_and_replace_take_effect(
+    settings: Settings, destination: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["--url", settings.url, "--namespace", settings.namespace]
+    schedule = [*common, "schedule", destination, "--delay", "300ms"]
+    assert main([*common, "declare", destination]) == RET_OK
+    assert main([*schedule, '"cancel me"', "--key", "cli:a", "--key", "cli:x"]) == RET_OK
+    assert main([*schedule, '"old"', "--key", "cli:b"]) == RET_OK
+    assert main([*schedule, '"new"', "--key", "cli:b", "--replace"]) == RET_OK
+    assert main([*common, "cancel", "cli:a"]) == RET_OK
+    out = capsys.readouterr().out
+    assert "under cli:a, cli:x" in out
+    assert "(earlier tasks under them cancelled)" in out
+    assert "cancelled 'cli:a' at " in out
+
+    async def run_worker() -> tuple[list[object], int]:
+        recorder = Recorder()
+        async with running_worker(settings, destination, recorder) as worker:
+            async with asyncio.timeout(10):
+                await worker.wait_for(lambda s: s.executed == 1 and s.cancelled == 2)
+        return [task.payload for task, _ in recorder.runs], worker.stats.cancelled
+
+    assert asyncio.run(run_worker()) == (["new"], 2)
