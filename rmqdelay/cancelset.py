@@ -21,7 +21,9 @@ class CancelSet:
     def __init__(self, retention_ms: int) -> None:
         self.retention_ms = retention_ms
         self._latest: dict[str, int] = {}
-        self._arrivals: deque[tuple[int, str]] = deque()
+        # Two deques, not one of (at, key) tuples: a tuple per key is ~30% of the memory.
+        self._arrived_at: deque[int] = deque()
+        self._arrived_key: deque[str] = deque()
 
     def __len__(self) -> int:
         return len(self._latest)
@@ -32,7 +34,8 @@ class CancelSet:
             return False
         if at_ms > self._latest.get(key, -1):
             self._latest[key] = at_ms
-        self._arrivals.append((at_ms, key))
+        self._arrived_at.append(at_ms)
+        self._arrived_key.append(key)
         return True
 
     def cancelled_by(self, keys: Iterable[str], published_ms: int) -> str | None:
@@ -46,14 +49,10 @@ class CancelSet:
 
     def expire(self, now_ms: int) -> int:
         """Forget cancels older than the retention horizon; returns how many keys went."""
-        horizon, arrivals, latest, forgotten = (
-            now_ms - self.retention_ms,
-            self._arrivals,
-            self._latest,
-            0,
-        )
-        while arrivals and arrivals[0][0] < horizon:
-            at, key = arrivals.popleft()
+        horizon, latest, forgotten = now_ms - self.retention_ms, self._latest, 0
+        arrived_at, arrived_key = self._arrived_at, self._arrived_key
+        while arrived_at and arrived_at[0] < horizon:
+            at, key = arrived_at.popleft(), arrived_key.popleft()
             if latest.get(key) == at:
                 del latest[key]
                 forgotten += 1
