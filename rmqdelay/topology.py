@@ -27,7 +27,7 @@ class Layout:
     queue_type: QueueType
     resolution_ms: int
     levels: int
-    cancel_retention_s: int = 3650 * 86400
+    cancel_retention_s: int = 3653 * 86400
 
     @property
     def names(self) -> Names:

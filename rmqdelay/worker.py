@@ -7,7 +7,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
+from typing import Literal, TypeAlias
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
@@ -24,6 +25,7 @@ from rmqdelay.topology import build_topology
 from rmqdelay.wire import decode_task, parked_headers, published_ms
 
 log = logging.getLogger("rmqdelay.worker")
+Outcome: TypeAlias = Literal["executed", "parked", "cancelled", "requeued"]
 #: Seconds between the info-level summaries a busy worker logs.
 SUMMARY_INTERVAL_S = 60.0
 
@@ -144,7 +146,7 @@ class Worker:
             await self._counted.wait()
         return self.stats
 
-    def _count(self, outcome: str) -> None:
+    def _count(self, outcome: Outcome) -> None:
         setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
         self._counted.set()
 
@@ -161,10 +163,10 @@ class Worker:
 
     async def _report_periodically(self) -> None:
         """An info line every SUMMARY_INTERVAL_S while tasks come in: a worker runs for months."""
-        last: tuple[int, int, int] | None = None
+        last: tuple[object, ...] | None = None
         while True:
             await asyncio.sleep(SUMMARY_INTERVAL_S)
-            current = (self.stats.executed, self.stats.parked, self.stats.requeued)
+            current = astuple(self.stats)
             if current != last:
                 log.info("worker for %s: %s", self.destination, self.stats.summary())
                 last = current

@@ -70,7 +70,7 @@ def make_settings(url: str, **overrides: object) -> Settings:
         "namespace": f"rmqdelay-test-{uuid.uuid4().hex[:8]}",
         "queue_type": "quorum",
         "resolution_ms": 10,
-        "max_delay": timedelta(days=3650),
+        "max_delay": timedelta(days=3653),
         "declare": True,
         "prefetch": 32,
         "concurrency": 16,

@@ -92,7 +92,7 @@ async def test_declare_destination_lets_tasks_wait_for_a_later_worker(
         ({"delay": -1}, InvalidDelayError, "negative"),
         ({"delay": float("nan")}, InvalidDelayError, "finite"),
         ({"delay": float("inf")}, InvalidDelayError, "finite"),
-        ({"delay": timedelta(days=3651)}, InvalidDelayError, "exceeds the maximum"),
+        ({"delay": timedelta(days=3654)}, InvalidDelayError, "exceeds the maximum"),
         ({}, InvalidDelayError, "exactly one"),
         ({"delay": 1, "at": datetime.now(UTC)}, InvalidDelayError, "exactly one"),
         ({"at": datetime(2030, 1, 1)}, InvalidDelayError, "naive"),

@@ -118,8 +118,8 @@ def test_hop_plan_of_zero_is_empty_and_negative_is_refused() -> None:
 @pytest.mark.parametrize(
     ("resolution_ms", "max_delay", "levels"),
     [
-        (10, timedelta(days=3650), 35),
-        (1, timedelta(days=3650), 39),
+        (10, timedelta(days=3653), 35),
+        (1, timedelta(days=3653), 39),
         (10, timedelta(milliseconds=10), 1),
         (10, timedelta(milliseconds=11), 2),  # 2 units need levels 0 and 1
         (10, timedelta(milliseconds=30), 2),

@@ -11,7 +11,7 @@ from rmqdelay.settings import redact_url
 def test_defaults() -> None:
     s = Settings(_env_file=None)
     assert (s.namespace, s.queue_type, s.resolution_ms) == ("rmqdelay", "quorum", 10)
-    assert s.max_delay == timedelta(days=3650)
+    assert s.max_delay == timedelta(days=3653)
     assert s.declare is True
 
 
