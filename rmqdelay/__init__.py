@@ -7,6 +7,7 @@ from rmqdelay.errors import (
     BrokerError,
     BrokerUnavailableError,
     ConfigError,
+    HandlerTimeoutError,
     InvalidDelayError,
     InvalidDestinationError,
     InvalidKeyError,
@@ -18,6 +19,7 @@ from rmqdelay.errors import (
     TopologyMismatchError,
     UnroutableError,
 )
+from rmqdelay.retry import Retry, RetryPolicy
 from rmqdelay.scheduler import Scheduler
 from rmqdelay.settings import Settings
 from rmqdelay.task import Cancellation, Handler, ScheduledTask, Task
@@ -31,6 +33,7 @@ __all__ = [
     "Cancellation",
     "ConfigError",
     "Handler",
+    "HandlerTimeoutError",
     "InvalidDelayError",
     "InvalidDestinationError",
     "InvalidKeyError",
@@ -38,6 +41,8 @@ __all__ = [
     "InvalidTaskError",
     "MessageDecodeError",
     "PublishNotConfirmedError",
+    "Retry",
+    "RetryPolicy",
     "RmqDelayError",
     "ScheduledTask",
     "Scheduler",

@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from rmqdelay.delays import parse_duration
@@ -49,6 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--handler", required=True, help="package.module:function")
     consume.add_argument("--concurrency", type=int, help="handlers at once")
     consume.add_argument("--prefetch", type=int, help="unacked deliveries")
+    consume.add_argument("--max-attempts", type=int, help="executions before parking")
+    consume.add_argument(
+        "--backoff-base", type=_duration, metavar="SECONDS", help="first backoff (or 500ms, 2m)"
+    )
+    consume.add_argument("--backoff-cap", type=_duration, metavar="SECONDS", help="longest backoff")
+    consume.add_argument(
+        "--handler-timeout", type=_duration, metavar="SECONDS", help="a longer run has failed"
+    )
+    consume.add_argument(
+        "--accept",
+        action="append",
+        metavar="CONTENT_TYPE",
+        help="content types to hand to the handler (repeatable; default JSON, octet-stream, "
+        "text/plain); others are parked",
+    )
 
     schedule = commands.add_parser("schedule", help="schedule one task")
     schedule.add_argument("destination")
@@ -75,8 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _duration(text: str) -> timedelta:
+    """Seconds as a number (the unit the flags document), or a duration like 500ms."""
+    try:
+        return timedelta(seconds=float(text))
+    except ValueError:
+        pass
+    try:
+        return parse_duration(text)
+    except RmqDelayError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides = {k: getattr(args, k) for k in ("url", "namespace") if getattr(args, k)}
+    fields = (
+        "url",
+        "namespace",
+        "max_attempts",
+        "backoff_base",
+        "backoff_cap",
+        "handler_timeout",
+    )
+    overrides = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
     return Settings(**overrides)
 
 
@@ -87,6 +122,7 @@ async def _consume(args: argparse.Namespace, settings: Settings) -> int:
         load_handler(args.handler),
         concurrency=args.concurrency,
         prefetch=args.prefetch,
+        accept=args.accept,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

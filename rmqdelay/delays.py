@@ -120,6 +120,10 @@ class DelayLimits:
             )
         return units_for(delay_us, self.resolution_ms)
 
+    def plan(self, delay_us: int) -> tuple[int, ...]:
+        """The hop plan for ``delay_us``, refusing a delay over the maximum."""
+        return hop_plan(self.units(delay_us))
+
 
 def describe_us(us: int) -> str:
     """A short human form of a duration, for messages: ``1d2h``, ``250ms``, ``12.5s``."""

@@ -12,7 +12,8 @@
     │   ├── TopologyMismatchError
     │   ├── UnroutableError
     │   └── PublishNotConfirmedError
-    └── MessageDecodeError                  a delivered message is not an rmqdelay task
+    ├── MessageDecodeError                  a delivered message is not an rmqdelay task
+    └── HandlerTimeoutError (TimeoutError)  a handler ran past the worker's handler timeout
 
 Messages name the offending value and, where there is one, what to do about it.
 Broker errors are always raised ``from`` the aio-pika/aiormq exception behind them.
@@ -75,3 +76,7 @@ class PublishNotConfirmedError(BrokerError):
 
 class MessageDecodeError(RmqDelayError):
     """Raised when a delivered message lacks or garbles the rmqdelay headers or body."""
+
+
+class HandlerTimeoutError(RmqDelayError, TimeoutError):
+    """Raised (and handled as a failed attempt) when a handler runs past its timeout."""

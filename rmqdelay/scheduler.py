@@ -19,14 +19,16 @@ from pamqp.commands import Basic
 from rmqdelay.cancelset import Stamps
 from rmqdelay.connection import connect
 from rmqdelay.declare import declare_topology
-from rmqdelay.delays import delay_to_us, hop_plan
+from rmqdelay.delays import delay_to_us
 from rmqdelay.errors import (
     InvalidDelayError,
     InvalidKeyError,
+    InvalidTaskError,
     PublishNotConfirmedError,
     TopologyMismatchError,
     UnroutableError,
 )
+from rmqdelay.retry import BACKOFF_BASE_MS, BACKOFF_CAP_MS, MAX_ATTEMPTS
 from rmqdelay.settings import Settings
 from rmqdelay.task import Cancellation, ScheduledTask
 from rmqdelay.topology import build_topology, destination_topology
@@ -124,6 +126,9 @@ class Scheduler:
         task_id: str | None = None,
         keys: Iterable[str] = (),
         replace: bool = False,
+        max_attempts: int | None = None,
+        backoff_base: timedelta | float | None = None,
+        backoff_cap: timedelta | float | None = None,
     ) -> ScheduledTask:
         """Schedule ``payload`` for ``destination`` after ``delay`` or at ``at``.
 
@@ -141,6 +146,9 @@ class Scheduler:
                 before the cancel.
             replace: Reschedule: cancel ``keys`` first, so that of the tasks under them only
                 this one runs. The cancel is confirmed before this task is published.
+            max_attempts: Executions before the task is parked (default: the worker's).
+            backoff_base: Backoff after the first failure (default: the worker's).
+            backoff_cap: Longest backoff (default: the worker's).
 
         Raises:
             InvalidTaskError: bad destination, payload or delay; nothing was sent.
@@ -154,6 +162,7 @@ class Scheduler:
         if replace and not keys:
             raise InvalidKeyError("replace=True needs keys: it cancels the tasks under them")
         task_id = check_key(task_id) if task_id is not None else uuid.uuid4().hex
+        overrides = _retry_overrides(max_attempts, backoff_base, backoff_cap)
         _due_us(time.time_ns() // 1000, delay, at)  # refuse bad timing before any I/O
         await self._check_destination(destination)
         for key in keys if replace else ():
@@ -161,7 +170,7 @@ class Scheduler:
         # Timing is computed after the checks and cancels: they take time, the delay does not.
         now_us = time.time_ns() // 1000
         due_us = _due_us(now_us, delay, at)
-        plan = hop_plan(settings.limits.units(max(0, due_us - now_us)))
+        plan = settings.limits.plan(max(0, due_us - now_us))
         headers = task_headers(
             task_id,
             due_ms=-(-due_us // 1000),
@@ -169,6 +178,7 @@ class Scheduler:
             plan=plan,
             keys=keys,
         )
+        headers.update(overrides)
         message = aio_pika.Message(
             body,
             headers=headers,
@@ -275,6 +285,29 @@ class Scheduler:
         if self._exchange is None:
             raise _not_started()
         return self._exchange
+
+
+def _retry_overrides(
+    max_attempts: int | None,
+    backoff_base: timedelta | float | None,
+    backoff_cap: timedelta | float | None,
+) -> dict[str, int]:
+    """Per-task retry headers, refusing values a worker could not use."""
+    headers: dict[str, int] = {}
+    if max_attempts is not None:
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise InvalidTaskError(f"max_attempts must be a positive integer, got {max_attempts!r}")
+        headers[MAX_ATTEMPTS] = max_attempts
+    for header, name, value in (
+        (BACKOFF_BASE_MS, "backoff_base", backoff_base),
+        (BACKOFF_CAP_MS, "backoff_cap", backoff_cap),
+    ):
+        if value is not None:
+            ms = -(-delay_to_us(value) // 1000)
+            if ms < 1:
+                raise InvalidDelayError(f"{name} must be at least 1 ms, got {value!r}")
+            headers[header] = ms
+    return headers
 
 
 def _not_started() -> RuntimeError:

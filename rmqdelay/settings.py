@@ -21,6 +21,7 @@ from rmqdelay.delays import (
 )
 from rmqdelay.errors import ConfigError, InvalidDelayError
 from rmqdelay.names import Names
+from rmqdelay.retry import RetryPolicy
 from rmqdelay.topology import Layout
 
 ENV_PREFIX = "RMQDELAY_"
@@ -92,6 +93,18 @@ class Settings(BaseSettings):
         default=None,
         description="How long cancels are kept (default and minimum: max_delay).",
     )
+    max_attempts: int = Field(
+        default=5, ge=1, le=1000, description="Executions of a failing task before parking."
+    )
+    backoff_base: Duration = Field(
+        default=timedelta(seconds=1), description="Backoff after the first failed attempt."
+    )
+    backoff_cap: Duration = Field(
+        default=timedelta(hours=1), description="Longest backoff between attempts."
+    )
+    handler_timeout: Duration | None = Field(
+        default=None, description="A handler running longer has failed (default: no limit)."
+    )
     shutdown_grace: Duration = Field(
         default=timedelta(seconds=30), description="How long in-flight tasks may finish on stop."
     )
@@ -119,7 +132,15 @@ class Settings(BaseSettings):
             raise ValueError("must start with amqp:// or amqps://")
         return value
 
-    @field_validator("max_delay", "connect_timeout", "shutdown_grace", "cancel_retention")
+    @field_validator(
+        "max_delay",
+        "connect_timeout",
+        "shutdown_grace",
+        "cancel_retention",
+        "backoff_base",
+        "backoff_cap",
+        "handler_timeout",
+    )
     @classmethod
     def _check_positive(cls, value: timedelta | None) -> timedelta | None:
         if value is not None and value <= timedelta(0):
@@ -142,6 +163,15 @@ class Settings(BaseSettings):
                 "due. Raise RMQDELAY_CANCEL_RETENTION or lower RMQDELAY_MAX_DELAY."
             )
         return self
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """Attempts and backoff for tasks that do not set their own."""
+        return RetryPolicy(
+            self.max_attempts,
+            _whole_ms(self.backoff_base),
+            max(_whole_ms(self.backoff_base), _whole_ms(self.backoff_cap)),
+        )
 
     @property
     def retention(self) -> timedelta:
@@ -182,6 +212,10 @@ class Settings(BaseSettings):
     def __repr_args__(self) -> Any:
         for key, value in super().__repr_args__():
             yield key, (redact_url(value) if key == "url" else value)
+
+
+def _whole_ms(value: timedelta) -> int:
+    return max(1, math.ceil(value / timedelta(milliseconds=1)))
 
 
 def _describe(error: ValidationError) -> str:

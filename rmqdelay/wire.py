@@ -30,6 +30,8 @@ ROUTE_IN = "rmqdelay-route-in"
 #: Route value meaning "on to the work exchange" (any other value is a level number).
 DELIVER = "work"
 JSON = "application/json"
+#: Content types a worker hands to its handler (as bytes) unless told otherwise.
+DEFAULT_ACCEPT = frozenset({JSON, "application/octet-stream", "text/plain"})
 
 
 def route_header(level: int) -> str:
@@ -154,13 +156,20 @@ def decode_task(
     content_type: str | None,
     routing_key: str,
     redelivered: bool = False,
+    accept: frozenset[str] = DEFAULT_ACCEPT,
 ) -> Task:
     """Build the Task a handler sees, or say exactly what is wrong with the message."""
     headers = headers or {}
     if not content_type:
         raise MessageDecodeError("message has no content_type; rmqdelay sends application/json")
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type not in accept:
+        raise MessageDecodeError(
+            f"content_type {content_type!r} is not one this worker accepts "
+            f"({', '.join(sorted(accept))}); see 'rmqdelay consume --accept'"
+        )
     payload: Any = body
-    if content_type.split(";")[0].strip().lower() == JSON:
+    if media_type == JSON:
         try:
             payload = json.loads(body)
         except ValueError as e:
@@ -186,8 +195,12 @@ def decode_task(
 
 
 PARKED_REASON = "rmqdelay-parked-reason"
+PARKED_ERROR = "rmqdelay-parked-error"
+PARKED_ATTEMPTS = "rmqdelay-parked-attempts"
+PARKED_DESTINATION = "rmqdelay-parked-destination"
 PARKED_AT = "rmqdelay-parked-at"
 PARKED_FROM = "rmqdelay-parked-from"
+_PARKED = (PARKED_REASON, PARKED_ERROR, PARKED_ATTEMPTS, PARKED_DESTINATION, PARKED_AT, PARKED_FROM)
 _MAX_REASON = 1000
 #: Dead-letter bookkeeping the broker adds. RabbitMQ 3.x trusts a client-published x-death
 #: and drops a message expiring into a queue it lists, so it never goes back out with us.
@@ -200,7 +213,14 @@ def strip_death_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parked_headers(
-    headers: Mapping[str, Any] | None, *, reason: str, now_ms: int, source: str
+    headers: Mapping[str, Any] | None,
+    *,
+    reason: str,
+    error: str,
+    attempts: int,
+    destination: str,
+    now_ms: int,
+    source: str,
 ) -> dict[str, Any]:
     """Headers of a message going to the parking lot: the original ones plus why."""
     if len(reason) > _MAX_REASON:
@@ -208,6 +228,26 @@ def parked_headers(
     return {
         **strip_death_headers(headers or {}),
         PARKED_REASON: reason,
+        PARKED_ERROR: error,
+        PARKED_ATTEMPTS: attempts,
+        PARKED_DESTINATION: destination,
         PARKED_AT: now_ms,
         PARKED_FROM: source,
     }
+
+
+def _without_routing(headers: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in strip_death_headers(headers).items()
+        if not k.startswith("rmqdelay-route-") and k not in _PARKED
+    }
+
+
+def rescheduled_headers(
+    headers: Mapping[str, Any], *, attempt: int, due_ms: int, plan: tuple[int, ...]
+) -> dict[str, Any]:
+    """Headers for sending a task through the levels again (a retry, or out of the parking
+    lot): a new attempt, due time and hop plan; the same id, keys and publish stamp, so a
+    cancel of the original still hits it."""
+    return {**_without_routing(headers), ATTEMPT: attempt, DUE_MS: due_ms, **route_headers(plan)}

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass
+from datetime import timedelta
 from typing import Literal, TypeAlias
 
 import aio_pika
@@ -17,15 +19,29 @@ from aiormq.exceptions import ChannelNotFoundEntity
 from rmqdelay.cancels import CancelFollower
 from rmqdelay.connection import connect
 from rmqdelay.declare import declare_topology
-from rmqdelay.errors import MessageDecodeError, PublishNotConfirmedError, TopologyMismatchError
+from rmqdelay.delays import delay_to_us
+from rmqdelay.errors import (
+    HandlerTimeoutError,
+    InvalidDelayError,
+    MessageDecodeError,
+    PublishNotConfirmedError,
+    TopologyMismatchError,
+)
 from rmqdelay.handler import call_handler
+from rmqdelay.retry import Retry, RetryPolicy
 from rmqdelay.settings import Settings
-from rmqdelay.task import Handler
+from rmqdelay.task import Handler, Task
 from rmqdelay.topology import build_topology
-from rmqdelay.wire import decode_task, parked_headers, published_ms
+from rmqdelay.wire import (
+    DEFAULT_ACCEPT,
+    decode_task,
+    parked_headers,
+    published_ms,
+    rescheduled_headers,
+)
 
 log = logging.getLogger("rmqdelay.worker")
-Outcome: TypeAlias = Literal["executed", "parked", "cancelled", "requeued"]
+Outcome: TypeAlias = Literal["executed", "retried", "parked", "cancelled", "requeued"]
 #: Seconds between the info-level summaries a busy worker logs.
 SUMMARY_INTERVAL_S = 60.0
 
@@ -35,6 +51,7 @@ class WorkerStats:
     """Counts since the worker started."""
 
     executed: int = 0
+    retried: int = 0
     parked: int = 0
     cancelled: int = 0
     requeued: int = 0
@@ -50,7 +67,8 @@ class WorkerStats:
         """One line for the log."""
         mean_ms = 1000 * self.lateness_total_s / self.executed if self.executed else 0.0
         return (
-            f"executed {self.executed}, cancelled {self.cancelled}, parked {self.parked}, "
+            f"executed {self.executed}, retried {self.retried}, cancelled {self.cancelled}, "
+            f"parked {self.parked}, "
             f"requeued {self.requeued}; "
             f"lateness mean {mean_ms:.0f} ms, max {1000 * self.lateness_max_s:.0f} ms"
         )
@@ -72,12 +90,18 @@ class Worker:
         *,
         concurrency: int | None = None,
         prefetch: int | None = None,
+        retry: RetryPolicy | None = None,
+        handler_timeout: timedelta | None = None,
+        accept: Collection[str] | None = None,
     ) -> None:
         self.settings = settings
         self.destination = settings.names.check_destination(destination)
         self.handler = handler
         self.concurrency = concurrency or settings.concurrency
         self.prefetch = prefetch or settings.prefetch
+        self.retry = retry or settings.retry_policy
+        self.handler_timeout = handler_timeout or settings.handler_timeout
+        self.accept = frozenset(accept) if accept else DEFAULT_ACCEPT
         self.stats = WorkerStats()
         #: Set once the worker consumes; tests and the demo wait on it.
         self.ready = asyncio.Event()
@@ -86,6 +110,7 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._parked: AbstractExchange | None = None
+        self._levels: AbstractExchange | None = None
         self._follower = CancelFollower(settings)
         self._counted = asyncio.Event()
 
@@ -104,7 +129,9 @@ class Worker:
                 topology = build_topology(self.settings.layout, (self.destination,))
                 await declare_topology(channel, topology)
             queue = await self._work_queue(channel)
-            self._parked = await channel.get_exchange(self.settings.names.parked, ensure=False)
+            names = self.settings.names
+            self._parked = await channel.get_exchange(names.parked, ensure=False)
+            self._levels = await channel.get_exchange(names.schedule_exchange, ensure=False)
             following = asyncio.create_task(self._follower.run(stop_following))
             # A dropped connection may have hidden cancels: vouch for nothing until a fresh
             # marker has come back through the stream.
@@ -214,10 +241,11 @@ class Worker:
                 content_type=message.content_type,
                 routing_key=message.routing_key or "",
                 redelivered=bool(message.redelivered),
+                accept=self.accept,
             )
         except MessageDecodeError as e:
             log.warning("cannot decode message %s: %s; parking it", message.message_id, e)
-            await self._park(message, f"undecodable: {e}")
+            await self._park(message, f"undecodable: {e}", error="MessageDecodeError", attempts=0)
             return
         cancelled_by = self._follower.cancels.cancelled_by(
             (task.id, *task.keys), published_ms(task)
@@ -229,18 +257,93 @@ class Worker:
             return
         lateness = time.time() - task.due_at.timestamp()
         log.debug("executing %s (attempt %d, %.0f ms late)", task.id, task.attempt, lateness * 1e3)
-        assert self._executor is not None
         try:
-            await call_handler(self.handler, task, self._executor)
+            await self._call(task)
+        except Retry as e:
+            await self._after_failure(message, task, "Retry", str(e), e.delay)
+            return
         except Exception as e:
-            log.warning("task %s failed: %s: %s; parking it", task.id, type(e).__name__, e)
-            await self._park(message, f"{type(e).__name__}: {e}")
+            await self._after_failure(message, task, type(e).__name__, str(e), None)
             return
         await message.ack()
         self.stats.record_lateness(lateness)
         self._count("executed")
 
-    async def _park(self, message: AbstractIncomingMessage, reason: str) -> None:
+    async def _call(self, task: Task) -> None:
+        assert self._executor is not None
+        if self.handler_timeout is None:
+            await call_handler(self.handler, task, self._executor)
+            return
+        limit = self.handler_timeout.total_seconds()
+        try:
+            async with asyncio.timeout(limit) as deadline:
+                await call_handler(self.handler, task, self._executor)
+        except TimeoutError as e:
+            if not deadline.expired():
+                raise  # the handler's own TimeoutError
+            raise HandlerTimeoutError(f"handler ran longer than {limit:g}s") from e
+
+    async def _after_failure(
+        self,
+        message: AbstractIncomingMessage,
+        task: Task,
+        error: str,
+        detail: str,
+        delay: timedelta | float | None,
+    ) -> None:
+        """Retry through the delay levels, or park the task after its last attempt."""
+        policy = self.retry.for_task(task.headers)
+        if task.attempt >= policy.max_attempts:
+            log.warning(
+                "task %s failed on its last attempt (%d): %s: %s; parking it",
+                task.id, task.attempt, error, detail,
+            )  # fmt: skip
+            reason = f"{error}: {detail} (attempt {task.attempt} of {policy.max_attempts})"
+            await self._park(message, reason, error=error, attempts=task.attempt)
+            return
+        try:
+            wait_us = delay_to_us(delay) if delay is not None else 0
+        except InvalidDelayError as e:
+            error, detail, delay = "InvalidDelayError", f"Retry(delay=...) refused: {e}", None
+        if delay is None:
+            wait_us = policy.backoff_ms(task.attempt, random.random()) * 1000
+        log.info(
+            "task %s failed (attempt %d of %d): %s: %s; retrying in %.3fs",
+            task.id, task.attempt, policy.max_attempts, error, detail, wait_us / 1e6,
+        )  # fmt: skip
+        await self._reschedule(message, task, min(wait_us, self.settings.limits.max_delay_us))
+        self._count("retried")
+
+    async def _reschedule(self, message: AbstractIncomingMessage, task: Task, wait_us: int) -> None:
+        """Publish the next attempt through the levels, confirmed, then ack this one."""
+        assert self._levels is not None
+        now_us = time.time_ns() // 1000
+        headers = rescheduled_headers(
+            task.headers,
+            attempt=task.attempt + 1,
+            due_ms=-(-(now_us + wait_us) // 1000),
+            plan=self.settings.limits.plan(wait_us),
+        )
+        retry = aio_pika.Message(
+            message.body,
+            headers=headers,
+            content_type=message.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=task.id,
+        )
+        try:
+            await self._levels.publish(retry, routing_key=task.destination, mandatory=True)
+        except Exception as e:
+            log.error(
+                "could not schedule a retry of %s (%s); returning it to the queue", task.id, e
+            )
+            await self._requeue(message)
+            raise PublishNotConfirmedError(f"retrying {task.id} failed: {e}") from e
+        await message.ack()
+
+    async def _park(
+        self, message: AbstractIncomingMessage, reason: str, *, error: str, attempts: int
+    ) -> None:
         """Move a message to the parking lot with ``reason``; requeue it if that fails."""
         assert self._parked is not None
         parked = aio_pika.Message(
@@ -248,6 +351,9 @@ class Worker:
             headers=parked_headers(
                 message.headers,
                 reason=reason,
+                error=error,
+                attempts=attempts,
+                destination=self.destination,
                 now_ms=time.time_ns() // 1_000_000,
                 source=self.settings.names.work_queue(self.destination),
             ),

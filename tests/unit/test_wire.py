@@ -8,11 +8,13 @@ from rmqdelay.errors import InvalidPayloadError, MessageDecodeError
 from rmqdelay.wire import (
     ATTEMPT,
     DUE_MS,
+    KEYS,
     PUBLISHED_MS,
     TASK_ID,
     decode_task,
     encode_payload,
     parked_headers,
+    rescheduled_headers,
     route_headers,
     strip_death_headers,
     task_headers,
@@ -117,10 +119,50 @@ def test_json_content_type_parameters_are_accepted() -> None:
 
 def test_parked_headers_strip_death_bookkeeping_and_say_why() -> None:
     original = {**GOOD, "x-death": [{}], "x-first-death-queue": "q", "x-last-death-reason": "r"}
-    parked = parked_headers(original, reason="ValueError: " + "x" * 5000, now_ms=7, source="q")
+    parked = parked_headers(
+        original,
+        reason="ValueError: " + "x" * 5000,
+        error="ValueError",
+        attempts=3,
+        destination="d",
+        now_ms=7,
+        source="q",
+    )
     assert not any(k.startswith(("x-death", "x-first-death", "x-last-death")) for k in parked)
     assert parked["rmqdelay-parked-reason"].startswith("ValueError: ")
     assert len(parked["rmqdelay-parked-reason"]) == 1000
     assert parked["rmqdelay-parked-at"] == 7
     assert parked[TASK_ID] == "i"
     assert strip_death_headers({"x-death": 1, "a": 2}) == {"a": 2}
+
+
+def test_rescheduled_headers_keep_identity_and_stamp_but_replace_the_route() -> None:
+    original = {
+        **task_headers("i", due_ms=10, published_ms=5, plan=(7, 2), keys=("k",)),
+        "x-death": [{}],
+        "rmqdelay-parked-reason": "old",
+    }
+    again = rescheduled_headers(original, attempt=2, due_ms=99, plan=(1,))
+    assert again[TASK_ID] == "i"
+    assert again[PUBLISHED_MS] == 5  # a cancel of the original still hits the retry
+    assert again[KEYS] == ["k"]
+    assert (again[ATTEMPT], again[DUE_MS]) == (2, 99)
+    assert {k for k in again if k.startswith("rmqdelay-route-")} == {
+        "rmqdelay-route-in",
+        "rmqdelay-route-1",
+    }
+    assert "x-death" not in again
+    assert "rmqdelay-parked-reason" not in again
+
+
+def test_content_types_outside_accept_are_refused() -> None:
+    with pytest.raises(MessageDecodeError, match="application/xml"):
+        decode_task(headers=GOOD, body=b"<x/>", content_type="application/xml", routing_key="d")
+    task = decode_task(
+        headers=GOOD,
+        body=b"<x/>",
+        content_type="application/xml",
+        routing_key="d",
+        accept=frozenset({"application/xml"}),
+    )
+    assert task.payload == b"<x/>"
