@@ -9,7 +9,7 @@ import time
 import aio_pika
 import pytest
 
-from rmqdelay import Scheduler, Settings, Task, TopologyMismatchError, Worker
+from rmqdelay import RetryPolicy, Scheduler, Settings, Task, TopologyMismatchError, Worker
 from rmqdelay.wire import PARKED_FROM, PARKED_REASON, TASK_ID
 
 from .conftest import make_settings
@@ -105,7 +105,7 @@ async def test_plain_handlers_run_off_the_event_loop(settings: Settings, destina
     assert threads[0].startswith("rmqdelay")
 
 
-async def test_failing_handler_parks_the_task_with_the_reason(
+async def test_failing_handler_on_its_only_attempt_parks_the_task_with_the_reason(
     settings: Settings, destination: str
 ) -> None:
     failed = asyncio.Event()
@@ -114,16 +114,18 @@ async def test_failing_handler_parks_the_task_with_the_reason(
         failed.set()
         raise ValueError(f"cannot handle {task.payload['n']}")
 
+    once = RetryPolicy(max_attempts=1, base_ms=1, cap_ms=1)
     async with (
-        running_worker(settings, destination, broken) as worker,
+        running_worker(settings, destination, broken, retry=once) as worker,
         Scheduler(settings) as scheduler,
     ):
         s = await scheduler.schedule(destination, {"n": 42}, delay=0.01)
         await asyncio.wait_for(failed.wait(), timeout=10)
-    assert worker.stats.parked == 1
+        async with asyncio.timeout(10):
+            await worker.wait_for(lambda st: st.parked == 1)
     parked = await get_all(settings, settings.names.parked, ack=True)
     assert [m.headers[TASK_ID] for m in parked] == [s.id]
-    assert parked[0].headers[PARKED_REASON] == "ValueError: cannot handle 42"
+    assert parked[0].headers[PARKED_REASON] == "ValueError: cannot handle 42 (attempt 1 of 1)"
     assert parked[0].headers[PARKED_FROM] == settings.names.work_queue(destination)
     assert not any(k.startswith("x-death") for k in parked[0].headers)
     assert await depth(settings, settings.names.work_queue(destination)) == 0
