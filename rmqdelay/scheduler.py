@@ -109,6 +109,13 @@ class Scheduler:
             await self._connection.close()
         self._connection = self._channel = self._exchange = None
 
+    @property
+    def connection(self) -> AbstractRobustConnection:
+        """The scheduler's connection (for tools that open channels of their own)."""
+        if self._connection is None:
+            raise _not_started()
+        return self._connection
+
     async def declare_destination(self, destination: str) -> None:
         """Create ``destination``'s work queue, so tasks can be scheduled before a worker runs."""
         self.settings.names.check_destination(destination)

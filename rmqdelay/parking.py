@@ -1,0 +1,166 @@
+"""The parking lot: list what is parked and why, send it back, or purge it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from rmqdelay.errors import MessageDecodeError, RmqDelayError
+from rmqdelay.retry import BACKOFF_BASE_MS, BACKOFF_CAP_MS, MAX_ATTEMPTS
+from rmqdelay.scheduler import Scheduler
+from rmqdelay.wire import (
+    PARKED_AT,
+    PARKED_ATTEMPTS,
+    PARKED_DESTINATION,
+    PARKED_ERROR,
+    PARKED_REASON,
+    TASK_ID,
+    decode_task,
+    ms_to_datetime,
+)
+
+log = logging.getLogger("rmqdelay.parking")
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedTask:
+    """One parked message, as ``rmqdelay parked`` shows it."""
+
+    id: str
+    destination: str
+    reason: str
+    error: str
+    attempts: int
+    parked_at: datetime | None
+    size: int
+
+    def as_json(self) -> dict[str, Any]:
+        """For ``--json``."""
+        return {
+            "id": self.id,
+            "destination": self.destination,
+            "reason": self.reason,
+            "error": self.error,
+            "attempts": self.attempts,
+            "parked_at": self.parked_at.isoformat() if self.parked_at else None,
+            "size": self.size,
+        }
+
+
+def _describe(message: AbstractIncomingMessage) -> ParkedTask:
+    headers: Mapping[str, Any] = message.headers or {}
+    at = headers.get(PARKED_AT)
+    attempts = headers.get(PARKED_ATTEMPTS)
+    return ParkedTask(
+        id=str(headers.get(TASK_ID) or message.message_id or "-"),
+        destination=str(headers.get(PARKED_DESTINATION) or message.routing_key or "-"),
+        reason=str(headers.get(PARKED_REASON, "(no reason recorded)")),
+        error=str(headers.get(PARKED_ERROR, "")),
+        attempts=attempts if isinstance(attempts, int) else 0,
+        parked_at=ms_to_datetime(at) if isinstance(at, int) else None,
+        size=len(message.body),
+    )
+
+
+class ParkingLot:
+    """Operations on a namespace's parking lot, through a started Scheduler's connection."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.queue = scheduler.settings.names.parked
+
+    async def _take(self, limit: int | None = None) -> list[AbstractIncomingMessage]:
+        """Get up to ``limit`` parked messages without acking them (on a channel of its own:
+        closing it puts every one not acked back)."""
+        channel = await self.scheduler.connection.channel()
+        queue = await channel.get_queue(self.queue, ensure=False)
+        taken: list[AbstractIncomingMessage] = []
+        while limit is None or len(taken) < limit:
+            message = await queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            taken.append(message)
+        return taken
+
+    async def peek(self, limit: int = 100) -> list[ParkedTask]:
+        """Up to ``limit`` parked tasks, oldest first; nothing is consumed."""
+        taken = await self._take(limit)
+        if taken:
+            await taken[0].channel.close()
+        return [_describe(m) for m in taken]
+
+    async def requeue(self, ids: Collection[str] | None) -> tuple[int, list[str]]:
+        """Send parked tasks (all when ``ids`` is None) to their destination now, attempt 1.
+
+        Returns how many were sent and the ids that stayed parked, with why.
+        """
+        taken = await self._take()
+        described = [(message, _describe(message)) for message in taken]
+        sent, stayed = 0, []
+        try:
+            for message, parked in described:
+                if ids is not None and parked.id not in ids:
+                    continue
+                try:
+                    await self._send_back(message, parked)
+                except (MessageDecodeError, RmqDelayError) as e:
+                    stayed.append(f"{parked.id}: {e}")
+                    continue
+                await message.ack()
+                sent += 1
+        finally:
+            if taken:
+                await taken[0].channel.close()
+        missing = set(ids or ()) - {parked.id for _, parked in described}
+        stayed += [f"{task_id}: not in the parking lot" for task_id in sorted(missing)]
+        return sent, stayed
+
+    async def _send_back(self, message: AbstractIncomingMessage, parked: ParkedTask) -> None:
+        task = decode_task(
+            headers=message.headers,
+            body=message.body,
+            content_type=message.content_type,
+            routing_key=parked.destination,
+            accept=frozenset({message.content_type or ""}),
+        )
+        headers = task.headers
+        await self.scheduler.schedule(
+            parked.destination,
+            task.payload,
+            delay=0,
+            content_type=task.content_type if isinstance(task.payload, bytes) else None,
+            task_id=task.id,
+            keys=task.keys,
+            max_attempts=_int_or_none(headers.get(MAX_ATTEMPTS)),
+            backoff_base=_ms_or_none(headers.get(BACKOFF_BASE_MS)),
+            backoff_cap=_ms_or_none(headers.get(BACKOFF_CAP_MS)),
+        )
+
+    async def purge(self) -> int:
+        """Delete every parked message; returns how many."""
+        channel = await self.scheduler.connection.channel()
+        async with channel:
+            queue = await channel.get_queue(self.queue, ensure=False)
+            result = await queue.purge()
+        return int(result.message_count or 0)
+
+    async def count(self) -> int:
+        """How many messages are parked."""
+        channel = await self.scheduler.connection.channel()
+        async with channel:
+            queue = await channel.declare_queue(self.queue, passive=True)
+        return int(queue.declaration_result.message_count or 0)
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _ms_or_none(value: object) -> float | None:
+    ms = _int_or_none(value)
+    return ms / 1000 if ms is not None else None
