@@ -5,3 +5,11 @@ from rmqdelay import Task
 
 def report(task: Task) -> None:
     print(f"executed {task.id} {task.payload}", flush=True)
+
+
+def hang(task: Task) -> None:
+    """Announce the task, then block until the process is killed."""
+    print(f"started {task.id}", flush=True)
+    import threading
+
+    threading.Event().wait()
