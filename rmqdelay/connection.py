@@ -9,6 +9,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aiormq.exceptions import (
     AMQPConnectionError,
     AuthenticationError,
+    ChannelInvalidStateError,
     ConnectionNotAllowed,
     ProbableAuthenticationError,
 )
@@ -33,6 +34,13 @@ CONNECTION_EXCEPTIONS: tuple[type[BaseException], ...] = (
     TimeoutError,
     AMQPConnectionError,
 )
+#: What a publish raises while its connection is down or being restored.
+PUBLISH_RETRYABLE: tuple[type[BaseException], ...] = (
+    *CONNECTION_EXCEPTIONS,
+    ChannelInvalidStateError,
+)
+#: Seconds between the robust connection's reconnect attempts after a drop.
+RECONNECT_INTERVAL_S = 1.0
 #: Failures no retry will fix: wrong credentials, unknown vhost, no permission.
 _FINAL = (AuthenticationError, ProbableAuthenticationError, ConnectionNotAllowed)
 
@@ -54,6 +62,22 @@ def _log_retry(settings: Settings) -> object:
     return before_sleep
 
 
+def _log_drops(connection: AbstractRobustConnection, settings: Settings) -> None:
+    """Say when the link drops and when it is back; aio-pika reconnects by itself."""
+
+    def lost(_: object, error: BaseException | None = None) -> None:
+        if error is not None:  # None: a close we asked for
+            log.warning(
+                "connection to %s lost (%s); reconnecting every %.0fs",
+                settings.safe_url,
+                error,
+                RECONNECT_INTERVAL_S,
+            )
+
+    connection.close_callbacks.add(lost)
+    connection.reconnect_callbacks.add(lambda *_: log.info("reconnected to %s", settings.safe_url))
+
+
 async def connect(settings: Settings) -> AbstractRobustConnection:
     """A robust connection (it reconnects by itself later), retrying the first connect.
 
@@ -71,7 +95,11 @@ async def connect(settings: Settings) -> AbstractRobustConnection:
     try:
         async for attempt in retrying:
             with attempt:
-                return await aio_pika.connect_robust(settings.url, timeout=10)
+                connection = await aio_pika.connect_robust(
+                    settings.url, timeout=10, reconnect_interval=RECONNECT_INTERVAL_S
+                )
+                _log_drops(connection, settings)
+                return connection
     except CONNECTION_EXCEPTIONS as e:
         hint = (
             "check the credentials and vhost in RMQDELAY_URL"

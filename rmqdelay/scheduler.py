@@ -15,12 +15,21 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aiormq.exceptions import ChannelNotFoundEntity, DeliveryError, PublishError
 from pamqp.commands import Basic
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+    wait_random,
+)
 
 from rmqdelay.cancelset import Stamps
-from rmqdelay.connection import connect
+from rmqdelay.connection import PUBLISH_RETRYABLE, connect
 from rmqdelay.declare import declare_topology
 from rmqdelay.delays import delay_to_us
 from rmqdelay.errors import (
+    BrokerUnavailableError,
     InvalidDelayError,
     InvalidKeyError,
     InvalidTaskError,
@@ -38,8 +47,8 @@ log = logging.getLogger("rmqdelay.scheduler")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
-#: How long a publish may wait for the broker's confirm.
-PUBLISH_TIMEOUT_S = 30.0
+#: How long one publish attempt waits for its confirm (attempts repeat until the deadline).
+PUBLISH_TIMEOUT_S = 10.0
 
 
 def _due_us(now_us: int, delay: timedelta | float | None, at: datetime | None) -> int:
@@ -232,6 +241,32 @@ class Scheduler:
         *,
         exchange: AbstractExchange | None = None,
     ) -> None:
+        """Publish and wait for the confirm, retrying through an outage until the deadline.
+
+        A retry after a lost confirm may store the message twice; delivery is at least once.
+        """
+        deadline = self.settings.publish_deadline
+        retrying = AsyncRetrying(
+            stop=stop_after_delay(deadline.total_seconds()),
+            wait=wait_exponential(multiplier=0.1, max=2) + wait_random(0, 0.2),
+            retry=retry_if_exception_type(PUBLISH_RETRYABLE),
+            before_sleep=_log_publish_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._publish_once(message, destination, exchange)
+        except PUBLISH_RETRYABLE as e:
+            raise BrokerUnavailableError(
+                f"could not publish to {destination!r} within RMQDELAY_PUBLISH_DEADLINE "
+                f"({deadline.total_seconds():g}s): the broker at {self.settings.safe_url} is "
+                f"unreachable ({e or type(e).__name__}); nothing was confirmed"
+            ) from e
+
+    async def _publish_once(
+        self, message: aio_pika.Message, destination: str, exchange: AbstractExchange | None
+    ) -> None:
         exchange = exchange or self._require_exchange()
         try:
             confirm = await exchange.publish(
@@ -244,7 +279,7 @@ class Scheduler:
                 f"the topology of namespace {self.settings.namespace!r} intact?",
                 destination=destination,
             ) from e
-        except (DeliveryError, TimeoutError) as e:
+        except DeliveryError as e:
             raise PublishNotConfirmedError(
                 f"the broker did not confirm the task for {destination!r}: {e!r}"
             ) from e
@@ -315,6 +350,11 @@ def _retry_overrides(
                 raise InvalidDelayError(f"{name} must be at least 1 ms, got {value!r}")
             headers[header] = ms
     return headers
+
+
+def _log_publish_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    log.warning("publish failed (attempt %d): %s; retrying", state.attempt_number, error)
 
 
 def _not_started() -> RuntimeError:

@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     handler_timeout: Duration | None = Field(
         default=None, description="A handler running longer has failed (default: no limit)."
     )
+    publish_deadline: Duration = Field(
+        default=timedelta(seconds=30),
+        description="How long schedule()/cancel() keep retrying through a broker outage.",
+    )
     shutdown_grace: Duration = Field(
         default=timedelta(seconds=30), description="How long in-flight tasks may finish on stop."
     )
@@ -140,6 +144,7 @@ class Settings(BaseSettings):
         "backoff_base",
         "backoff_cap",
         "handler_timeout",
+        "publish_deadline",
     )
     @classmethod
     def _check_positive(cls, value: timedelta | None) -> timedelta | None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
+import shutil
 import signal
+import subprocess
 import sys
+from urllib.parse import urlsplit
 
 import pytest
 
-from rmqdelay import Scheduler, Settings
+from rmqdelay import BrokerUnavailableError, Scheduler, Settings
 
 from .conftest import ROOT
 from .helpers import Recorder, running_worker
@@ -48,3 +52,60 @@ async def test_a_worker_killed_mid_handler_leaves_the_task_to_the_next_worker(
     task = recorder.runs[0][0]
     assert task.redelivered
     assert task.payload == {"step": "charge card"}
+
+
+def _local_broker_we_manage(url: str) -> str | None:
+    """Why the broker cannot be killed and restarted by this test, or None if it can."""
+    host = urlsplit(url).hostname
+    if host not in ("localhost", "127.0.0.1"):
+        return f"the broker at {host} is not local"
+    if shutil.which("rabbitmq-server") is None or os.geteuid() != 0:
+        return "needs a local rabbitmq-server run as root (scripts/broker's kind)"
+    if subprocess.run(["pgrep", "-f", "beam.smp"], capture_output=True).returncode != 0:
+        return "no local beam.smp process (a container broker?)"
+    return None
+
+
+def _kill_and_restart_broker() -> None:
+    subprocess.run(["pkill", "-9", "-f", "beam.smp"], check=True)
+    env = {k: v for k, v in os.environ.items() if k != "RMQDELAY_URL"}
+    subprocess.run([str(ROOT / "scripts" / "broker")], check=True, env=env, timeout=180,
+                   capture_output=True)  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+async def test_broker_killed_and_restarted_under_load_loses_no_confirmed_task(
+    settings: Settings, destination: str
+) -> None:
+    if reason := _local_broker_we_manage(settings.url):
+        pytest.skip(reason)
+    recorder, returned, refused = Recorder(), set[str](), 0
+    rng = random.Random(3)
+
+    async def produce(scheduler: Scheduler) -> None:
+        nonlocal refused
+        for i in range(400):
+            try:
+                s = await scheduler.schedule(destination, {"i": i}, delay=rng.uniform(0, 1))
+            except BrokerUnavailableError:
+                refused += 1
+                continue
+            returned.add(s.id)
+            await asyncio.sleep(0.01)  # pacing the load
+
+    async with running_worker(settings, destination, recorder), Scheduler(settings) as scheduler:
+        producing = asyncio.create_task(produce(scheduler))
+        async with asyncio.timeout(30):
+            while len(recorder.ids) < 30:  # noqa: ASYNC110 - load must be flowing first
+                await asyncio.sleep(0.05)
+        await asyncio.to_thread(_kill_and_restart_broker)
+        await asyncio.wait_for(producing, 120)
+        await recorder.wait_for(returned, within=120)
+    duplicates = sum(n - 1 for n in recorder.counts.values())
+    print(
+        f"\nbroker kill -9: {len(returned)} schedules returned, {refused} refused, "
+        f"{duplicates} executed twice or more"
+    )
+    assert returned <= recorder.ids
+    assert refused == 0, "the outage was shorter than RMQDELAY_PUBLISH_DEADLINE"
+    assert duplicates <= max(5, len(returned) // 20), "duplicates must be rare"
