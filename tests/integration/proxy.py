@@ -20,7 +20,21 @@ class Proxy:
 
     async def __aenter__(self) -> Proxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._port = self._server.sockets[0].getsockname()[1]
         return self
+
+    async def down(self) -> None:
+        """Cut every connection and refuse new ones, as a dead broker host would."""
+        assert self._server is not None
+        self._server.close()
+        self.cut()
+        await self._server.wait_closed()
+
+    async def up(self) -> None:
+        """Accept connections again, on the same port."""
+        self._server = await asyncio.start_server(
+            self._handle, "127.0.0.1", self._port, reuse_address=True
+        )
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
@@ -31,8 +45,7 @@ class Proxy:
     @property
     def url(self) -> str:
         """The broker URL, pointed at the proxy."""
-        assert self._server is not None
-        port = self._server.sockets[0].getsockname()[1]
+        port = self._port
         creds = self._url.netloc.rpartition("@")[0]
         netloc = f"{creds}@127.0.0.1:{port}" if creds else f"127.0.0.1:{port}"
         return urlunsplit(self._url._replace(netloc=netloc))

@@ -9,14 +9,16 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from urllib.parse import urlsplit
 
 import pytest
 
 from rmqdelay import BrokerUnavailableError, Scheduler, Settings
 
-from .conftest import ROOT
+from .conftest import ROOT, make_settings
 from .helpers import Recorder, running_worker
+from .proxy import Proxy
 
 pytestmark = pytest.mark.integration
 
@@ -109,3 +111,26 @@ async def test_broker_killed_and_restarted_under_load_loses_no_confirmed_task(
     assert returned <= recorder.ids
     assert refused == 0, "the outage was shorter than RMQDELAY_PUBLISH_DEADLINE"
     assert duplicates <= max(5, len(returned) // 20), "duplicates must be rare"
+
+
+async def test_schedule_during_an_outage_retries_until_the_deadline_then_says_so(
+    settings: Settings, destination: str
+) -> None:
+    async with Proxy(settings.url) as proxy:
+        via_proxy = make_settings(
+            proxy.url, namespace=settings.namespace, declare=False, publish_deadline="1500ms"
+        )
+        async with Scheduler(via_proxy) as scheduler:
+            await scheduler.declare_destination(destination)
+            await scheduler.schedule(destination, {}, delay=0)
+            await proxy.down()
+            started = time.monotonic()
+            with pytest.raises(BrokerUnavailableError, match="RMQDELAY_PUBLISH_DEADLINE") as info:
+                await scheduler.schedule(destination, {}, delay=0)
+            assert 1.5 <= time.monotonic() - started <= 15
+            assert "guest:guest" not in str(info.value)
+            await proxy.up()
+            s = await scheduler.schedule(destination, {"after": "outage"}, delay=0)
+    recorder = Recorder()
+    async with running_worker(settings, destination, recorder):
+        await recorder.wait_for({s.id}, within=10)
