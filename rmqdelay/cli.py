@@ -20,6 +20,7 @@ from rmqdelay.delays import parse_duration
 from rmqdelay.demo import run_demo
 from rmqdelay.errors import ConfigError, RmqDelayError
 from rmqdelay.handler import load_handler
+from rmqdelay.logs import configure_logging
 from rmqdelay.parking import ParkingLot
 from rmqdelay.scheduler import Scheduler
 from rmqdelay.settings import Settings
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
+    parser.add_argument(
+        "--log-format", default="text", choices=["text", "json"], help="json: one object a line"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     consume = commands.add_parser("consume", help="run a worker for a destination")
@@ -50,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--handler", required=True, help="package.module:function")
     consume.add_argument("--concurrency", type=int, help="handlers at once")
     consume.add_argument("--prefetch", type=int, help="unacked deliveries")
+    consume.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus /metrics and /healthz on this port"
+    )
     consume.add_argument("--max-attempts", type=int, help="executions before parking")
     consume.add_argument(
         "--backoff-base", type=_duration, metavar="SECONDS", help="first backoff (or 500ms, 2m)"
@@ -134,6 +141,7 @@ async def _consume(args: argparse.Namespace, settings: Settings) -> int:
         concurrency=args.concurrency,
         prefetch=args.prefetch,
         accept=args.accept,
+        metrics_port=args.metrics_port,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -279,9 +287,7 @@ _COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format)
     try:
         settings = _settings(args)
         return asyncio.run(_COMMANDS[args.command](args, settings))

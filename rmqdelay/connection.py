@@ -66,7 +66,7 @@ def _log_drops(connection: AbstractRobustConnection, settings: Settings) -> None
     """Say when the link drops and when it is back; aio-pika reconnects by itself."""
 
     def lost(_: object, error: BaseException | None = None) -> None:
-        if error is not None:  # None: a close we asked for
+        if not connection.is_closed:  # is_closed: a close we asked for
             log.warning(
                 "connection to %s lost (%s); reconnecting every %.0fs",
                 settings.safe_url,

@@ -13,8 +13,15 @@ from datetime import timedelta
 from typing import Literal, TypeAlias
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 from aiormq.exceptions import ChannelNotFoundEntity
+from prometheus_client import Counter
 
 from rmqdelay.cancels import CancelFollower
 from rmqdelay.connection import connect
@@ -28,6 +35,7 @@ from rmqdelay.errors import (
     TopologyMismatchError,
 )
 from rmqdelay.handler import call_handler
+from rmqdelay.metrics import WorkerMetrics, serve
 from rmqdelay.retry import Retry, RetryPolicy
 from rmqdelay.settings import Settings
 from rmqdelay.task import Handler, Task
@@ -41,7 +49,7 @@ from rmqdelay.wire import (
 )
 
 log = logging.getLogger("rmqdelay.worker")
-Outcome: TypeAlias = Literal["executed", "retried", "parked", "cancelled", "requeued"]
+Outcome: TypeAlias = Literal["executed", "failed", "retried", "parked", "cancelled", "requeued"]
 #: Seconds between the info-level summaries a busy worker logs.
 SUMMARY_INTERVAL_S = 60.0
 
@@ -51,6 +59,7 @@ class WorkerStats:
     """Counts since the worker started."""
 
     executed: int = 0
+    failed: int = 0
     retried: int = 0
     parked: int = 0
     cancelled: int = 0
@@ -67,7 +76,8 @@ class WorkerStats:
         """One line for the log."""
         mean_ms = 1000 * self.lateness_total_s / self.executed if self.executed else 0.0
         return (
-            f"executed {self.executed}, retried {self.retried}, cancelled {self.cancelled}, "
+            f"executed {self.executed}, failed {self.failed}, retried {self.retried}, "
+            f"cancelled {self.cancelled}, "
             f"parked {self.parked}, "
             f"requeued {self.requeued}; "
             f"lateness mean {mean_ms:.0f} ms, max {1000 * self.lateness_max_s:.0f} ms"
@@ -93,6 +103,7 @@ class Worker:
         retry: RetryPolicy | None = None,
         handler_timeout: timedelta | None = None,
         accept: Collection[str] | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         self.settings = settings
         self.destination = settings.names.check_destination(destination)
@@ -113,11 +124,17 @@ class Worker:
         self._levels: AbstractExchange | None = None
         self._follower = CancelFollower(settings)
         self._counted = asyncio.Event()
+        self.metrics = WorkerMetrics(self.destination)
+        #: Serve /metrics and /healthz here (0: any free port; see ``metrics_address``).
+        self.metrics_port = metrics_port
+        self.metrics_address: tuple[str, int] | None = None
+        self._connection: AbstractRobustConnection | None = None
 
     async def run(self, stop: asyncio.Event) -> WorkerStats:
         """Consume until ``stop`` is set, then shut down cleanly. Returns the counts."""
-        connection = await connect(self.settings)
+        connection = self._connection = await connect(self.settings)
         self._stopping = False
+        server = await self._serve_metrics()
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="rmqdelay")
         reporter = asyncio.create_task(self._report_periodically())
         stop_following = asyncio.Event()
@@ -136,6 +153,8 @@ class Worker:
             # A dropped connection may have hidden cancels: vouch for nothing until a fresh
             # marker has come back through the stream.
             connection.close_callbacks.add(lambda *_: self._follower.pause())
+            connection.close_callbacks.add(lambda *_: self._gauge_connected(0))
+            connection.reconnect_callbacks.add(lambda *_: self._gauge_connected(1))
             connection.reconnect_callbacks.add(lambda *_: self._follower.resync())
             await _until(self._follower.caught_up.wait(), following)
             tag = await queue.consume(self._on_message)
@@ -147,12 +166,16 @@ class Worker:
                 self.settings.safe_url,
             )
             self.ready.set()
+            self._gauge_connected(1)
             await _until(stop.wait(), following)
             self._stopping = True
             await queue.cancel(tag)
             await self._drain()
         finally:
             reporter.cancel()
+            self._gauge_connected(0)
+            if server is not None:
+                server.close()
             stop_following.set()
             if following is not None:
                 await asyncio.gather(following, return_exceptions=True)
@@ -161,6 +184,26 @@ class Worker:
             self.ready.clear()
         log.info("worker for %s stopped: %s", self.destination, self.stats.summary())
         return self.stats
+
+    def health(self) -> dict[str, bool]:
+        """Whether the worker is connected, and consuming with its cancellation set current."""
+        connection = self._connection
+        return {
+            "connected": connection is not None and not connection.is_closed
+            and connection.connected.is_set(),
+            "consuming": self.ready.is_set() and self._follower.caught_up.is_set(),
+        }  # fmt: skip
+
+    async def _serve_metrics(self) -> asyncio.Server | None:
+        if self.metrics_port is None:
+            return None
+        server = await serve(self.metrics, self.health, self.metrics_port)
+        address = server.sockets[0].getsockname()
+        self.metrics_address = (address[0], address[1])
+        return server
+
+    def _gauge_connected(self, value: int) -> None:
+        self.metrics.connected.labels(self.destination).set(value)
 
     async def wait_for(self, condition: Callable[[WorkerStats], bool]) -> WorkerStats:
         """Return once ``condition(stats)`` holds, re-checked whenever a task is counted.
@@ -175,6 +218,9 @@ class Worker:
 
     def _count(self, outcome: Outcome) -> None:
         setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+        if outcome != "requeued":  # a requeue is not an outcome of the task
+            counter: Counter = getattr(self.metrics, outcome)
+            counter.labels(self.destination).inc()
         self._counted.set()
 
     async def _work_queue(self, channel: AbstractChannel) -> AbstractQueue:
@@ -257,8 +303,14 @@ class Worker:
             return
         lateness = time.time() - task.due_at.timestamp()
         log.debug("executing %s (attempt %d, %.0f ms late)", task.id, task.attempt, lateness * 1e3)
+        labels = (self.destination,)
+        self.metrics.lateness.labels(*labels).observe(max(0.0, lateness))
         try:
-            await self._call(task)
+            with (
+                self.metrics.in_flight.labels(*labels).track_inprogress(),
+                self.metrics.duration.labels(*labels).time(),
+            ):
+                await self._call(task)
         except Retry as e:
             await self._after_failure(message, task, "Retry", str(e), e.delay)
             return
@@ -292,6 +344,7 @@ class Worker:
         delay: timedelta | float | None,
     ) -> None:
         """Retry through the delay levels, or park the task after its last attempt."""
+        self._count("failed")
         policy = self.retry.for_task(task.headers)
         if task.attempt >= policy.max_attempts:
             log.warning(
