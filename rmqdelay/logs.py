@@ -7,11 +7,25 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, TextIO
 
 LogFormat = Literal["text", "json"]
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class _Stderr(logging.StreamHandler[TextIO]):
+    """Writes to whatever ``sys.stderr`` is at emit time, not the one at creation (which a
+    test runner, or a daemoniser, may have closed since)."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: TextIO) -> None:
+        pass
 
 
 class JsonFormatter(logging.Formatter):
@@ -32,7 +46,7 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str, fmt: LogFormat) -> None:
     """Send rmqdelay's (and aio-pika's) logs to stderr in ``fmt``."""
-    handler = logging.StreamHandler()
+    handler = _Stderr()
     handler.set_name("rmqdelay")
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
