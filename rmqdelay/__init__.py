@@ -18,11 +18,13 @@ from rmqdelay.errors import (
     RmqDelayError,
     TopologyMismatchError,
     UnroutableError,
+    WebhookError,
 )
 from rmqdelay.retry import Retry, RetryPolicy
 from rmqdelay.scheduler import Scheduler
 from rmqdelay.settings import Settings
 from rmqdelay.task import Cancellation, Handler, ScheduledTask, Task
+from rmqdelay.webhook import WebhookHandler
 from rmqdelay.worker import Worker, WorkerStats
 
 __version__ = "0.1.0"
@@ -50,6 +52,8 @@ __all__ = [
     "Task",
     "TopologyMismatchError",
     "UnroutableError",
+    "WebhookError",
+    "WebhookHandler",
     "Worker",
     "WorkerStats",
 ]

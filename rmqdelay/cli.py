@@ -24,6 +24,8 @@ from rmqdelay.logs import configure_logging
 from rmqdelay.parking import ParkingLot
 from rmqdelay.scheduler import Scheduler
 from rmqdelay.settings import Settings
+from rmqdelay.task import Handler
+from rmqdelay.webhook import WebhookHandler
 from rmqdelay.worker import Worker
 
 RET_OK = 0
@@ -51,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     consume = commands.add_parser("consume", help="run a worker for a destination")
     consume.add_argument("destination")
-    consume.add_argument("--handler", required=True, help="package.module:function")
+    handler = consume.add_mutually_exclusive_group(required=True)
+    handler.add_argument("--handler", help="package.module:function")
+    handler.add_argument("--webhook", metavar="URL", help="POST each task as JSON to URL")
     consume.add_argument("--concurrency", type=int, help="handlers at once")
     consume.add_argument("--prefetch", type=int, help="unacked deliveries")
     consume.add_argument(
@@ -134,10 +138,17 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _consume(args: argparse.Namespace, settings: Settings) -> int:
+    if args.webhook:
+        async with WebhookHandler(args.webhook) as webhook:
+            return await _run_worker(args, settings, webhook)
+    return await _run_worker(args, settings, load_handler(args.handler))
+
+
+async def _run_worker(args: argparse.Namespace, settings: Settings, handler: Handler) -> int:
     worker = Worker(
         settings,
         args.destination,
-        load_handler(args.handler),
+        handler,
         concurrency=args.concurrency,
         prefetch=args.prefetch,
         accept=args.accept,

@@ -13,6 +13,7 @@
     │   ├── UnroutableError
     │   └── PublishNotConfirmedError
     ├── MessageDecodeError                  a delivered message is not an rmqdelay task
+    ├── WebhookError                        the webhook target failed a task (it is retried)
     └── HandlerTimeoutError (TimeoutError)  a handler ran past the worker's handler timeout
 
 Messages name the offending value and, where there is one, what to do about it.
@@ -80,3 +81,7 @@ class MessageDecodeError(RmqDelayError):
 
 class HandlerTimeoutError(RmqDelayError, TimeoutError):
     """Raised (and handled as a failed attempt) when a handler runs past its timeout."""
+
+
+class WebhookError(RmqDelayError):
+    """Raised (and handled as a failed attempt) when a webhook answers non-2xx or not at all."""

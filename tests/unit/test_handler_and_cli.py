@@ -78,3 +78,22 @@ def test_cli_refuses_bad_input_before_connecting(
 ) -> None:
     assert main(["--url", "amqp://nobody@127.0.0.1:1/", *argv]) == RET_ERROR
     assert fragment in capsys.readouterr().err
+
+
+def test_consume_takes_a_handler_or_a_webhook_not_both() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["consume", "a", "--webhook", "http://h/x"]).webhook == "http://h/x"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["consume", "a", "--webhook", "http://h/x", "--handler", "m:f"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["consume", "a"])
+
+
+async def test_webhook_urls_must_be_http_and_are_never_echoed_with_credentials() -> None:
+    from rmqdelay import WebhookHandler
+
+    with pytest.raises(ConfigError, match="http") as info:
+        WebhookHandler("ftp://user:s3cret@host/x")
+    assert "s3cret" not in str(info.value)
+    async with WebhookHandler("https://user:s3cret@host/x") as handler:
+        assert handler.url.host == "host"
