@@ -19,7 +19,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from rmqdelay.cancelset import CancelSet
-from rmqdelay.connection import CONNECTION_EXCEPTIONS
+from rmqdelay.connection import CONNECTION_EXCEPTIONS, reconnect_wait
 from rmqdelay.errors import MessageDecodeError, TopologyMismatchError
 from rmqdelay.settings import Settings
 from rmqdelay.wire import MARKER, decode_cancel
@@ -30,7 +30,6 @@ log = logging.getLogger("rmqdelay.cancels")
 STREAM_PREFETCH = 1000
 #: How often cancels past the retention are forgotten.
 EXPIRE_EVERY_S = 60.0
-_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 def _now_ms() -> int:
@@ -53,20 +52,21 @@ class CancelFollower:
         self._offset: int | None = None
         self._marker: str | None = None
         self._channel: AbstractChannel | None = None
+        self._connected = False
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follow the stream until ``stop`` is set, reconnecting after drops."""
-        failures = 0
+        lost_at = time.monotonic()
         expiring = asyncio.create_task(self._expire_periodically())
         try:
             while not stop.is_set():
                 try:
                     await self._follow(stop)
-                    failures = 0
                 except CONNECTION_EXCEPTIONS as e:
                     self.pause()
-                    wait = _RETRY_S[min(failures, len(_RETRY_S) - 1)]
-                    failures += 1
+                    if self._connected:  # a new outage, not another failed attempt
+                        lost_at, self._connected = time.monotonic(), False
+                    wait = reconnect_wait(time.monotonic() - lost_at)
                     log.warning("cancellation stream lost (%s); reconnecting in %.1fs", e, wait)
                     await _sleep_or_stop(stop, wait)
         finally:
@@ -110,7 +110,7 @@ class CancelFollower:
                     f"cancellation stream {stream.name!r} does not exist; declare the topology "
                     "('rmqdelay declare') or set RMQDELAY_DECLARE=true"
                 ) from e
-            self._channel = channel
+            self._channel, self._connected = channel, True
             try:
                 await self.resync()
                 waits = {asyncio.ensure_future(lost.wait()), asyncio.ensure_future(stop.wait())}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
@@ -39,8 +40,9 @@ PUBLISH_RETRYABLE: tuple[type[BaseException], ...] = (
     *CONNECTION_EXCEPTIONS,
     ChannelInvalidStateError,
 )
-#: Seconds between the robust connection's reconnect attempts after a drop.
-RECONNECT_INTERVAL_S = 1.0
+#: Reconnect waits: the first after a drop, and the longest however long the outage lasts.
+RECONNECT_FIRST_S = 0.5
+RECONNECT_MAX_S = 10.0
 #: Failures no retry will fix: wrong credentials, unknown vhost, no permission.
 _FINAL = (AuthenticationError, ProbableAuthenticationError, ConnectionNotAllowed)
 
@@ -62,20 +64,48 @@ def _log_retry(settings: Settings) -> object:
     return before_sleep
 
 
-def _log_drops(connection: AbstractRobustConnection, settings: Settings) -> None:
-    """Say when the link drops and when it is back; aio-pika reconnects by itself."""
+def reconnect_wait(outage_s: float) -> float:
+    """Wait before the next reconnect attempt, an outage of ``outage_s`` seconds in.
 
-    def lost(_: object, error: BaseException | None = None) -> None:
-        if not connection.is_closed:  # is_closed: a close we asked for
-            log.warning(
-                "connection to %s lost (%s); reconnecting every %.0fs",
-                settings.safe_url,
-                error,
-                RECONNECT_INTERVAL_S,
-            )
+    Half the outage so far: quick after a blip, ever slower (up to a cap) while a broker
+    stays down, so a fleet of workers does not hammer a broker that is starting.
+    """
+    return min(RECONNECT_MAX_S, max(RECONNECT_FIRST_S, outage_s / 2))
 
-    connection.close_callbacks.add(lost)
-    connection.reconnect_callbacks.add(lambda *_: log.info("reconnected to %s", settings.safe_url))
+
+class BackoffRobustConnection(aio_pika.RobustConnection):
+    """aio-pika's robust connection, waiting longer between attempts as an outage lasts."""
+
+    _lost_at: float | None = None
+
+    @property
+    def reconnect_interval(self) -> float:
+        """Read by aio-pika before each attempt; derived from the outage's length."""
+        if self._lost_at is None:
+            return RECONNECT_FIRST_S
+        return reconnect_wait(time.monotonic() - self._lost_at)
+
+    @reconnect_interval.setter
+    def reconnect_interval(self, _: float) -> None:
+        pass  # the base class sets a fixed value in __init__
+
+    def watch(self, settings: Settings) -> None:
+        """Track outages (for the backoff) and log when the link drops and comes back."""
+
+        def lost(*_: object) -> None:
+            # aio-pika calls this on the drop and again on every failed attempt after it;
+            # is_closed means a close we asked for.
+            if not self.is_closed and self._lost_at is None:
+                self._lost_at = time.monotonic()
+                log.warning("connection to %s lost; reconnecting with backoff", settings.safe_url)
+
+        def restored(*_: object) -> None:
+            outage = time.monotonic() - self._lost_at if self._lost_at is not None else 0.0
+            self._lost_at = None
+            log.info("reconnected to %s after %.1fs", settings.safe_url, outage)
+
+        self.close_callbacks.add(lost)
+        self.reconnect_callbacks.add(restored)
 
 
 async def connect(settings: Settings) -> AbstractRobustConnection:
@@ -96,9 +126,10 @@ async def connect(settings: Settings) -> AbstractRobustConnection:
         async for attempt in retrying:
             with attempt:
                 connection = await aio_pika.connect_robust(
-                    settings.url, timeout=10, reconnect_interval=RECONNECT_INTERVAL_S
+                    settings.url, timeout=10, connection_class=BackoffRobustConnection
                 )
-                _log_drops(connection, settings)
+                assert isinstance(connection, BackoffRobustConnection)
+                connection.watch(settings)
                 return connection
     except CONNECTION_EXCEPTIONS as e:
         hint = (

@@ -80,3 +80,12 @@ def test_cancel_retention_defaults_to_the_max_delay_and_may_not_be_shorter() -> 
     )
     with pytest.raises(ConfigError, match="forgotten before the task"):
         Settings(_env_file=None, max_delay="30d", cancel_retention="7d")
+
+
+def test_reconnect_waits_grow_with_the_outage_up_to_a_cap() -> None:
+    from rmqdelay.connection import RECONNECT_FIRST_S, RECONNECT_MAX_S, reconnect_wait
+
+    waits = [reconnect_wait(s) for s in (0, 1, 4, 10, 60, 3600)]
+    assert waits[0] == RECONNECT_FIRST_S
+    assert waits == sorted(waits)
+    assert waits[-1] == RECONNECT_MAX_S
