@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aio_pika
 
 from rmqdelay import Settings, Task, Worker
+
+
+def subprocess_env(settings: Settings) -> dict[str, str]:
+    """Environment for an rmqdelay subprocess: these settings, none of the caller's own
+    RMQDELAY_* variables, and the repo on the path (for tests.integration.handlers)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RMQDELAY_")}
+    env.update(
+        RMQDELAY_URL=settings.url,
+        RMQDELAY_NAMESPACE=settings.namespace,
+        PYTHONPATH=str(Path(__file__).resolve().parents[2]),
+    )
+    return env
 
 
 class Recorder:

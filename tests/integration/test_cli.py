@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 
@@ -14,20 +13,10 @@ from rmqdelay.cli import RET_ERROR, RET_OK, main
 from rmqdelay.demo import DESTINATION, run_demo
 from rmqdelay.topology import destination_topology
 
-from .conftest import ROOT, apply
-from .helpers import Recorder, depth, running_worker
+from .conftest import apply
+from .helpers import Recorder, depth, running_worker, subprocess_env
 
 pytestmark = pytest.mark.integration
-
-
-def _env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RMQDELAY_")}
-    env.update(
-        RMQDELAY_URL=settings.url,
-        RMQDELAY_NAMESPACE=settings.namespace,
-        PYTHONPATH=str(ROOT),
-    )
-    return env
 
 
 async def _line_with(stream: asyncio.StreamReader, text: str, within: float) -> str:
@@ -44,7 +33,8 @@ async def test_consume_executes_and_stops_cleanly_on_sigterm(
     worker = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "rmqdelay", "consume", destination,
         "--handler", "tests.integration.handlers:report",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_env(settings),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(settings),
     )  # fmt: skip
     assert worker.stdout is not None
     assert worker.stderr is not None
@@ -53,7 +43,7 @@ async def test_consume_executes_and_stops_cleanly_on_sigterm(
         scheduled = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "rmqdelay", "schedule", destination, '{"n": 7}',
             "--delay", "300ms", "--id", "cli-task-1",
-            stdout=asyncio.subprocess.PIPE, env=_env(settings),
+            stdout=asyncio.subprocess.PIPE, env=subprocess_env(settings),
         )  # fmt: skip
         out, _ = await asyncio.wait_for(scheduled.communicate(), timeout=30)
         assert scheduled.returncode == RET_OK

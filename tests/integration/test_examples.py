@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 
@@ -13,13 +12,13 @@ from rmqdelay import Settings
 from rmqdelay.topology import destination_topology
 
 from .conftest import ROOT, apply
+from .helpers import subprocess_env
 
 pytestmark = pytest.mark.integration
 
 
 def test_incident_escalation_example_passes(settings: Settings) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RMQDELAY_")}
-    env.update(RMQDELAY_URL=settings.url, RMQDELAY_NAMESPACE=settings.namespace)
+    env = subprocess_env(settings)
     try:
         done = subprocess.run(
             [sys.executable, str(ROOT / "examples" / "incident_escalation.py")],

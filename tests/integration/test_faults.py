@@ -17,17 +17,10 @@ import pytest
 from rmqdelay import BrokerUnavailableError, Scheduler, Settings
 
 from .conftest import ROOT, make_settings
-from .helpers import Recorder, running_worker
+from .helpers import Recorder, running_worker, subprocess_env
 from .proxy import Proxy
 
 pytestmark = pytest.mark.integration
-
-
-def _env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RMQDELAY_")}
-    env.update(RMQDELAY_URL=settings.url, RMQDELAY_NAMESPACE=settings.namespace)
-    env["PYTHONPATH"] = str(ROOT)
-    return env
 
 
 async def test_a_worker_killed_mid_handler_leaves_the_task_to_the_next_worker(
@@ -39,7 +32,8 @@ async def test_a_worker_killed_mid_handler_leaves_the_task_to_the_next_worker(
     doomed = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "rmqdelay", "consume", destination,
         "--handler", "tests.integration.handlers:hang",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=_env(settings),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        env=subprocess_env(settings),
     )  # fmt: skip
     assert doomed.stdout is not None
     try:

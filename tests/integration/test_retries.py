@@ -170,6 +170,7 @@ async def test_garbage_is_parked_with_a_reason_and_good_tasks_keep_running(
         "unknown content type": aio_pika.Message(
             b"<x/>", headers={**good_headers, TASK_ID: "g4"}, content_type="application/xml"
         ),
+        "no content type": aio_pika.Message(b"{}", headers={**good_headers, TASK_ID: "g5"}),
     }
     async with (
         running_worker(settings, destination, recorder) as worker,
@@ -185,10 +186,11 @@ async def test_garbage_is_parked_with_a_reason_and_good_tasks_keep_running(
         good = await scheduler.schedule(destination, {"ok": True}, delay=0)
         await recorder.wait_for({good.id}, within=10)
         async with asyncio.timeout(10):
-            await worker.wait_for(lambda st: st.parked == 3)
+            await worker.wait_for(lambda st: st.parked == 4)
     parked = await get_all(settings, settings.names.parked, ack=True)
     reasons = sorted(m.headers[PARKED_REASON][:60] for m in parked)
-    assert len(parked) == 3, reasons
+    assert len(parked) == 4, reasons
+    assert any("has no content_type" in r for r in reasons)
     assert any("not valid JSON" in r for r in reasons)
     assert any(f"header '{TASK_ID}'" in r for r in reasons)
     assert any("application/xml" in r for r in reasons)

@@ -6,7 +6,6 @@ import asyncio
 import threading
 import time
 
-import aio_pika
 import pytest
 
 from rmqdelay import RetryPolicy, Scheduler, Settings, Task, TopologyMismatchError, Worker
@@ -129,27 +128,6 @@ async def test_failing_handler_on_its_only_attempt_parks_the_task_with_the_reaso
     assert parked[0].headers[PARKED_FROM] == settings.names.work_queue(destination)
     assert not any(k.startswith("x-death") for k in parked[0].headers)
     assert await depth(settings, settings.names.work_queue(destination)) == 0
-
-
-async def test_undecodable_message_is_parked_and_the_worker_goes_on(
-    settings: Settings, destination: str
-) -> None:
-    recorder = Recorder()
-    async with (
-        running_worker(settings, destination, recorder) as worker,
-        Scheduler(settings) as scheduler,
-    ):
-        connection = await aio_pika.connect(settings.url)
-        async with connection:
-            channel = await connection.channel(publisher_confirms=True)
-            queue = settings.names.work_queue(destination)
-            await channel.default_exchange.publish(aio_pika.Message(b"not json"), queue)
-        good = await scheduler.schedule(destination, {}, delay=0)
-        await recorder.wait_for({good.id}, within=10)
-    assert worker.stats.parked == 1
-    parked = await get_all(settings, settings.names.parked, ack=True)
-    assert len(parked) == 1
-    assert parked[0].headers[PARKED_REASON].startswith("undecodable: message has no content_type")
 
 
 async def test_worker_without_declaring_names_the_missing_work_queue(
