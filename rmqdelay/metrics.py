@@ -17,14 +17,18 @@ LATENESS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 
 class WorkerMetrics:
-    """Counters, gauges and histograms of one worker, in a registry of its own."""
+    """Counters, gauges and histograms of one worker, in a registry of its own.
+
+    The attributes are already bound to the worker's destination label: the per-task path
+    does no label lookups.
+    """
 
     def __init__(self, destination: str) -> None:
         self.registry = CollectorRegistry()
         labels = ["destination"]
 
         def counter(name: str, doc: str) -> Counter:
-            return Counter(name, doc, labels, registry=self.registry)
+            return Counter(name, doc, labels, registry=self.registry).labels(destination)
 
         self.executed = counter("rmqdelay_tasks_executed", "Tasks whose handler returned")
         self.failed = counter("rmqdelay_tasks_failed", "Handler runs that raised or timed out")
@@ -33,21 +37,20 @@ class WorkerMetrics:
         self.cancelled = counter("rmqdelay_tasks_cancelled", "Tasks skipped as cancelled")
         self.in_flight = Gauge(
             "rmqdelay_tasks_in_flight", "Handlers running now", labels, registry=self.registry
-        )
+        ).labels(destination)
         self.lateness = Histogram(
             "rmqdelay_task_lateness_seconds",
             "Execution start minus due time",
             labels,
             buckets=LATENESS_BUCKETS,
             registry=self.registry,
-        )
+        ).labels(destination)
         self.duration = Histogram(
             "rmqdelay_handler_duration_seconds", "Handler run time", labels, registry=self.registry
-        )
+        ).labels(destination)
         self.connected = Gauge(
             "rmqdelay_connected", "1 while connected and consuming", labels, registry=self.registry
-        )
-        self.destination = destination
+        ).labels(destination)
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus text format."""

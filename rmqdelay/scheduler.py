@@ -17,7 +17,6 @@ from aiormq.exceptions import ChannelNotFoundEntity, DeliveryError, PublishError
 from pamqp.commands import Basic
 from tenacity import (
     AsyncRetrying,
-    RetryCallState,
     retry_if_exception_type,
     stop_after_delay,
     wait_exponential,
@@ -246,11 +245,20 @@ class Scheduler:
         A retry after a lost confirm may store the message twice; delivery is at least once.
         """
         deadline = self.settings.publish_deadline
+        started = time.monotonic()
+        try:
+            await self._publish_once(message, destination, exchange)
+            return  # the usual case: no retry machinery on the hot path
+        except PUBLISH_RETRYABLE as e:
+            _log_publish_failure(1, e)
+        remaining = deadline.total_seconds() - (time.monotonic() - started)
         retrying = AsyncRetrying(
-            stop=stop_after_delay(deadline.total_seconds()),
+            stop=stop_after_delay(max(0.0, remaining)),
             wait=wait_exponential(multiplier=0.1, max=2) + wait_random(0, 0.2),
             retry=retry_if_exception_type(PUBLISH_RETRYABLE),
-            before_sleep=_log_publish_retry,
+            before_sleep=lambda state: _log_publish_failure(
+                state.attempt_number + 1, state.outcome.exception() if state.outcome else None
+            ),
             reraise=True,
         )
         try:
@@ -352,9 +360,8 @@ def _retry_overrides(
     return headers
 
 
-def _log_publish_retry(state: RetryCallState) -> None:
-    error = state.outcome.exception() if state.outcome else None
-    log.warning("publish failed (attempt %d): %s; retrying", state.attempt_number, error)
+def _log_publish_failure(attempt: int, error: BaseException | None) -> None:
+    log.warning("publish failed (attempt %d): %s; retrying", attempt, error)
 
 
 def _not_started() -> RuntimeError:

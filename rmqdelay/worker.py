@@ -203,7 +203,7 @@ class Worker:
         return server
 
     def _gauge_connected(self, value: int) -> None:
-        self.metrics.connected.labels(self.destination).set(value)
+        self.metrics.connected.set(value)
 
     async def wait_for(self, condition: Callable[[WorkerStats], bool]) -> WorkerStats:
         """Return once ``condition(stats)`` holds, re-checked whenever a task is counted.
@@ -220,7 +220,7 @@ class Worker:
         setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
         if outcome != "requeued":  # a requeue is not an outcome of the task
             counter: Counter = getattr(self.metrics, outcome)
-            counter.labels(self.destination).inc()
+            counter.inc()
         self._counted.set()
 
     async def _work_queue(self, channel: AbstractChannel) -> AbstractQueue:
@@ -303,13 +303,9 @@ class Worker:
             return
         lateness = time.time() - task.due_at.timestamp()
         log.debug("executing %s (attempt %d, %.0f ms late)", task.id, task.attempt, lateness * 1e3)
-        labels = (self.destination,)
-        self.metrics.lateness.labels(*labels).observe(max(0.0, lateness))
+        self.metrics.lateness.observe(max(0.0, lateness))
         try:
-            with (
-                self.metrics.in_flight.labels(*labels).track_inprogress(),
-                self.metrics.duration.labels(*labels).time(),
-            ):
+            with self.metrics.in_flight.track_inprogress(), self.metrics.duration.time():
                 await self._call(task)
         except Retry as e:
             await self._after_failure(message, task, "Retry", str(e), e.delay)
