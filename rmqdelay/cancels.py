@@ -19,7 +19,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from rmqdelay.cancelset import CancelSet
-from rmqdelay.connection import CONNECTION_EXCEPTIONS, reconnect_wait
+from rmqdelay.connection import CONNECTION_EXCEPTIONS, connect_once, reconnect_wait
 from rmqdelay.errors import MessageDecodeError, TopologyMismatchError
 from rmqdelay.settings import Settings
 from rmqdelay.wire import MARKER, decode_cancel
@@ -92,7 +92,7 @@ class CancelFollower:
     async def _follow(self, stop: asyncio.Event) -> None:
         # A plain connection: aio-pika's robust one would re-consume from the original
         # x-stream-offset after a reconnect, replaying everything; we resume ourselves.
-        connection = await aio_pika.connect(self.settings.url, timeout=10)
+        connection = await connect_once(self.settings)
         # closed() only resolves on a close we asked for; a dropped link fires the callbacks.
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import time
+from urllib.parse import urlsplit
 
 import aio_pika
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 from aiormq.exceptions import (
     AMQPConnectionError,
     AuthenticationError,
@@ -108,6 +110,24 @@ class BackoffRobustConnection(aio_pika.RobustConnection):
         self.reconnect_callbacks.add(restored)
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context for an ``amqps://`` URL: system CAs unless a CA file is given, and
+    the client certificate when one is. None for plain ``amqp://``."""
+    if urlsplit(settings.url).scheme != "amqps":
+        return None
+    context = ssl.create_default_context(
+        cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None
+    )
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        context.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
+    return context
+
+
+async def connect_once(settings: Settings) -> AbstractConnection:
+    """One plain (non-reconnecting) connection, TLS settings applied. Errors are aiormq's."""
+    return await aio_pika.connect(settings.url, timeout=10, ssl_context=tls_context(settings))
+
+
 async def connect(settings: Settings) -> AbstractRobustConnection:
     """A robust connection (it reconnects by itself later), retrying the first connect.
 
@@ -126,7 +146,10 @@ async def connect(settings: Settings) -> AbstractRobustConnection:
         async for attempt in retrying:
             with attempt:
                 connection = await aio_pika.connect_robust(
-                    settings.url, timeout=10, connection_class=BackoffRobustConnection
+                    settings.url,
+                    timeout=10,
+                    connection_class=BackoffRobustConnection,
+                    ssl_context=tls_context(settings),
                 )
                 assert isinstance(connection, BackoffRobustConnection)
                 connection.watch(settings)

@@ -1,17 +1,28 @@
-"""Declaring (and for tests and teardown, deleting) a topology: walks the data, computes nothing."""
+"""Declaring, verifying and (for tests and teardown) deleting a topology; choosing a backend.
+
+Walks the topology data and computes no argument of its own.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel
-from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity, ChannelPreconditionFailed
+from aiormq.exceptions import (
+    ChannelAccessRefused,
+    ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
+    ConnectionCommandInvalid,
+)
 
+from rmqdelay.connection import connect_once
 from rmqdelay.errors import BrokerError, TopologyMismatchError
 from rmqdelay.settings import Settings
-from rmqdelay.topology import Topology
+from rmqdelay.topology import ExchangeSpec, QueueSpec, Topology, build_topology
+
+log = logging.getLogger("rmqdelay.declare")
 
 
 def _mismatch(kind: str, name: str, arguments: Any, error: Exception) -> BrokerError:
@@ -68,9 +79,115 @@ async def delete_topology(channel: AbstractChannel, topology: Topology) -> None:
             raw = await channel.get_underlay_channel()
 
 
+async def verify_topology(settings: Settings, topology: Topology) -> None:
+    """Check that the broker holds ``topology`` as these settings would declare it, creating
+    nothing: for clients that do not declare (``RMQDELAY_DECLARE=false``).
+
+    Each object must exist (passive declare); then re-declaring it with the expected
+    arguments must succeed, which the broker refuses (406) when they differ and otherwise
+    leaves as it is. Without configure permission only existence is checked. Bindings cannot
+    be inspected over AMQP and are not checked.
+
+    Raises:
+        TopologyMismatchError: an object is missing or has other arguments.
+    """
+    connection = await connect_once(settings)
+    async with connection:
+        raw: aiormq.abc.AbstractChannel = await (await connection.channel()).get_underlay_channel()
+        can_compare = True
+        objects: list[ExchangeSpec | QueueSpec] = [*topology.exchanges, *topology.queues]
+        for spec in objects:
+            name = spec.name
+            kind = "exchange" if isinstance(spec, ExchangeSpec) else "queue"
+            try:
+                if isinstance(spec, ExchangeSpec):
+                    await raw.exchange_declare(name, passive=True)
+                else:
+                    await raw.queue_declare(name, passive=True)
+            except ChannelNotFoundEntity as e:
+                raise TopologyMismatchError(
+                    f"{kind} {name!r} does not exist, and RMQDELAY_DECLARE is false: "
+                    f"{_expected(settings)}"
+                ) from e
+            if not can_compare:
+                continue
+            try:
+                if isinstance(spec, ExchangeSpec):
+                    await raw.exchange_declare(
+                        name, exchange_type=spec.type, durable=True, arguments=dict(spec.arguments)
+                    )
+                else:
+                    await raw.queue_declare(name, durable=True, arguments=dict(spec.arguments))
+            except ChannelPreconditionFailed as e:
+                raise TopologyMismatchError(
+                    f"{kind} {name!r} exists with other arguments than these settings expect "
+                    f"({spec.arguments}); broker said: {e}. {_expected(settings)}"
+                ) from e
+            except ChannelAccessRefused:
+                can_compare = False
+                log.warning(
+                    "no configure permission on %r: checking that the topology exists, not "
+                    "its arguments",
+                    name,
+                )
+            if raw.is_closed:
+                raw = await (await connection.channel()).get_underlay_channel()
+
+
+def _expected(settings: Settings) -> str:
+    return (
+        f"the broker's topology does not match namespace {settings.namespace!r}, "
+        f"{settings.backend} backend, {settings.queue_type} queues, resolution "
+        f"{settings.resolution_ms} ms and max delay {settings.max_delay} ({settings.levels} "
+        "levels). Import definitions rendered with the same settings ('rmqdelay definitions "
+        "...'), or set RMQDELAY_DECLARE=true to declare them, or fix these settings"
+    )
+
+
+async def check_topology(settings: Settings, topology: Topology, channel: AbstractChannel) -> None:
+    """Declare ``topology`` on ``channel``, or only verify it when declaring is off."""
+    if settings.declare:
+        await declare_topology(channel, topology)
+    else:
+        await verify_topology(settings, topology)
+
+
+async def resolve_backend(settings: Settings) -> Settings:
+    """``settings`` with ``backend=auto`` replaced by what the broker supports.
+
+    Probes on a throwaway connection: on RabbitMQ up to 3.13.2 an unknown exchange type
+    closes the whole connection (DESIGN.md), which must not be the client's own.
+    """
+    if settings.backend != "auto":
+        return settings
+    plugin = settings.model_copy(update={"backend": "plugin"})
+    exchange = next(
+        x for x in build_topology(plugin.layout).exchanges if x.type == "x-delayed-message"
+    )
+    connection = await connect_once(settings)
+    async with connection:
+        raw = await (await connection.channel()).get_underlay_channel()
+        try:
+            if settings.declare:
+                await raw.exchange_declare(
+                    exchange.name,
+                    exchange_type=exchange.type,
+                    durable=True,
+                    arguments=dict(exchange.arguments),
+                )
+            else:
+                await raw.exchange_declare(exchange.name, passive=True)
+        except (ConnectionCommandInvalid, ChannelPreconditionFailed, ChannelNotFoundEntity) as e:
+            # 503 (up to 3.13.2) or 406 (later): unknown exchange type; 404: not imported.
+            log.info("backend auto: levels (no delayed-message plugin exchange: %s)", e)
+            return settings.model_copy(update={"backend": "levels"})
+    log.info("backend auto: the delayed-message plugin (exchange %r)", exchange.name)
+    return plugin
+
+
 async def apply_topology(settings: Settings, topology: Topology, *, delete: bool = False) -> None:
     """Declare (or delete) ``topology`` over a connection of its own, closed afterwards."""
-    connection = await aio_pika.connect(settings.url)
+    connection = await connect_once(settings)
     async with connection:
         channel = await connection.channel()
         await (delete_topology if delete else declare_topology)(channel, topology)

@@ -42,6 +42,11 @@ class Names:
         return f"{self.namespace}.work.{destination}"
 
     @property
+    def delayed_exchange(self) -> str:
+        """``x-delayed-message`` exchange of the plugin backend; feeds the work exchange."""
+        return f"{self.namespace}.delayed"
+
+    @property
     def unroutable(self) -> str:
         """Fanout exchange and queue catching whatever no binding matched."""
         return f"{self.namespace}.unroutable"

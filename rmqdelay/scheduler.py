@@ -25,7 +25,7 @@ from tenacity import (
 
 from rmqdelay.cancelset import Stamps
 from rmqdelay.connection import PUBLISH_RETRYABLE, connect
-from rmqdelay.declare import declare_topology
+from rmqdelay.declare import check_topology, declare_topology, resolve_backend
 from rmqdelay.delays import delay_to_us
 from rmqdelay.errors import (
     BrokerUnavailableError,
@@ -96,16 +96,24 @@ class Scheduler:
         await self.close()
 
     async def start(self) -> None:
-        """Connect, declare the topology (unless ``declare`` is off) and open the channel."""
+        """Connect, choose the backend (``auto``), declare the topology (or, with ``declare``
+        off, verify it) and open the channel.
+
+        Raises:
+            BrokerUnavailableError: no connection within the connect timeout.
+            TopologyMismatchError: the broker's topology is not the one these settings need.
+        """
+        self.settings = await resolve_backend(self.settings)
         self._connection = await connect(self.settings)
         try:
             self._channel = await self._connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
-            if self.settings.declare:
-                await declare_topology(self._channel, build_topology(self.settings.layout))
+            topology = build_topology(self.settings.layout)
+            await check_topology(self.settings, topology, self._channel)
             self._exchange = await self._channel.get_exchange(
-                self.settings.names.schedule_exchange, ensure=False
+                self.settings.route(0).exchange,
+                ensure=False,
             )
         except BaseException:
             await self._connection.close()
@@ -185,14 +193,15 @@ class Scheduler:
         # Timing is computed after the checks and cancels: they take time, the delay does not.
         now_us = time.time_ns() // 1000
         due_us = _due_us(now_us, delay, at)
-        plan = settings.limits.plan(max(0, due_us - now_us))
+        way = settings.route(due_us - now_us)
         headers = task_headers(
             task_id,
             due_ms=-(-due_us // 1000),
             published_ms=self._stamps.publish(now_us // 1000),
-            plan=plan,
+            plan=(),
             keys=keys,
         )
+        headers.update(way.headers)
         headers.update(overrides)
         message = aio_pika.Message(
             body,
@@ -201,9 +210,9 @@ class Scheduler:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=task_id,
         )
-        await self._publish(message, destination)
-        log.debug("scheduled %s for %s in %d hops", task_id, destination, len(plan))
-        return ScheduledTask(task_id, destination, _EPOCH + due_us * _US, len(plan), keys)
+        await self._publish(message, destination, mandatory=way.mandatory)
+        log.debug("scheduled %s for %s in %d hops", task_id, destination, way.hops)
+        return ScheduledTask(task_id, destination, _EPOCH + due_us * _US, way.hops, keys)
 
     async def cancel(self, key: str) -> Cancellation:
         """Call off every task under ``key`` (or with id ``key``) published before now.
@@ -239,6 +248,7 @@ class Scheduler:
         destination: str,
         *,
         exchange: AbstractExchange | None = None,
+        mandatory: bool = True,
     ) -> None:
         """Publish and wait for the confirm, retrying through an outage until the deadline.
 
@@ -247,7 +257,7 @@ class Scheduler:
         deadline = self.settings.publish_deadline
         started = time.monotonic()
         try:
-            await self._publish_once(message, destination, exchange)
+            await self._publish_once(message, destination, exchange, mandatory)
             return  # the usual case: no retry machinery on the hot path
         except PUBLISH_RETRYABLE as e:
             _log_publish_failure(1, e)
@@ -264,7 +274,7 @@ class Scheduler:
         try:
             async for attempt in retrying:
                 with attempt:
-                    await self._publish_once(message, destination, exchange)
+                    await self._publish_once(message, destination, exchange, mandatory)
         except PUBLISH_RETRYABLE as e:
             raise BrokerUnavailableError(
                 f"could not publish to {destination!r} within RMQDELAY_PUBLISH_DEADLINE "
@@ -273,12 +283,16 @@ class Scheduler:
             ) from e
 
     async def _publish_once(
-        self, message: aio_pika.Message, destination: str, exchange: AbstractExchange | None
+        self,
+        message: aio_pika.Message,
+        destination: str,
+        exchange: AbstractExchange | None,
+        mandatory: bool,
     ) -> None:
         exchange = exchange or self._require_exchange()
         try:
             confirm = await exchange.publish(
-                message, routing_key=destination, mandatory=True, timeout=PUBLISH_TIMEOUT_S
+                message, routing_key=destination, mandatory=mandatory, timeout=PUBLISH_TIMEOUT_S
             )
         except PublishError as e:
             raise UnroutableError(

@@ -8,7 +8,14 @@ from datetime import timedelta
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    FilePath,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rmqdelay.delays import (
@@ -22,6 +29,7 @@ from rmqdelay.delays import (
 from rmqdelay.errors import ConfigError, InvalidDelayError
 from rmqdelay.names import Names
 from rmqdelay.retry import RetryPolicy
+from rmqdelay.routes import Route, route
 from rmqdelay.topology import Layout
 
 ENV_PREFIX = "RMQDELAY_"
@@ -112,6 +120,24 @@ class Settings(BaseSettings):
     shutdown_grace: Duration = Field(
         default=timedelta(seconds=30), description="How long in-flight tasks may finish on stop."
     )
+    backend: Literal["levels", "plugin", "auto"] = Field(
+        default="levels",
+        description="levels (TTL queues), plugin (x-delayed-message), or auto (plugin if the "
+        "broker has it).",
+    )
+    tls_ca_file: FilePath | None = Field(
+        default=None, description="CA bundle to verify the broker with (amqps://)."
+    )
+    tls_cert_file: FilePath | None = Field(
+        default=None, description="Client certificate (PEM) for amqps:// with mutual TLS."
+    )
+    tls_key_file: FilePath | None = Field(
+        default=None, description="Private key of the client certificate (PEM)."
+    )
+    management_url: str | None = Field(
+        default=None,
+        description="Management API for 'rmqdelay status' (default: http://<host>:15672).",
+    )
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -161,6 +187,10 @@ class Settings(BaseSettings):
                 f"level with a TTL of {top} ms; RabbitMQ allows at most {BROKER_MAX_TTL_MS} ms. "
                 "Lower RMQDELAY_MAX_DELAY."
             )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                "RMQDELAY_TLS_CERT_FILE and RMQDELAY_TLS_KEY_FILE go together: give both or neither"
+            )
         if self.cancel_retention is not None and self.cancel_retention < self.max_delay:
             raise ValueError(
                 f"cancel_retention={self.cancel_retention} is shorter than max_delay="
@@ -197,12 +227,20 @@ class Settings(BaseSettings):
             self.resolution_ms,
             self.levels,
             math.ceil(self.retention.total_seconds()),
+            # "auto" is resolved when a client connects (plugin.resolve_backend); until then
+            # it stands for the levels, which every broker has.
+            "plugin" if self.backend == "plugin" else "levels",
         )
 
     @property
     def limits(self) -> DelayLimits:
         """Delay arithmetic for these settings."""
         return DelayLimits(self.resolution_ms, self.levels, delay_to_us(self.max_delay))
+
+    def route(self, wait_us: int) -> Route:
+        """How to publish a task due ``wait_us`` from now on this backend (refusing what it
+        cannot hold)."""
+        return route(self.layout.backend, self.names, self.limits, wait_us)
 
     @property
     def names(self) -> Names:

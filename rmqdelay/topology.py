@@ -14,7 +14,8 @@ from rmqdelay.names import Names
 from rmqdelay.wire import DELIVER, ROUTE_IN, route_header
 
 QueueType: TypeAlias = Literal["quorum", "classic"]
-ExchangeType: TypeAlias = Literal["direct", "fanout", "headers"]
+Backend: TypeAlias = Literal["levels", "plugin"]
+ExchangeType: TypeAlias = Literal["direct", "fanout", "headers", "x-delayed-message"]
 ArgValue: TypeAlias = str | int
 Arguments: TypeAlias = dict[str, ArgValue]
 
@@ -28,6 +29,8 @@ class Layout:
     resolution_ms: int
     levels: int
     cancel_retention_s: int = 3653 * 86400
+    #: ``plugin``: one x-delayed-message exchange instead of the levels.
+    backend: Backend = "levels"
 
     @property
     def names(self) -> Names:
@@ -126,6 +129,8 @@ def build_topology(layout: Layout, destinations: tuple[str, ...] = ()) -> Topolo
     exchange as alternate: under at-least-once dead-lettering a message that routes nowhere
     would stay at the head of its level and block everything behind it.
     """
+    if layout.backend == "plugin":
+        return _plugin_topology(layout, destinations)
     names = layout.names
     levels = range(layout.levels)
     catch_all: Arguments = {"alternate-exchange": names.unroutable}
@@ -138,20 +143,13 @@ def build_topology(layout: Layout, destinations: tuple[str, ...] = ()) -> Topolo
         ExchangeSpec(names.schedule_exchange, "headers"),
         *(ExchangeSpec(names.after_exchange(k), "headers", dict(catch_all)) for k in levels),
     )
-    plain = _queue_arguments(layout.queue_type)
     queues = (
-        QueueSpec(names.unroutable, dict(plain)),
-        QueueSpec(names.parked, dict(plain)),
-        QueueSpec(
-            names.cancels,
-            {"x-queue-type": "stream", "x-max-age": f"{layout.cancel_retention_s}s"},
-        ),
+        *_common_queues(layout),
         *(level_queue_spec(layout, k) for k in levels),
         *(work_queue_spec(layout, d) for d in destinations),
     )
     bindings = [
-        BindingSpec(names.unroutable, names.unroutable, "queue"),
-        BindingSpec(names.parked, names.parked, "queue"),
+        *_common_bindings(names),
         _route_binding(names.schedule_exchange, ROUTE_IN, None, names),
         *(_route_binding(names.schedule_exchange, ROUTE_IN, k, names) for k in levels),
     ]
@@ -161,6 +159,47 @@ def build_topology(layout: Layout, destinations: tuple[str, ...] = ()) -> Topolo
         bindings.extend(_route_binding(after, header, j, names) for j in range(k))
     bindings.extend(work_queue_binding(layout, d) for d in destinations)
     return Topology(exchanges, queues, tuple(bindings))
+
+
+def _common_queues(layout: Layout) -> tuple[QueueSpec, ...]:
+    names, plain = layout.names, _queue_arguments(layout.queue_type)
+    return (
+        QueueSpec(names.unroutable, dict(plain)),
+        QueueSpec(names.parked, dict(plain)),
+        QueueSpec(
+            names.cancels,
+            {"x-queue-type": "stream", "x-max-age": f"{layout.cancel_retention_s}s"},
+        ),
+    )
+
+
+def _common_bindings(names: Names) -> tuple[BindingSpec, ...]:
+    return (
+        BindingSpec(names.unroutable, names.unroutable, "queue"),
+        BindingSpec(names.parked, names.parked, "queue"),
+    )
+
+
+def _plugin_topology(layout: Layout, destinations: tuple[str, ...]) -> Topology:
+    """The plugin backend: one x-delayed-message exchange feeding the work exchange.
+
+    It is a fanout inside, so every routing key (the destination) passes through unchanged
+    to the work exchange, whose alternate catches destinations without a queue.
+    """
+    names = layout.names
+    exchanges = (
+        ExchangeSpec(names.unroutable, "fanout"),
+        ExchangeSpec(names.parked, "fanout"),
+        ExchangeSpec(names.work_exchange, "direct", {"alternate-exchange": names.unroutable}),
+        ExchangeSpec(names.delayed_exchange, "x-delayed-message", {"x-delayed-type": "fanout"}),
+    )
+    queues = (*_common_queues(layout), *(work_queue_spec(layout, d) for d in destinations))
+    bindings = (
+        *_common_bindings(names),
+        BindingSpec(names.delayed_exchange, names.work_exchange, "exchange"),
+        *(work_queue_binding(layout, d) for d in destinations),
+    )
+    return Topology(exchanges, queues, bindings)
 
 
 def destination_topology(layout: Layout, destination: str) -> Topology:

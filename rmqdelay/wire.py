@@ -240,7 +240,7 @@ def _without_routing(headers: Mapping[str, Any]) -> dict[str, Any]:
     return {
         k: v
         for k, v in strip_death_headers(headers).items()
-        if not k.startswith("rmqdelay-route-") and k not in _PARKED
+        if not k.startswith("rmqdelay-route-") and k not in _PARKED and k != "x-delay"
     }
 
 

@@ -25,7 +25,7 @@ from prometheus_client import Counter
 
 from rmqdelay.cancels import CancelFollower
 from rmqdelay.connection import connect
-from rmqdelay.declare import declare_topology
+from rmqdelay.declare import check_topology, resolve_backend
 from rmqdelay.delays import delay_to_us
 from rmqdelay.errors import (
     HandlerTimeoutError,
@@ -121,7 +121,7 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._parked: AbstractExchange | None = None
-        self._levels: AbstractExchange | None = None
+        self._delays: AbstractExchange | None = None
         self._follower = CancelFollower(settings)
         self._counted = asyncio.Event()
         self.metrics = WorkerMetrics(self.destination)
@@ -132,6 +132,7 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> WorkerStats:
         """Consume until ``stop`` is set, then shut down cleanly. Returns the counts."""
+        self.settings = await resolve_backend(self.settings)
         connection = self._connection = await connect(self.settings)
         self._stopping = False
         server = await self._serve_metrics()
@@ -142,13 +143,15 @@ class Worker:
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             await channel.set_qos(prefetch_count=self.prefetch)
-            if self.settings.declare:
-                topology = build_topology(self.settings.layout, (self.destination,))
-                await declare_topology(channel, topology)
+            if not self.settings.declare:
+                await self._work_queue(channel)  # the likeliest miss, with advice of its own
+            await check_topology(
+                self.settings, build_topology(self.settings.layout, (self.destination,)), channel
+            )
             queue = await self._work_queue(channel)
             names = self.settings.names
             self._parked = await channel.get_exchange(names.parked, ensure=False)
-            self._levels = await channel.get_exchange(names.schedule_exchange, ensure=False)
+            self._delays = await channel.get_exchange(self.settings.route(0).exchange, ensure=False)
             following = asyncio.create_task(self._follower.run(stop_following))
             # A dropped connection may have hidden cancels: vouch for nothing until a fresh
             # marker has come back through the stream.
@@ -365,14 +368,13 @@ class Worker:
 
     async def _reschedule(self, message: AbstractIncomingMessage, task: Task, wait_us: int) -> None:
         """Publish the next attempt through the levels, confirmed, then ack this one."""
-        assert self._levels is not None
+        assert self._delays is not None
         now_us = time.time_ns() // 1000
+        way = self.settings.route(wait_us)
         headers = rescheduled_headers(
-            task.headers,
-            attempt=task.attempt + 1,
-            due_ms=-(-(now_us + wait_us) // 1000),
-            plan=self.settings.limits.plan(wait_us),
+            task.headers, attempt=task.attempt + 1, due_ms=-(-(now_us + wait_us) // 1000), plan=()
         )
+        headers.update(way.headers)
         retry = aio_pika.Message(
             message.body,
             headers=headers,
@@ -381,7 +383,7 @@ class Worker:
             message_id=task.id,
         )
         try:
-            await self._levels.publish(retry, routing_key=task.destination, mandatory=True)
+            await self._delays.publish(retry, routing_key=task.destination, mandatory=way.mandatory)
         except Exception as e:
             log.error(
                 "could not schedule a retry of %s (%s); returning it to the queue", task.id, e

@@ -1,0 +1,56 @@
+"""Where a task goes to wait: through the TTL levels, or into the delayed-message plugin.
+
+Pure; no I/O. Both backends end in the same work exchange with the same rmqdelay headers,
+so workers, cancels and the parking lot do not care which one carried a task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
+
+from rmqdelay.delays import DelayLimits, describe_us
+from rmqdelay.errors import InvalidDelayError
+from rmqdelay.names import Names
+from rmqdelay.wire import route_headers
+
+Backend: TypeAlias = Literal["levels", "plugin"]
+
+#: Header the delayed-message plugin reads, in milliseconds.
+X_DELAY = "x-delay"
+#: The plugin keeps x-delay in an unsigned 32-bit field: a longer delay wraps around and
+#: the message is delivered at once, so it must be refused.
+PLUGIN_MAX_DELAY_MS = 2**32 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """How to publish one task so that it reaches its work queue after its delay."""
+
+    exchange: str
+    headers: dict[str, Any]
+    #: The plugin answers every delayed publish with basic.return (NO_ROUTE) at once, so
+    #: mandatory would turn every task into a false "unroutable" (DESIGN.md).
+    mandatory: bool
+    hops: int
+
+
+def route(backend: Backend, names: Names, limits: DelayLimits, wait_us: int) -> Route:
+    """The route for a task due ``wait_us`` from now (0 or less: at once).
+
+    Raises:
+        InvalidDelayError: over the configured maximum, or over the plugin's.
+    """
+    wait_us = max(0, wait_us)
+    if backend == "levels":
+        plan = limits.plan(wait_us)
+        return Route(names.schedule_exchange, route_headers(plan), True, len(plan))
+    limits.units(wait_us)  # the configured maximum holds for both backends
+    ms = -(-wait_us // 1000)
+    if ms > PLUGIN_MAX_DELAY_MS:
+        raise InvalidDelayError(
+            f"delay of {describe_us(wait_us)} is longer than the delayed-message plugin can "
+            f"hold ({PLUGIN_MAX_DELAY_MS} ms, about 49.7 days; it would deliver at once): use "
+            "RMQDELAY_BACKEND=levels for longer delays"
+        )
+    return Route(names.delayed_exchange, {X_DELAY: ms}, False, 1 if ms else 0)

@@ -1,0 +1,80 @@
+"""Routes: the levels' hop plans or the plugin's x-delay, and what each refuses."""
+
+from datetime import timedelta
+
+import pytest
+
+from rmqdelay.delays import DelayLimits, hop_plan
+from rmqdelay.errors import InvalidDelayError
+from rmqdelay.names import Names
+from rmqdelay.routes import PLUGIN_MAX_DELAY_MS, X_DELAY, route
+from rmqdelay.settings import Settings
+from rmqdelay.topology import Layout, build_topology
+from rmqdelay.wire import ROUTE_IN, route_headers
+
+NAMES = Names("n")
+LIMITS = DelayLimits(10, 35, 3653 * 86_400_000_000)
+
+
+@pytest.mark.parametrize("wait_us", [0, 1, 9_999, 10_000, 10_001, 1_234_567_890])
+def test_levels_route_is_the_hop_plan_to_the_schedule_exchange(wait_us: int) -> None:
+    r = route("levels", NAMES, LIMITS, wait_us)
+    plan = hop_plan(-(-wait_us // 10_000))
+    assert r.exchange == "n.schedule"
+    assert r.mandatory
+    assert r.headers == route_headers(plan)
+    assert r.hops == len(plan)
+
+
+@pytest.mark.parametrize(
+    ("wait_us", "ms"),
+    [(-5, 0), (0, 0), (1, 1), (999, 1), (1000, 1), (1001, 2), (86_400_000_000, 86_400_000)],
+)
+def test_plugin_route_is_x_delay_in_whole_milliseconds_rounded_up(wait_us: int, ms: int) -> None:
+    r = route("plugin", NAMES, LIMITS, wait_us)
+    assert r.exchange == "n.delayed"
+    assert r.headers == {X_DELAY: ms}
+    # the plugin returns every delayed publish as unroutable at once: no mandatory
+    assert r.mandatory is False
+    assert ROUTE_IN not in r.headers
+
+
+def test_plugin_takes_its_longest_delay_and_refuses_one_ms_more() -> None:
+    assert route("plugin", NAMES, LIMITS, PLUGIN_MAX_DELAY_MS * 1000).headers == {
+        X_DELAY: PLUGIN_MAX_DELAY_MS
+    }
+    with pytest.raises(InvalidDelayError, match="delayed-message plugin can hold") as info:
+        route("plugin", NAMES, LIMITS, PLUGIN_MAX_DELAY_MS * 1000 + 1)
+    assert "RMQDELAY_BACKEND=levels" in str(info.value)
+
+
+@pytest.mark.parametrize("backend", ["levels", "plugin"])
+def test_both_backends_keep_the_configured_maximum(backend: str) -> None:
+    limits = DelayLimits(10, 20, 3_600_000_000)
+    with pytest.raises(InvalidDelayError, match="RMQDELAY_MAX_DELAY"):
+        route(backend, NAMES, limits, 3_600_000_001)  # type: ignore[arg-type]
+
+
+def test_plugin_topology_feeds_the_work_exchange_and_has_no_levels() -> None:
+    topology = build_topology(Layout("n", "quorum", 10, 35, backend="plugin"), ("d",))
+    exchanges = {x.name: x for x in topology.exchanges}
+    assert exchanges["n.delayed"].type == "x-delayed-message"
+    assert exchanges["n.delayed"].arguments == {"x-delayed-type": "fanout"}
+    assert exchanges["n.work"].arguments == {"alternate-exchange": "n.unroutable"}
+    assert not [q for q in topology.queues if ".level." in q.name]
+    assert "n.schedule" not in exchanges
+    [feed] = [b for b in topology.bindings if b.source == "n.delayed"]
+    assert (feed.destination, feed.destination_type) == ("n.work", "exchange")
+    assert {q.name for q in topology.queues} == {
+        "n.unroutable", "n.parked", "n.cancels", "n.work.d"
+    }  # fmt: skip
+
+
+def test_settings_route_follows_the_backend() -> None:
+    plugin = Settings(_env_file=None, namespace="s", backend="plugin")
+    assert plugin.layout.backend == "plugin"
+    assert plugin.route(1000).exchange == "s.delayed"
+    # auto stands for the levels until a client has asked the broker
+    auto = Settings(_env_file=None, namespace="s", backend="auto")
+    assert auto.layout.backend == "levels"
+    assert auto.route(timedelta(seconds=1) // timedelta(microseconds=1)).exchange == "s.schedule"
