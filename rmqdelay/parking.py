@@ -59,12 +59,24 @@ def _describe(message: AbstractIncomingMessage) -> ParkedTask:
     return ParkedTask(
         id=str(headers.get(TASK_ID) or message.message_id or "-"),
         destination=str(headers.get(PARKED_DESTINATION) or message.routing_key or "-"),
-        reason=str(headers.get(PARKED_REASON, "(no reason recorded)")),
+        reason=str(headers.get(PARKED_REASON) or _broker_reason(headers)),
         error=str(headers.get(PARKED_ERROR, "")),
         attempts=attempts if isinstance(attempts, int) else 0,
         parked_at=ms_to_datetime(at) if isinstance(at, int) else None,
         size=len(message.body),
     )
+
+
+def _broker_reason(headers: Mapping[str, Any]) -> str:
+    """Why the broker itself dead-lettered a message here (e.g. the work queues' delivery
+    limit after workers died holding it), from the headers it adds."""
+    why, queue = headers.get("x-first-death-reason"), headers.get("x-first-death-queue")
+    if why is None:
+        return "(no reason recorded)"
+    detail = (
+        " (delivered to workers that all died or gave it back)" if why == "delivery_limit" else ""
+    )
+    return f"dead-lettered by the broker from {queue}: {why}{detail}"
 
 
 class ParkingLot:
