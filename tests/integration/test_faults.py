@@ -78,11 +78,6 @@ def _kill_and_restart_broker() -> None:
 async def test_broker_killed_and_restarted_under_load_loses_no_confirmed_task(
     settings: Settings, destination: str
 ) -> None:
-    if os.environ.get("RMQDELAY_FAULT_KILL") != "1":
-        pytest.skip(
-            "opt-in (RMQDELAY_FAULT_KILL=1): on 3.10.8, in about 1 run in 7, tasks sitting in a "
-            "delay level when the broker is killed never arrive; under investigation (issue 4)"
-        )
     if reason := _local_broker_we_manage(settings.url):
         pytest.skip(reason)
     recorder, returned, refused = Recorder(), set[str](), 0
