@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+from rmqdelay.definitions import DEFAULT_DELIVERY_LIMIT, DefinitionOptions, render_definitions
 from rmqdelay.delays import parse_duration
 from rmqdelay.demo import run_demo
 from rmqdelay.errors import ConfigError, RmqDelayError
@@ -24,7 +25,9 @@ from rmqdelay.logs import configure_logging
 from rmqdelay.parking import ParkingLot
 from rmqdelay.scheduler import Scheduler
 from rmqdelay.settings import Settings
+from rmqdelay.status import collect, render
 from rmqdelay.task import Handler
+from rmqdelay.topology import build_topology
 from rmqdelay.webhook import WebhookHandler
 from rmqdelay.worker import Worker
 
@@ -108,6 +111,42 @@ def build_parser() -> argparse.ArgumentParser:
     purge = actions.add_parser("purge", help="delete every parked task")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
+    definitions = commands.add_parser(
+        "definitions",
+        help="print RabbitMQ definitions (JSON) for ops to import; needs no broker",
+        description="Render the topology these settings declare as RabbitMQ definitions, for "
+        "rabbitmqctl import_definitions, the management API or load_definitions.",
+    )
+    definitions.add_argument("destinations", nargs="*", help="also render these work queues")
+    definitions.add_argument("--namespace", default=argparse.SUPPRESS, help="object name prefix")
+    definitions.add_argument("--vhost", default="/", help="virtual host (default: /)")
+    definitions.add_argument("--queue-type", choices=["quorum", "classic"])
+    definitions.add_argument("--resolution-ms", type=int, help="delay unit in milliseconds")
+    definitions.add_argument("--max-delay", help="longest delay, e.g. 3653d or 30d")
+    definitions.add_argument("--backend", choices=["levels", "plugin"])
+    definitions.add_argument(
+        "--user", help="grant this existing user access to the namespace's objects (no password)"
+    )
+    definitions.add_argument(
+        "--policies", action="store_true", help="include the recommended policies"
+    )
+    definitions.add_argument(
+        "--delivery-limit",
+        type=int,
+        default=DEFAULT_DELIVERY_LIMIT,
+        help="deliveries of one task before its work queue parks it (policy; quorum only)",
+    )
+    definitions.add_argument("-o", "--output", metavar="FILE", help="write here, not stdout")
+
+    status = commands.add_parser(
+        "status", help="what is pending: levels, destinations, parking lot, cancels"
+    )
+    status.add_argument("destinations", nargs="*", help="destinations to show (default: all)")
+    status.add_argument("--json", action="store_true", help="one JSON document")
+    status.add_argument(
+        "--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until interrupted"
+    )
+
     commands.add_parser("demo", help="a short live run: schedule, execute, show lateness")
     return parser
 
@@ -128,6 +167,10 @@ def _settings(args: argparse.Namespace) -> Settings:
     fields = (
         "url",
         "namespace",
+        "queue_type",
+        "resolution_ms",
+        "max_delay",
+        "backend",
         "max_attempts",
         "backoff_base",
         "backoff_cap",
@@ -281,6 +324,49 @@ async def _purge(lot: ParkingLot, args: argparse.Namespace) -> int:
     return RET_OK
 
 
+def _definitions(args: argparse.Namespace, settings: Settings) -> int:
+    if args.delivery_limit < 1:
+        raise ConfigError(f"--delivery-limit must be at least 1, got {args.delivery_limit}")
+    layout = settings.layout
+    destinations = tuple(settings.names.check_destination(d) for d in args.destinations)
+    options = DefinitionOptions(
+        vhost=args.vhost,
+        user=args.user,
+        policies=args.policies,
+        delivery_limit=args.delivery_limit,
+    )
+    text = json.dumps(
+        render_definitions(layout, build_topology(layout, destinations), options), indent=2
+    )
+    if args.output:
+        try:
+            with open(args.output, "w", encoding="utf-8") as out:
+                out.write(text + "\n")
+        except OSError as e:
+            raise ConfigError(f"cannot write definitions to {args.output!r}: {e}") from e
+    else:
+        print(text)
+    return RET_OK
+
+
+async def _status(args: argparse.Namespace, settings: Settings) -> int:
+    for destination in args.destinations:
+        settings.names.check_destination(destination)
+    if args.watch is not None and args.watch <= 0:
+        raise ConfigError(f"--watch must be a positive number of seconds, got {args.watch}")
+    while True:
+        status = await collect(settings, args.destinations)
+        if args.json:
+            print(json.dumps(status.as_json()), flush=True)
+        else:
+            if args.watch is not None and sys.stdout.isatty():
+                print("\x1b[H\x1b[2J", end="")  # clear the screen between refreshes
+            print(render(status), flush=True)
+        if args.watch is None:
+            return RET_OK
+        await asyncio.sleep(args.watch)
+
+
 async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     return await run_demo(settings)
 
@@ -291,6 +377,7 @@ _COMMANDS = {
     "cancel": _cancel,
     "declare": _declare,
     "parked": _parked,
+    "status": _status,
     "demo": _demo,
 }
 
@@ -301,6 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format)
     try:
         settings = _settings(args)
+        if args.command == "definitions":  # no broker, no event loop
+            return _definitions(args, settings)
         return asyncio.run(_COMMANDS[args.command](args, settings))
     except RmqDelayError as e:
         print(f"rmqdelay: error: {e}", file=sys.stderr)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import aio_pika
@@ -50,7 +52,20 @@ _FINAL = (AuthenticationError, ProbableAuthenticationError, ConnectionNotAllowed
 
 
 def _retryable(error: BaseException) -> bool:
-    return isinstance(error, CONNECTION_EXCEPTIONS) and not isinstance(error, _FINAL)
+    # A certificate the client refuses (or that the broker refuses) stays refused.
+    final = (*_FINAL, ssl.SSLError)
+    return isinstance(error, CONNECTION_EXCEPTIONS) and not isinstance(error, final)
+
+
+def _hint(settings: Settings, error: BaseException) -> str:
+    if isinstance(error, _FINAL):
+        return "check the credentials and vhost in RMQDELAY_URL"
+    if urlsplit(settings.url).scheme == "amqps":
+        return (
+            "check the broker's TLS port and certificate, and RMQDELAY_TLS_CA_FILE / "
+            "RMQDELAY_TLS_CERT_FILE / RMQDELAY_TLS_KEY_FILE"
+        )
+    return "is the broker running? (scripts/broker starts one)"
 
 
 def _log_retry(settings: Settings) -> object:
@@ -79,6 +94,12 @@ class BackoffRobustConnection(aio_pika.RobustConnection):
     """aio-pika's robust connection, waiting longer between attempts as an outage lasts."""
 
     _lost_at: float | None = None
+    _closing = False
+
+    async def close(self, exc: Any = asyncio.CancelledError) -> None:
+        """Close for good (the close callbacks then must not report a lost connection)."""
+        self._closing = True
+        await super().close(exc)
 
     @property
     def reconnect_interval(self) -> float:
@@ -97,7 +118,7 @@ class BackoffRobustConnection(aio_pika.RobustConnection):
         def lost(*_: object) -> None:
             # aio-pika calls this on the drop and again on every failed attempt after it;
             # is_closed means a close we asked for.
-            if not self.is_closed and self._lost_at is None:
+            if not (self.is_closed or self._closing) and self._lost_at is None:
                 self._lost_at = time.monotonic()
                 log.warning("connection to %s lost; reconnecting with backoff", settings.safe_url)
 
@@ -155,12 +176,8 @@ async def connect(settings: Settings) -> AbstractRobustConnection:
                 connection.watch(settings)
                 return connection
     except CONNECTION_EXCEPTIONS as e:
-        hint = (
-            "check the credentials and vhost in RMQDELAY_URL"
-            if isinstance(e, _FINAL)
-            else "is the broker running? (scripts/broker starts one)"
-        )
         raise BrokerUnavailableError(
-            f"cannot connect to RabbitMQ at {settings.safe_url}: {e or type(e).__name__}; {hint}"
+            f"cannot connect to RabbitMQ at {settings.safe_url}: {e or type(e).__name__}; "
+            f"{_hint(settings, e)}"
         ) from e
     raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover

@@ -18,6 +18,7 @@ from aiormq.exceptions import (
 )
 
 from rmqdelay.connection import connect_once
+from rmqdelay.delays import delay_to_us, describe_us
 from rmqdelay.errors import BrokerError, TopologyMismatchError
 from rmqdelay.settings import Settings
 from rmqdelay.topology import ExchangeSpec, QueueSpec, Topology, build_topology
@@ -138,9 +139,10 @@ def _expected(settings: Settings) -> str:
     return (
         f"the broker's topology does not match namespace {settings.namespace!r}, "
         f"{settings.backend} backend, {settings.queue_type} queues, resolution "
-        f"{settings.resolution_ms} ms and max delay {settings.max_delay} ({settings.levels} "
-        "levels). Import definitions rendered with the same settings ('rmqdelay definitions "
-        "...'), or set RMQDELAY_DECLARE=true to declare them, or fix these settings"
+        f"{settings.resolution_ms} ms and max delay "
+        f"{describe_us(delay_to_us(settings.max_delay))} ({settings.levels} levels). Import "
+        "definitions rendered with the same settings ('rmqdelay definitions ...'), or set "
+        "RMQDELAY_DECLARE=true to declare them, or fix these settings"
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import logging
 from concurrent.futures import Executor
 from typing import Any, cast
 
@@ -46,3 +47,15 @@ async def call_handler(handler: Handler, task: Task, executor: Executor) -> None
         result = await asyncio.get_running_loop().run_in_executor(executor, handler, task)
     if inspect.isawaitable(result):
         await result
+
+
+def log_task(task: Task) -> None:
+    """A handler that only logs each task: for trying a worker out (docker-compose.yml)."""
+    logging.getLogger("rmqdelay.handler").info(
+        "task %s for %s (attempt %d, due %s): %r",
+        task.id,
+        task.destination,
+        task.attempt,
+        task.due_at.isoformat(),
+        task.payload,
+    )

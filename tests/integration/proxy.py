@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from urllib.parse import urlsplit, urlunsplit
 
 
 class Proxy:
     """Forwards 127.0.0.1:<port> to the broker; ``cut()`` drops every open connection."""
 
-    def __init__(self, broker_url: str) -> None:
+    def __init__(self, broker_url: str, *, tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: terminate TLS with this server context (clients then use amqps://)."""
         parts = urlsplit(broker_url)
+        self._tls = tls
         self._target = (parts.hostname or "localhost", parts.port or 5672)
         self._url = parts
         self._server: asyncio.Server | None = None
@@ -19,7 +22,7 @@ class Proxy:
         self.connections = 0
 
     async def __aenter__(self) -> Proxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self._tls)
         self._port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -33,7 +36,7 @@ class Proxy:
     async def up(self) -> None:
         """Accept connections again, on the same port."""
         self._server = await asyncio.start_server(
-            self._handle, "127.0.0.1", self._port, reuse_address=True
+            self._handle, "127.0.0.1", self._port, reuse_address=True, ssl=self._tls
         )
 
     async def __aexit__(self, *exc: object) -> None:
@@ -48,7 +51,8 @@ class Proxy:
         port = self._port
         creds = self._url.netloc.rpartition("@")[0]
         netloc = f"{creds}@127.0.0.1:{port}" if creds else f"127.0.0.1:{port}"
-        return urlunsplit(self._url._replace(netloc=netloc))
+        scheme = "amqps" if self._tls else self._url.scheme
+        return urlunsplit(self._url._replace(netloc=netloc, scheme=scheme))
 
     def cut(self) -> None:
         """Abort every connection through the proxy, as a network failure would."""
