@@ -29,7 +29,7 @@ from rmqdelay.delays import (
 from rmqdelay.errors import ConfigError, InvalidDelayError
 from rmqdelay.names import Names
 from rmqdelay.retry import RetryPolicy
-from rmqdelay.routes import Route, route
+from rmqdelay.routes import Backend, Route, route
 from rmqdelay.topology import Layout
 
 ENV_PREFIX = "RMQDELAY_"
@@ -227,9 +227,7 @@ class Settings(BaseSettings):
             self.resolution_ms,
             self.levels,
             math.ceil(self.retention.total_seconds()),
-            # "auto" is resolved when a client connects (plugin.resolve_backend); until then
-            # it stands for the levels, which every broker has.
-            "plugin" if self.backend == "plugin" else "levels",
+            self.delay_backend,
         )
 
     @property
@@ -240,7 +238,14 @@ class Settings(BaseSettings):
     def route(self, wait_us: int) -> Route:
         """How to publish a task due ``wait_us`` from now on this backend (refusing what it
         cannot hold)."""
-        return route(self.layout.backend, self.names, self.limits, wait_us)
+        return route(self.delay_backend, self.names, self.limits, wait_us)
+
+    @property
+    def delay_backend(self) -> Backend:
+        """The backend tasks go through. ``auto`` is resolved when a client connects
+        (``declare.resolve_backend``); until then it stands for the levels, which every
+        broker has."""
+        return "plugin" if self.backend == "plugin" else "levels"
 
     @property
     def names(self) -> Names:

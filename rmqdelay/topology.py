@@ -11,10 +11,10 @@ from typing import Literal, TypeAlias
 
 from rmqdelay.delays import level_ttl_ms
 from rmqdelay.names import Names
+from rmqdelay.routes import Backend
 from rmqdelay.wire import DELIVER, ROUTE_IN, route_header
 
 QueueType: TypeAlias = Literal["quorum", "classic"]
-Backend: TypeAlias = Literal["levels", "plugin"]
 ExchangeType: TypeAlias = Literal["direct", "fanout", "headers", "x-delayed-message"]
 ArgValue: TypeAlias = str | int
 Arguments: TypeAlias = dict[str, ArgValue]
