@@ -94,3 +94,12 @@ def test_the_worker_image_is_built_from_this_package() -> None:
     assert set(sources) == {"pyproject.toml", "README.md", "rmqdelay"}
     assert all((ROOT / s).exists() for s in sources)
     assert "pip install --no-cache-dir /src" in build["dockerfile_inline"]
+
+
+def test_the_broker_gets_the_advanced_config_scripts_broker_uses() -> None:
+    configs = {c["source"]: c["target"] for c in SERVICES["rabbitmq"]["configs"]}
+    assert configs["advanced-config"] == "/etc/rabbitmq/advanced.config"
+    source = ROOT / COMPOSE["configs"]["advanced-config"]["file"]
+    assert source == ROOT / "scripts" / "advanced.config"
+    assert "{dead_letter_worker_publisher_confirm_timeout, 10000}" in source.read_text()
+    assert source.name in (ROOT / "scripts" / "broker").read_text()
