@@ -36,6 +36,32 @@ def _mismatch(kind: str, name: str, arguments: Any, error: Exception) -> BrokerE
     )
 
 
+Spec = ExchangeSpec | QueueSpec
+
+
+def _objects(topology: Topology) -> list[Spec]:
+    return [*topology.exchanges, *topology.queues]
+
+
+def _kind(spec: Spec) -> str:
+    return "exchange" if isinstance(spec, ExchangeSpec) else "queue"
+
+
+async def _declare(raw: aiormq.abc.AbstractChannel, spec: Spec, *, passive: bool = False) -> None:
+    """Declare one exchange or queue as ``spec`` says (``passive``: only that it exists)."""
+    if isinstance(spec, ExchangeSpec):
+        if passive:
+            await raw.exchange_declare(spec.name, passive=True)
+        else:
+            await raw.exchange_declare(
+                spec.name, exchange_type=spec.type, durable=True, arguments=dict(spec.arguments)
+            )
+    elif passive:
+        await raw.queue_declare(spec.name, passive=True)
+    else:
+        await raw.queue_declare(spec.name, durable=True, arguments=dict(spec.arguments))
+
+
 async def declare_topology(channel: AbstractChannel, topology: Topology) -> None:
     """Declare every exchange, queue and binding of ``topology`` (idempotent).
 
@@ -44,18 +70,11 @@ async def declare_topology(channel: AbstractChannel, topology: Topology) -> None
             channel on this; open a new one to go on.
     """
     raw = await channel.get_underlay_channel()
-    for x in topology.exchanges:
+    for spec in _objects(topology):
         try:
-            await raw.exchange_declare(
-                x.name, exchange_type=x.type, durable=True, arguments=dict(x.arguments)
-            )
+            await _declare(raw, spec)
         except (ChannelPreconditionFailed, ChannelAccessRefused) as e:
-            raise _mismatch("exchange", x.name, x.arguments, e) from e
-    for q in topology.queues:
-        try:
-            await raw.queue_declare(q.name, durable=True, arguments=dict(q.arguments))
-        except (ChannelPreconditionFailed, ChannelAccessRefused) as e:
-            raise _mismatch("queue", q.name, q.arguments, e) from e
+            raise _mismatch(_kind(spec), spec.name, spec.arguments, e) from e
     for b in topology.bindings:
         if b.destination_type == "queue":
             await raw.queue_bind(
@@ -96,40 +115,29 @@ async def verify_topology(settings: Settings, topology: Topology) -> None:
     async with connection:
         raw: aiormq.abc.AbstractChannel = await (await connection.channel()).get_underlay_channel()
         can_compare = True
-        objects: list[ExchangeSpec | QueueSpec] = [*topology.exchanges, *topology.queues]
-        for spec in objects:
-            name = spec.name
-            kind = "exchange" if isinstance(spec, ExchangeSpec) else "queue"
+        for spec in _objects(topology):
             try:
-                if isinstance(spec, ExchangeSpec):
-                    await raw.exchange_declare(name, passive=True)
-                else:
-                    await raw.queue_declare(name, passive=True)
+                await _declare(raw, spec, passive=True)
             except ChannelNotFoundEntity as e:
                 raise TopologyMismatchError(
-                    f"{kind} {name!r} does not exist, and RMQDELAY_DECLARE is false: "
-                    f"{_expected(settings)}"
+                    f"{_kind(spec)} {spec.name!r} does not exist, and RMQDELAY_DECLARE is "
+                    f"false: {_expected(settings)}"
                 ) from e
             if not can_compare:
                 continue
             try:
-                if isinstance(spec, ExchangeSpec):
-                    await raw.exchange_declare(
-                        name, exchange_type=spec.type, durable=True, arguments=dict(spec.arguments)
-                    )
-                else:
-                    await raw.queue_declare(name, durable=True, arguments=dict(spec.arguments))
+                await _declare(raw, spec)
             except ChannelPreconditionFailed as e:
                 raise TopologyMismatchError(
-                    f"{kind} {name!r} exists with other arguments than these settings expect "
-                    f"({spec.arguments}); broker said: {e}. {_expected(settings)}"
+                    f"{_kind(spec)} {spec.name!r} exists with other arguments than these "
+                    f"settings expect ({spec.arguments}); broker said: {e}. {_expected(settings)}"
                 ) from e
             except ChannelAccessRefused:
                 can_compare = False
                 log.warning(
                     "no configure permission on %r: checking that the topology exists, not "
                     "its arguments",
-                    name,
+                    spec.name,
                 )
             if raw.is_closed:
                 raw = await (await connection.channel()).get_underlay_channel()
@@ -170,15 +178,7 @@ async def resolve_backend(settings: Settings) -> Settings:
     async with connection:
         raw = await (await connection.channel()).get_underlay_channel()
         try:
-            if settings.declare:
-                await raw.exchange_declare(
-                    exchange.name,
-                    exchange_type=exchange.type,
-                    durable=True,
-                    arguments=dict(exchange.arguments),
-                )
-            else:
-                await raw.exchange_declare(exchange.name, passive=True)
+            await _declare(raw, exchange, passive=not settings.declare)
         except (ConnectionCommandInvalid, ChannelPreconditionFailed, ChannelNotFoundEntity) as e:
             # 503 (up to 3.13.2) or 406 (later): unknown exchange type; 404: not imported.
             log.info("backend auto: levels (no delayed-message plugin exchange: %s)", e)

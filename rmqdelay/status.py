@@ -151,8 +151,9 @@ async def _plugin_exchange_exists(settings: Settings) -> bool:
 async def collect(settings: Settings, destinations: list[str]) -> Status:
     """A snapshot of ``settings``' namespace (all destinations, or those named)."""
     names = settings.names
-    plugin = await _plugin_exchange_exists(settings)
-    backend = {"auto": "plugin" if plugin else "levels"}.get(settings.backend, settings.backend)
+    backend = settings.backend
+    if backend == "auto":  # as a client would resolve it, but without declaring anything
+        backend = "plugin" if await _plugin_exchange_exists(settings) else "levels"
     levels = [] if backend == "plugin" else [names.level_queue(k) for k in range(settings.levels)]
     fixed = [*levels, names.parked, names.unroutable, names.cancels]
     counts = await _from_management(settings)

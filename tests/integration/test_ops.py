@@ -35,6 +35,7 @@ from rmqdelay import (
 from rmqdelay.cli import main
 from rmqdelay.declare import apply_topology, resolve_backend
 from rmqdelay.status import management_url
+from rmqdelay.topology import build_topology
 
 from .conftest import make_settings
 from .helpers import Recorder, depth, running_worker, subprocess_env
@@ -207,8 +208,6 @@ async def test_a_restricted_user_is_limited_to_its_namespace(
 @pytest.fixture
 async def small(broker_url: str) -> AsyncIterator[Settings]:
     """A namespace of the test's own (1 h max delay: 19 levels), deleted afterwards."""
-    from rmqdelay.topology import build_topology
-
     settings = make_settings(broker_url, max_delay="1h")
     yield settings
     await apply_topology(settings, build_topology(settings.layout, ("a", "b")), delete=True)
@@ -336,8 +335,6 @@ async def test_backend_auto_falls_back_to_levels_without_breaking_the_connection
 @pytest.fixture
 async def plugin(broker_url: str) -> AsyncIterator[Settings]:
     """Settings for the plugin backend, or a skip when the broker lacks it."""
-    from rmqdelay.topology import build_topology
-
     settings = make_settings(broker_url, backend="plugin")
     if (await resolve_backend(settings.model_copy(update={"backend": "auto"}))).backend != "plugin":
         await apply_topology(settings, build_topology(settings.layout), delete=True)
