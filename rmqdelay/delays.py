@@ -36,16 +36,24 @@ def parse_duration(text: str) -> timedelta:
     """Parse ``250ms``, ``90s``, ``30m``, ``2h``, ``3d``, ``1w`` or a sum like ``1h30m``.
 
     A bare number is refused rather than guessed at: ``30`` could mean seconds or minutes.
+    So is a sum whose units do not go from largest to smallest, each at most once:
+    ``10ms5s`` is far likelier a typo than 5.01 seconds.
     """
     compact = text.strip().replace(" ", "")
     if not compact:
         raise InvalidDelayError("empty duration; write it with a unit, e.g. 250ms, 90s, 30m, 2h")
-    pos, total_us = 0, Decimal(0)
+    pos, total_us, last_unit_us = 0, Decimal(0), None
     for match in _PART.finditer(compact):
         if match.start() != pos:
             break
-        total_us += Decimal(match.group(1)) * _UNIT_US[match.group(2)]
-        pos = match.end()
+        unit_us = _UNIT_US[match.group(2)]
+        if last_unit_us is not None and unit_us >= last_unit_us:
+            raise InvalidDelayError(
+                f"cannot read duration {text!r}: units must go from largest to smallest, each "
+                f"once (e.g. 1h30m, 5s10ms); {match.group(2)!r} comes after a smaller or equal one"
+            )
+        total_us += Decimal(match.group(1)) * unit_us
+        pos, last_unit_us = match.end(), unit_us
     if pos != len(compact):
         raise InvalidDelayError(
             f"cannot read duration {text!r}; use a number with a unit (us, ms, s, m, h, d, w), "
@@ -125,14 +133,33 @@ class DelayLimits:
         return hop_plan(self.units(delay_us))
 
 
+#: Units for describing a duration, largest first (weeks are left out: ``3653d`` reads
+#: better than ``521w6d``).
+_DESCRIBE_UNITS = (("d", 86_400_000_000), ("h", 3_600_000_000), ("m", 60_000_000), ("s", 1_000_000))
+
+
 def describe_us(us: int) -> str:
-    """A short human form of a duration, for messages: ``1d2h``, ``250ms``, ``12.5s``."""
-    if us % 86_400_000_000 == 0 and us:
-        return f"{us // 86_400_000_000}d"
-    if us % 3_600_000_000 == 0 and us:
-        return f"{us // 3_600_000_000}h"
-    if us % 1_000_000 == 0:
-        return f"{us // 1_000_000}s"
-    if us % 1_000 == 0:
-        return f"{us // 1_000}ms"
-    return f"{us}us"
+    """A short human form of a duration, for messages, in the syntax ``parse_duration``
+    reads: ``3653d``, ``1h30m``, ``250ms``, ``26335d5h31m46.776s``.
+
+    Whole days, hours, minutes, then seconds with up to millisecond precision (rounded up,
+    so a limit is never understated); microseconds only below a millisecond.
+    """
+    if us < 0:
+        return "-" + describe_us(-us)
+    if us == 0:
+        return "0s"
+    if us < 1_000:
+        return f"{us}us"
+    if us < 1_000_000:
+        return f"{us // 1_000}ms" if us % 1_000 == 0 else f"{us / 1_000:.3f}".rstrip("0") + "ms"
+    ms = -(-us // 1_000)
+    parts, rest = [], ms * 1_000
+    for unit, size in _DESCRIBE_UNITS[:-1]:
+        if rest >= size:
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    if rest:
+        seconds, millis = divmod(rest // 1_000, 1_000)
+        parts.append(f"{seconds}.{millis:03d}".rstrip("0").rstrip(".") + "s")
+    return "".join(parts)

@@ -5,12 +5,18 @@ Other languages publish to these names, so they are part of the wire contract (R
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from rmqdelay.errors import InvalidDestinationError
 
 #: Routing-key / queue-name limit of AMQP 0-9-1 (a shortstr), in UTF-8 bytes.
 MAX_NAME_BYTES = 255
+#: Characters a destination may hold: the AMQP 0-9-1 spec's domain for queue names. Other
+#: clients refuse the rest (pamqp, under aio-pika, raises on ``café`` or ``a*b``), ops tools
+#: put names in URLs and regular expressions, and ``*``/``#`` are topic wildcards.
+DESTINATION_CHARS = "letters A-Z a-z, digits, '-', '_', '.' and ':'"
+_DESTINATION = re.compile(r"[A-Za-z0-9_.:-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,15 +78,17 @@ class Names:
             raise InvalidDestinationError(
                 f"destination must be a non-empty string, got {destination!r}"
             )
-        if any(ord(c) < 32 or ord(c) == 127 for c in destination):
-            raise InvalidDestinationError(
-                f"destination {destination!r} contains a control character"
-            )
         size, limit = len(destination.encode()), self.max_destination_bytes
         if size > limit:
             raise InvalidDestinationError(
                 f"destination {destination[:40]!r}... is {size} bytes long; with namespace "
                 f"{self.namespace!r} the limit is {limit} bytes (AMQP names are at most "
                 f"{MAX_NAME_BYTES})"
+            )
+        if not _DESTINATION.fullmatch(destination):
+            bad = sorted({c for c in destination if not _DESTINATION.fullmatch(c)})
+            raise InvalidDestinationError(
+                f"destination {destination!r} contains {', '.join(map(repr, bad))}: a destination "
+                f"names a queue and may hold only {DESTINATION_CHARS} (AMQP 0-9-1 names)"
             )
         return destination

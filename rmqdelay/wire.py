@@ -27,6 +27,9 @@ MARKER = "rmqdelay-marker"
 MAX_KEY_BYTES = 255
 MAX_KEYS = 32
 ROUTE_IN = "rmqdelay-route-in"
+#: A task published more than this after its due time was scheduled in the past (``at=``
+#: long gone): the scheduler warns, and workers count it apart from the lateness figures.
+PAST_DUE_TOLERANCE_MS = 1000
 #: Route value meaning "on to the work exchange" (any other value is a level number).
 DELIVER = "work"
 JSON = "application/json"
@@ -71,21 +74,31 @@ def task_headers(
     }
 
 
-def check_key(key: object) -> str:
-    """Return ``key`` if it can be a cancel key, else say why not."""
+def check_key(key: object, what: str = "a cancel key") -> str:
+    """Return ``key`` if it can be a cancel key (or, ``what`` says, a task id), else say why.
+
+    Keys are header values, not names: any Unicode text of 1 to MAX_KEY_BYTES UTF-8 bytes.
+    """
     if not isinstance(key, str) or not key:
-        raise InvalidKeyError(f"a cancel key must be a non-empty string, got {key!r}")
-    if len(key.encode()) > MAX_KEY_BYTES:
+        raise InvalidKeyError(f"{what} must be a non-empty string, got {key!r}")
+    size = len(key.encode("utf-8", "surrogatepass"))
+    if size > MAX_KEY_BYTES:
         raise InvalidKeyError(
-            f"cancel key {key[:40]!r}... is {len(key.encode())} bytes; the limit is {MAX_KEY_BYTES}"
+            f"{what} {key[:40]!r}... is {size} bytes; the limit is {MAX_KEY_BYTES}"
         )
+    try:
+        key.encode()
+    except UnicodeEncodeError as e:
+        raise InvalidKeyError(f"{what} {key[:40]!r} is not valid Unicode text ({e.reason})") from e
     return key
 
 
 def check_keys(keys: object) -> tuple[str, ...]:
     """Validate a task's cancel keys (a list or tuple of strings, not one bare string)."""
     if isinstance(keys, str | bytes) or not isinstance(keys, list | tuple | set | frozenset):
-        raise InvalidKeyError(f"keys must be a list of strings, got {keys!r}")
+        raise InvalidKeyError(
+            f"keys must be a list of strings, got {type(keys).__name__} ({_short(keys)})"
+        )
     if len(keys) > MAX_KEYS:
         raise InvalidKeyError(f"a task may have at most {MAX_KEYS} keys, got {len(keys)}")
     return tuple(dict.fromkeys(check_key(k) for k in keys))
@@ -125,7 +138,30 @@ def encode_payload(payload: Any, content_type: str | None) -> tuple[bytes, str]:
         body = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as e:
         raise InvalidPayloadError(f"payload is not JSON-serialisable: {e}") from e
-    return body.encode(), JSON
+    except RecursionError as e:
+        raise InvalidPayloadError(
+            "payload is nested too deeply to encode as JSON (or contains itself); flatten it"
+        ) from e
+    try:
+        return body.encode(), JSON
+    except UnicodeEncodeError as e:
+        raise InvalidPayloadError(f"payload holds text that is not valid Unicode: {e}") from e
+
+
+def check_size(body: bytes, limit: int) -> None:
+    """Refuse a body the broker would refuse: RabbitMQ compares the body alone with its
+    ``max_message_size``, and refuses by closing the publishing channel."""
+    if len(body) > limit:
+        raise InvalidPayloadError(
+            f"payload of {len(body)} bytes is over the maximum message size of {limit} bytes "
+            "(RMQDELAY_MAX_MESSAGE_SIZE, which should match the broker's max_message_size); "
+            "store large data elsewhere and schedule a reference to it"
+        )
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def ms_to_datetime(ms: int) -> datetime:
@@ -174,6 +210,8 @@ def decode_task(
             payload = json.loads(body)
         except ValueError as e:
             raise MessageDecodeError(f"body is not valid JSON: {e}") from e
+        except RecursionError as e:
+            raise MessageDecodeError("body is JSON nested too deeply to decode") from e
     attempt = _int_header(headers, ATTEMPT, 1)
     if attempt < 1:
         raise MessageDecodeError(f"header {ATTEMPT!r} must be >= 1, got {attempt}")

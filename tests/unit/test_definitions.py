@@ -152,7 +152,8 @@ def test_policies_are_optional_and_limit_deliveries_of_work_queues(
         (["--resolution-ms", "0"], "RMQDELAY_RESOLUTION_MS"),
         (["--delivery-limit", "0"], "--delivery-limit must be at least 1, got 0"),
         (["--namespace", "bad name"], "RMQDELAY_NAMESPACE"),
-        (["bad\ndestination"], "control character"),
+        (["bad\ndestination"], "contains '\\n'"),
+        (["café"], "may hold only letters"),
         (["-o", "/nonexistent-dir/defs.json"], "cannot write definitions to"),
     ],
 )

@@ -143,7 +143,7 @@ def test_level_ttls_double() -> None:
 def test_limits_refuse_delays_over_the_maximum_and_name_both() -> None:
     limits = DelayLimits(resolution_ms=10, levels=3, max_delay_us=70_000)
     assert limits.units(70_000) == 7
-    with pytest.raises(InvalidDelayError, match=r"70001us exceeds the maximum of 70ms"):
+    with pytest.raises(InvalidDelayError, match=r"70\.001ms exceeds the maximum of 70ms"):
         limits.units(70_001)
 
 
@@ -156,7 +156,27 @@ def test_limits_refuse_delays_over_the_maximum_and_name_both() -> None:
         (3_000_000, "3s"),
         (7_200_000_000, "2h"),
         (86_400_000_000 * 2, "2d"),
+        (1_500, "1.5ms"),
+        (5_400_000_000, "1h30m"),
+        (3653 * 86_400_000_000, "3653d"),
+        # Retry(delay=1e12)-sized: human units, never 2275442306775524us.
+        (2_275_442_306_775_524, "26336d3h18m26.776s"),
     ],
 )
 def test_describe_us(us: int, text: str) -> None:
     assert describe_us(us) == text
+
+
+@pytest.mark.parametrize("us", [1_000, 1_001_000, 59_999_000, 86_399_999_000, 10**15 + 7_000])
+def test_describe_us_reads_back_exactly_at_millisecond_precision(us: int) -> None:
+    assert parse_duration(describe_us(us)) == timedelta(microseconds=us)
+
+
+def test_describe_us_never_understates() -> None:
+    assert parse_duration(describe_us(1_000_001)) >= timedelta(microseconds=1_000_001)
+
+
+@pytest.mark.parametrize("text", ["10ms5s", "1h1h", "5s1h", "30m2h"])
+def test_parse_duration_refuses_units_out_of_order(text: str) -> None:
+    with pytest.raises(InvalidDelayError, match="largest to smallest"):
+        parse_duration(text)
