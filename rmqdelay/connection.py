@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractRobustConnection
@@ -16,6 +17,7 @@ from aiormq.exceptions import (
     AuthenticationError,
     ChannelInvalidStateError,
     ConnectionNotAllowed,
+    InvalidFrameError,
     ProbableAuthenticationError,
 )
 from tenacity import (
@@ -47,14 +49,24 @@ PUBLISH_RETRYABLE: tuple[type[BaseException], ...] = (
 #: Reconnect waits: the first after a drop, and the longest however long the outage lasts.
 RECONNECT_FIRST_S = 0.5
 RECONNECT_MAX_S = 10.0
+#: What a failed first connect may raise (InvalidFrameError: an unknown vhost).
+_CONNECT_FAILURES: tuple[type[BaseException], ...] = (*CONNECTION_EXCEPTIONS, InvalidFrameError)
 #: Failures no retry will fix: wrong credentials, unknown vhost, no permission.
 _FINAL = (AuthenticationError, ProbableAuthenticationError, ConnectionNotAllowed)
+#: How long one connection attempt may take, TCP and AMQP handshake together.
+ATTEMPT_TIMEOUT_S = 10.0
 
 
 def _retryable(error: BaseException) -> bool:
     # A certificate the client refuses (or that the broker refuses) stays refused.
     final = (*_FINAL, ssl.SSLError)
     return isinstance(error, CONNECTION_EXCEPTIONS) and not isinstance(error, final)
+
+
+def _closed_on_open(error: BaseException) -> bool:
+    """RabbitMQ answers connection.open for a vhost that does not exist, or that the user
+    may not use, with connection.close (530); aiormq reports that as an unexpected frame."""
+    return isinstance(error, InvalidFrameError) and "Connection.Close" in str(error)
 
 
 def _hint(settings: Settings, error: BaseException) -> str:
@@ -66,6 +78,37 @@ def _hint(settings: Settings, error: BaseException) -> str:
             "RMQDELAY_TLS_CERT_FILE / RMQDELAY_TLS_KEY_FILE"
         )
     return "is the broker running? (scripts/broker starts one)"
+
+
+def _tcp_answers(settings: Settings) -> bool:
+    parts = urlsplit(settings.url)
+    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    try:
+        socket.create_connection((parts.hostname or "localhost", port), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+async def unavailable(settings: Settings, error: BaseException) -> BrokerUnavailableError:
+    """One line saying why no connection could be made, and what to do about it."""
+    where = f"RabbitMQ at {settings.safe_url}"
+    if _closed_on_open(error):
+        vhost = unquote(urlsplit(settings.url).path[1:] or "/")
+        user = unquote(urlsplit(settings.url).username or "guest")
+        return BrokerUnavailableError(
+            f"{where} refused to open vhost {vhost!r}: it does not exist, or user {user!r} has "
+            f"no permissions on it (rabbitmqctl add_vhost / set_permissions -p {vhost!r})"
+        )
+    if isinstance(error, TimeoutError) and await asyncio.to_thread(_tcp_answers, settings):
+        return BrokerUnavailableError(
+            f"{where} accepted the TCP connection but did not complete the AMQP handshake in "
+            f"time. Likely causes: the broker ran out of file handles (see its log and "
+            "/proc/<pid>/limits; README 'For operators'), is overloaded or still starting, or "
+            "the port is not AMQP (an amqps:// port with amqp://, or a proxy)"
+        )
+    reason = str(error) or type(error).__name__
+    return BrokerUnavailableError(f"cannot connect to {where}: {reason}; {_hint(settings, error)}")
 
 
 def _log_retry(settings: Settings) -> object:
@@ -144,9 +187,23 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+def _attempt_timeout(settings: Settings) -> float:
+    return min(ATTEMPT_TIMEOUT_S, settings.connect_timeout.total_seconds())
+
+
 async def connect_once(settings: Settings) -> AbstractConnection:
-    """One plain (non-reconnecting) connection, TLS settings applied. Errors are aiormq's."""
-    return await aio_pika.connect(settings.url, timeout=10, ssl_context=tls_context(settings))
+    """One plain (non-reconnecting) connection, TLS settings applied.
+
+    Raises:
+        BrokerUnavailableError: for an unknown vhost (a refusal aiormq reports oddly);
+            other errors are aiormq's, for callers that retry.
+    """
+    try:
+        return await aio_pika.connect(
+            settings.url, timeout=_attempt_timeout(settings), ssl_context=tls_context(settings)
+        )
+    except InvalidFrameError as e:
+        raise await unavailable(settings, e) from e
 
 
 async def connect(settings: Settings) -> AbstractRobustConnection:
@@ -168,16 +225,13 @@ async def connect(settings: Settings) -> AbstractRobustConnection:
             with attempt:
                 connection = await aio_pika.connect_robust(
                     settings.url,
-                    timeout=10,
+                    timeout=_attempt_timeout(settings),
                     connection_class=BackoffRobustConnection,
                     ssl_context=tls_context(settings),
                 )
                 assert isinstance(connection, BackoffRobustConnection)
                 connection.watch(settings)
                 return connection
-    except CONNECTION_EXCEPTIONS as e:
-        raise BrokerUnavailableError(
-            f"cannot connect to RabbitMQ at {settings.safe_url}: {e or type(e).__name__}; "
-            f"{_hint(settings, e)}"
-        ) from e
+    except _CONNECT_FAILURES as e:
+        raise await unavailable(settings, e) from e
     raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover

@@ -6,7 +6,7 @@ import math
 import re
 from datetime import timedelta
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import (
     BeforeValidator,
@@ -28,6 +28,7 @@ from rmqdelay.delays import (
 )
 from rmqdelay.errors import ConfigError, InvalidDelayError
 from rmqdelay.names import Names
+from rmqdelay.redact import redact_url, userinfo
 from rmqdelay.retry import RetryPolicy
 from rmqdelay.routes import Backend, Route, route
 from rmqdelay.topology import Layout
@@ -49,16 +50,22 @@ def _duration(value: Any) -> Any:
 Duration = Annotated[timedelta, BeforeValidator(_duration)]
 
 
-def redact_url(url: str) -> str:
-    """The URL with any password replaced, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username or ''}:******@{host}"
-    return urlunsplit(parts._replace(netloc=netloc))
+#: Characters that must be percent-encoded in the user name or password of a URL.
+_RESERVED = {"@": "%40", "#": "%23", "/": "%2F", "?": "%3F", "[": "%5B", "]": "%5D"}
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _check_userinfo(url: str) -> None:
+    found = userinfo(url)
+    if found is None:
+        return
+    bad = sorted({c for c in found if c in _RESERVED})
+    if bad or _BAD_ESCAPE.search(found):
+        codes = ", ".join(f"{c!r} as {_RESERVED[c]}" for c in bad) or "'%' as %25"
+        raise ValueError(
+            "the user name or password holds characters a URL cannot carry as they are; "
+            f"percent-encode them ({codes}; in Python: urllib.parse.quote(password, safe=''))"
+        )
 
 
 class Settings(BaseSettings):
@@ -134,6 +141,13 @@ class Settings(BaseSettings):
     tls_key_file: FilePath | None = Field(
         default=None, description="Private key of the client certificate (PEM)."
     )
+    max_message_size: int = Field(
+        default=134_217_728,
+        ge=1,
+        le=536_870_912,
+        description="Largest task body in bytes; match the broker's max_message_size "
+        "(RabbitMQ's default: 128 MiB).",
+    )
     management_url: str | None = Field(
         default=None,
         description="Management API for 'rmqdelay status' (default: http://<host>:15672).",
@@ -143,7 +157,8 @@ class Settings(BaseSettings):
         try:
             super().__init__(**values)
         except ValidationError as e:
-            raise ConfigError(_describe(e)) from e
+            # Not chained: pydantic's own text repeats every input, the URL's password too.
+            raise ConfigError(_describe(e)) from None
 
     @field_validator("namespace")
     @classmethod
@@ -158,8 +173,19 @@ class Settings(BaseSettings):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("amqp", "amqps"):
+        if not value.startswith(("amqp://", "amqps://")):
             raise ValueError("must start with amqp:// or amqps://")
+        _check_userinfo(value)
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise ValueError(
+                "is not a valid URL (a bracket or port that does not parse); the form is "
+                "amqp://user:password@host:5672/vhost"
+            ) from None
+        if not parts.hostname:
+            raise ValueError("names no host; the form is amqp://user:password@host:5672/vhost")
         return value
 
     @field_validator(

@@ -5,7 +5,7 @@ import pytest
 from rmqdelay import ConfigError, Settings
 from rmqdelay.errors import InvalidDestinationError
 from rmqdelay.names import Names
-from rmqdelay.settings import redact_url
+from rmqdelay.redact import redact_url
 
 
 def test_defaults() -> None:
@@ -56,11 +56,67 @@ def test_passwords_never_appear_in_repr_or_errors() -> None:
 
 @pytest.mark.parametrize(
     ("destination", "fragment"),
-    [("", "non-empty"), (None, "non-empty"), ("a\nb", "control"), ("x" * 300, "300 bytes")],
+    [
+        ("", "non-empty"),
+        (None, "non-empty"),
+        ("a\nb", r"contains '\\n'"),
+        ("x" * 300, "300 bytes"),
+        ("café", "contains 'é'"),
+        ("告警", "contains '告', '警'"),
+        ("a*b", r"contains '\*'"),
+        ("a b", "may hold only letters A-Z a-z, digits"),
+    ],
 )
 def test_bad_destinations_are_refused(destination: object, fragment: str) -> None:
     with pytest.raises(InvalidDestinationError, match=fragment):
         Names("ns").check_destination(destination)
+
+
+@pytest.mark.parametrize("destination", ["alarms", "billing.invoices", "team-a:high_prio", "A9"])
+def test_destinations_of_amqp_name_characters_are_accepted(destination: str) -> None:
+    assert Names("ns").check_destination(destination) == destination
+
+
+@pytest.mark.parametrize(
+    ("url", "bad"),
+    [
+        ("amqp://guest:p@ss#word@host/", "'#' as %23, '@' as %40"),
+        ("amqp://u:p[ss@host/", "'[' as %5B"),
+        ("amqp://u:50%off@host/", "'%' as %25"),
+        ("amqp://u:a/b?c@host/", "'/' as %2F, '?' as %3F"),
+    ],
+)
+def test_unencoded_password_characters_are_refused_without_showing_the_password(
+    url: str, bad: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings(_env_file=None, url=url)
+    message = str(info.value)
+    assert bad in message
+    assert message.count("\n") == 0
+    for fragment in ("ss#word", "p[ss", "50%off", "a/b?c"):
+        assert fragment not in message
+    assert info.value.__cause__ is None, "pydantic's own text would repeat the URL"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://guest:p@ss#word@host/x",
+        "amqp://u:p[ss@h:5672/%2F",
+        "amqp://u:a/b?c#d@h/",
+        "amqps://user:s3cret@h/vh?heartbeat=5",
+    ],
+)
+def test_redact_url_hides_any_password(url: str) -> None:
+    redacted = redact_url(url)
+    assert ":******@" in redacted
+    for secret in ("p@ss#word", "p[ss", "a/b?c#d", "s3cret"):
+        assert secret not in redacted
+
+
+def test_a_percent_encoded_password_is_accepted() -> None:
+    assert Settings(_env_file=None, url="amqp://u:p%40ss%23w@host/").url.endswith("@host/")
 
 
 def test_longest_destination_fits_an_amqp_name() -> None:
