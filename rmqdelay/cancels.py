@@ -110,6 +110,10 @@ class CancelFollower:
                     f"cancellation stream {stream.name!r} does not exist; declare the topology "
                     "('rmqdelay declare') or set RMQDELAY_DECLARE=true"
                 ) from e
+            # A consumer the broker cancels (the stream was deleted) looks like a lost link:
+            # reconnecting finds the stream gone and says so, instead of following nothing.
+            raw = await channel.get_underlay_channel()
+            raw.on_consumer_cancel_callbacks.add(lambda *_: lost.set())
             self._channel, self._connected = channel, True
             try:
                 await self.resync()

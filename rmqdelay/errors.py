@@ -11,9 +11,11 @@
     │   ├── BrokerUnavailableError (ConnectionError)
     │   ├── TopologyMismatchError
     │   ├── UnroutableError
-    │   └── PublishNotConfirmedError
+    │   ├── PublishNotConfirmedError
+    │   └── ConsumerCancelledError         the broker cancelled a worker's consumer for good
     ├── MessageDecodeError                  a delivered message is not an rmqdelay task
     ├── WebhookError                        the webhook target failed a task (it is retried)
+    ├── HandlerError (TypeError)            a handler returned what it must not (a coroutine)
     └── HandlerTimeoutError (TimeoutError)  a handler ran past the worker's handler timeout
 
 Messages name the offending value and, where there is one, what to do about it.
@@ -75,6 +77,11 @@ class PublishNotConfirmedError(BrokerError):
     """Raised when the broker nacked a publish or the channel closed before it confirmed."""
 
 
+class ConsumerCancelledError(BrokerError):
+    """Raised when the broker cancelled a worker's consumer (its queue was deleted) and the
+    queue could not be declared again; the worker stops rather than idle unseen."""
+
+
 class MessageDecodeError(RmqDelayError):
     """Raised when a delivered message lacks or garbles the rmqdelay headers or body."""
 
@@ -85,3 +92,8 @@ class HandlerTimeoutError(RmqDelayError, TimeoutError):
 
 class WebhookError(RmqDelayError):
     """Raised (and handled as a failed attempt) when a webhook answers non-2xx or not at all."""
+
+
+class HandlerError(RmqDelayError, TypeError):
+    """Raised (and handled as a failed attempt) when a handler returns what it must not,
+    such as a coroutine from a plain ``def`` handler."""

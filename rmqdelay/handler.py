@@ -9,7 +9,7 @@ import logging
 from concurrent.futures import Executor
 from typing import Any, cast
 
-from rmqdelay.errors import ConfigError
+from rmqdelay.errors import ConfigError, HandlerError
 from rmqdelay.task import Handler, Task
 
 
@@ -20,8 +20,15 @@ def load_handler(spec: str) -> Handler:
         raise ConfigError(f"handler {spec!r} must look like 'package.module:function'")
     try:
         target: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"handler {spec!r}: cannot import module {module_name!r}: {e}") from e
+    except ModuleNotFoundError as e:
+        raise ConfigError(
+            f"handler {spec!r}: no module named {e.name!r} on the import path (the current "
+            "folder and PYTHONPATH): run from the folder that holds it, or set PYTHONPATH"
+        ) from e
+    except (Exception, SystemExit) as e:  # a module may fail (or even exit) as it loads
+        raise ConfigError(
+            f"handler {spec!r}: importing {module_name!r} failed: {type(e).__name__}: {e}"
+        ) from e
     for part in attr_path.split("."):
         try:
             target = getattr(target, part)
@@ -40,13 +47,63 @@ def is_async(handler: Handler) -> bool:
 
 
 async def call_handler(handler: Handler, task: Task, executor: Executor) -> None:
-    """Await an async handler; run a plain one in ``executor`` so it cannot block the loop."""
+    """Await an async handler; run a plain one in ``executor`` so it cannot block the loop.
+
+    Raises:
+        HandlerError: a plain handler returned a coroutine (or other awaitable): it would
+            never run, so the attempt has failed.
+        BaseException: whatever the handler raised, ``SystemExit`` included.
+    """
     if is_async(handler):
         result = handler(task)
-    else:
-        result = await asyncio.get_running_loop().run_in_executor(executor, handler, task)
+        if inspect.isawaitable(result):
+            await result
+        return
+    result = await asyncio.get_running_loop().run_in_executor(executor, handler, task)
     if inspect.isawaitable(result):
-        await result
+        close = getattr(result, "close", None)
+        if callable(close):
+            close()  # no "never awaited" warning on top of the error
+        raise HandlerError(
+            f"the plain (def) handler {_name(handler)} returned a {type(result).__name__} "
+            "instead of running it; make the handler 'async def' so the worker awaits it"
+        )
+
+
+#: Longest exception text kept for logs and the parking lot.
+MAX_DETAIL = 1000
+
+
+def describe_failure(error: BaseException) -> tuple[str, str]:
+    """``(error type, detail)`` for anything a handler raised, safe to log and park.
+
+    Never raises, even for an exception whose ``__str__`` does; ``SystemExit`` and the
+    like are named as such, since a handler cannot stop the worker with them.
+    """
+    name = type(error).__name__
+    if isinstance(error, SystemExit):
+        return (
+            name,
+            f"the handler raised SystemExit({error.code!r}) (sys.exit?); it cannot stop the worker",
+        )
+    if isinstance(error, KeyboardInterrupt):
+        return name, "the handler raised KeyboardInterrupt; it cannot stop the worker"
+    if isinstance(error, asyncio.CancelledError):
+        return name, (
+            "the handler raised asyncio.CancelledError without being cancelled "
+            "(a library's timeout?)"
+        )
+    try:
+        detail = str(error)
+    except BaseException:  # an exception's own __str__ may fail
+        detail = f"(str() of the {name} failed)"
+    if len(detail) > MAX_DETAIL:
+        detail = detail[: MAX_DETAIL - 1] + "…"
+    return name, detail
+
+
+def _name(handler: Handler) -> str:
+    return str(getattr(handler, "__qualname__", None) or type(handler).__qualname__)
 
 
 def log_task(task: Task) -> None:

@@ -35,6 +35,11 @@ class WorkerMetrics:
         self.retried = counter("rmqdelay_tasks_retried", "Tasks sent back for another attempt")
         self.parked = counter("rmqdelay_tasks_parked", "Tasks moved to the parking lot")
         self.cancelled = counter("rmqdelay_tasks_cancelled", "Tasks skipped as cancelled")
+        self.past_due = counter(
+            "rmqdelay_tasks_past_due",
+            "Executed tasks scheduled with a due time already past (lateness counted from "
+            "their publish time)",
+        )
         self.in_flight = Gauge(
             "rmqdelay_tasks_in_flight", "Handlers running now", labels, registry=self.registry
         ).labels(destination)

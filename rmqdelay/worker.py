@@ -7,7 +7,6 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Collection
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass
 from datetime import timedelta
 from typing import Literal, TypeAlias
@@ -20,28 +19,33 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aiormq.exceptions import ChannelNotFoundEntity
+from aiormq.exceptions import AMQPError, ChannelNotFoundEntity
+from pamqp.commands import Basic
 from prometheus_client import Counter
 
 from rmqdelay.cancels import CancelFollower
 from rmqdelay.connection import connect
-from rmqdelay.declare import check_topology, resolve_backend
+from rmqdelay.declare import check_topology, declare_topology, resolve_backend
 from rmqdelay.delays import delay_to_us
 from rmqdelay.errors import (
+    ConsumerCancelledError,
     HandlerTimeoutError,
     InvalidDelayError,
     MessageDecodeError,
     PublishNotConfirmedError,
+    RmqDelayError,
     TopologyMismatchError,
 )
-from rmqdelay.handler import call_handler
+from rmqdelay.handler import call_handler, describe_failure
 from rmqdelay.metrics import WorkerMetrics, serve
 from rmqdelay.retry import Retry, RetryPolicy
 from rmqdelay.settings import Settings
 from rmqdelay.task import Handler, Task
-from rmqdelay.topology import build_topology
+from rmqdelay.threads import DaemonThreadPool
+from rmqdelay.topology import build_topology, destination_topology
 from rmqdelay.wire import (
     DEFAULT_ACCEPT,
+    PAST_DUE_TOLERANCE_MS,
     decode_task,
     parked_headers,
     published_ms,
@@ -52,6 +56,9 @@ log = logging.getLogger("rmqdelay.worker")
 Outcome: TypeAlias = Literal["executed", "failed", "retried", "parked", "cancelled", "requeued"]
 #: Seconds between the info-level summaries a busy worker logs.
 SUMMARY_INTERVAL_S = 60.0
+#: After the grace period, how long cancelled handlers get to unwind before the worker
+#: gives up on them (an async handler may swallow the cancellation).
+UNWIND_S = 5.0
 
 
 @dataclass(slots=True)
@@ -64,6 +71,11 @@ class WorkerStats:
     parked: int = 0
     cancelled: int = 0
     requeued: int = 0
+    #: Executed tasks that were scheduled with a due time already well past (``at=`` in
+    #: the past): their lateness counts from their publish time instead.
+    past_due: int = 0
+    #: Handlers still running when the worker gave up on them at stop (tasks requeued).
+    abandoned: int = 0
     lateness_max_s: float = 0.0
     lateness_total_s: float = 0.0
 
@@ -79,7 +91,10 @@ class WorkerStats:
             f"executed {self.executed}, failed {self.failed}, retried {self.retried}, "
             f"cancelled {self.cancelled}, "
             f"parked {self.parked}, "
-            f"requeued {self.requeued}; "
+            f"requeued {self.requeued}, "
+            f"scheduled past due {self.past_due}"
+            + (f", abandoned {self.abandoned}" if self.abandoned else "")
+            + "; "
             f"lateness mean {mean_ms:.0f} ms, max {1000 * self.lateness_max_s:.0f} ms"
         )
 
@@ -90,6 +105,9 @@ class Worker:
     Run it with ``await worker.run(stop)``; setting ``stop`` stops consuming, lets in-flight
     tasks finish within ``settings.shutdown_grace`` and returns every other delivered task
     to the queue.
+
+    Nothing a handler does other than return (any exception, ``SystemExit`` and
+    ``KeyboardInterrupt`` included) stops the worker: it is a failed attempt of that task.
     """
 
     def __init__(
@@ -117,7 +135,7 @@ class Worker:
         #: Set once the worker consumes; tests and the demo wait on it.
         self.ready = asyncio.Event()
         self._slots = asyncio.Semaphore(self.concurrency)
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: DaemonThreadPool | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._parked: AbstractExchange | None = None
@@ -129,14 +147,21 @@ class Worker:
         self.metrics_port = metrics_port
         self.metrics_address: tuple[str, int] | None = None
         self._connection: AbstractRobustConnection | None = None
+        self._consumer_tag: str | None = None
+        self._consumer_lost = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> WorkerStats:
-        """Consume until ``stop`` is set, then shut down cleanly. Returns the counts."""
+        """Consume until ``stop`` is set, then shut down cleanly. Returns the counts.
+
+        Raises:
+            ConsumerCancelledError: the broker cancelled the consumer (its queue was
+                deleted) and the queue could not be declared again.
+        """
         self.settings = await resolve_backend(self.settings)
         connection = self._connection = await connect(self.settings)
         self._stopping = False
         server = await self._serve_metrics()
-        self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="rmqdelay")
+        self._executor = DaemonThreadPool(self.concurrency, thread_name_prefix="rmqdelay")
         reporter = asyncio.create_task(self._report_periodically())
         stop_following = asyncio.Event()
         following: asyncio.Task[None] | None = None
@@ -152,6 +177,7 @@ class Worker:
             names = self.settings.names
             self._parked = await channel.get_exchange(names.parked, ensure=False)
             self._delays = await channel.get_exchange(self.settings.route(0).exchange, ensure=False)
+            await self._watch_consumer(channel)
             following = asyncio.create_task(self._follower.run(stop_following))
             # A dropped connection may have hidden cancels: vouch for nothing until a fresh
             # marker has come back through the stream.
@@ -159,8 +185,33 @@ class Worker:
             connection.close_callbacks.add(lambda *_: self._gauge_connected(0))
             connection.reconnect_callbacks.add(lambda *_: self._gauge_connected(1))
             connection.reconnect_callbacks.add(lambda *_: self._follower.resync())
-            await _until(self._follower.caught_up.wait(), following)
-            tag = await queue.consume(self._on_message)
+            await _until(following, self._follower.caught_up.wait())
+            await self._consume(queue, stop, following)
+        finally:
+            self._stopping = True
+            self.ready.clear()
+            reporter.cancel()
+            self._gauge_connected(0)
+            if server is not None:
+                server.close()
+            await self._drain()
+            stop_following.set()
+            if following is not None:
+                await asyncio.gather(following, return_exceptions=True)
+            # Daemon threads: a handler stuck in a blocking call cannot hold the process.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            await connection.close()
+        log.info("worker for %s stopped: %s", self.destination, self.stats.summary())
+        return self.stats
+
+    async def _consume(
+        self, queue: AbstractQueue, stop: asyncio.Event, following: asyncio.Task[None]
+    ) -> None:
+        """Consume until ``stop``; when the broker cancels the consumer, declare the queue
+        again and resume, or raise ConsumerCancelledError."""
+        while True:
+            self._consumer_lost.clear()
+            self._consumer_tag = await queue.consume(self._on_message)
             log.info(
                 "consuming %s (concurrency %d, prefetch %d) on %s",
                 queue.name,
@@ -170,23 +221,58 @@ class Worker:
             )
             self.ready.set()
             self._gauge_connected(1)
-            await _until(stop.wait(), following)
-            self._stopping = True
-            await queue.cancel(tag)
-            await self._drain()
-        finally:
-            reporter.cancel()
-            self._gauge_connected(0)
-            if server is not None:
-                server.close()
-            stop_following.set()
-            if following is not None:
-                await asyncio.gather(following, return_exceptions=True)
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            await connection.close()
+            await _until(following, stop.wait(), self._consumer_lost.wait())
+            if stop.is_set():
+                self._stopping = True
+                await queue.cancel(self._consumer_tag)
+                return
             self.ready.clear()
-        log.info("worker for %s stopped: %s", self.destination, self.stats.summary())
-        return self.stats
+            log.warning(
+                "the broker cancelled the consumer of %s (was the queue deleted?); "
+                "declaring it again",
+                queue.name,
+            )
+            # Forget the dead consumer, so that aio-pika stops trying to restore it.
+            await queue.cancel(self._consumer_tag)
+            queue = await self._declare_again(queue)
+
+    async def _watch_consumer(self, channel: AbstractChannel) -> None:
+        """Hear of the broker cancelling our consumer, on this channel and after a reopen."""
+
+        async def watch(*_: object) -> None:
+            raw = await channel.get_underlay_channel()
+            raw.on_consumer_cancel_callbacks.add(self._on_consumer_cancel)
+
+        await watch()
+        channel.reopen_callbacks.add(watch)  # type: ignore[attr-defined]
+
+    def _on_consumer_cancel(self, frame: Basic.Cancel) -> None:
+        if frame.consumer_tag == self._consumer_tag:
+            self._consumer_lost.set()
+
+    async def _declare_again(self, queue: AbstractQueue) -> AbstractQueue:
+        assert self._connection is not None
+        topology = destination_topology(self.settings.layout, self.destination)
+        # A failed declare closes its channel: not the consuming one.
+        try:
+            async with self._connection.channel() as probe:
+                if self.settings.declare:
+                    await declare_topology(probe, topology)
+                else:
+                    await probe.declare_queue(queue.name, passive=True)
+        except (RmqDelayError, AMQPError) as e:
+            advice = (
+                f"declare it ('rmqdelay declare {self.destination}') and restart the worker"
+                if not self.settings.declare
+                else "check the worker's permissions and the namespace's exchanges"
+            )
+            raise ConsumerCancelledError(
+                f"work queue {queue.name!r} was deleted under the worker (the broker cancelled "
+                f"its consumer) and could not be declared again ({type(e).__name__}: {e}); "
+                f"{advice}"
+            ) from e
+        log.info("work queue %s is back", queue.name)
+        return queue
 
     def health(self) -> dict[str, bool]:
         """Whether the worker is connected, and consuming with its cancellation set current."""
@@ -194,7 +280,8 @@ class Worker:
         return {
             "connected": connection is not None and not connection.is_closed
             and connection.connected.is_set(),
-            "consuming": self.ready.is_set() and self._follower.caught_up.is_set(),
+            "consuming": self.ready.is_set() and self._follower.caught_up.is_set()
+            and not self._consumer_lost.is_set(),
         }  # fmt: skip
 
     async def _serve_metrics(self) -> asyncio.Server | None:
@@ -248,17 +335,31 @@ class Worker:
                 last = current
 
     async def _drain(self) -> None:
-        """Let in-flight tasks finish within the grace period; cancel (and requeue) the rest."""
-        if not self._running:
-            return
-        grace = self.settings.shutdown_grace.total_seconds()
-        log.info("waiting up to %.0fs for %d in-flight task(s)", grace, len(self._running))
-        _, pending = await asyncio.wait(set(self._running), timeout=grace)
-        for task in pending:
-            task.cancel()
-        if pending:
-            log.warning("%d task(s) did not finish in time; returned to the queue", len(pending))
-            await asyncio.wait(pending)
+        """Let in-flight tasks finish within the grace period; cancel (and requeue) the rest.
+
+        A handler that ignores the cancellation (or a plain one stuck in its thread) is
+        abandoned after UNWIND_S more: closing the connection returns its task to the queue.
+        """
+        if self._running:
+            grace = self.settings.shutdown_grace.total_seconds()
+            log.info("waiting up to %.0fs for %d in-flight task(s)", grace, len(self._running))
+            _, pending = await asyncio.wait(set(self._running), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning(
+                    "%d task(s) did not finish in time; returned to the queue", len(pending)
+                )
+                _, stuck = await asyncio.wait(pending, timeout=UNWIND_S)
+                self.stats.abandoned += len(stuck)
+        # A plain handler's thread runs on after its task was cancelled.
+        self.stats.abandoned += self._executor.running if self._executor else 0
+        if self.stats.abandoned:
+            log.error(
+                "abandoning %d handler(s) that did not stop (stuck in a call, or ignoring "
+                "cancellation); their tasks are back in the queue",
+                self.stats.abandoned,
+            )
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         current = asyncio.current_task()
@@ -274,6 +375,8 @@ class Worker:
         except asyncio.CancelledError:
             await self._requeue(message)
             raise
+        except RmqDelayError as e:  # a retry or park that could not be published: requeued
+            log.error("%s", e)
         finally:
             self._running.discard(current)
 
@@ -300,24 +403,33 @@ class Worker:
             (task.id, *task.keys), published_ms(task)
         )
         if cancelled_by is not None:
-            log.info("task %s cancelled by %r; not run", task.id, cancelled_by)
+            # Debug only: one cancel of a busy key can skip thousands (counted, summarised).
+            log.debug("task %s cancelled by %r; not run", task.id, cancelled_by)
             await message.ack()
             self._count("cancelled")
             return
-        lateness = time.time() - task.due_at.timestamp()
+        lateness, past_due = _lateness(task, time.time())
         log.debug("executing %s (attempt %d, %.0f ms late)", task.id, task.attempt, lateness * 1e3)
         self.metrics.lateness.observe(max(0.0, lateness))
         try:
             with self.metrics.in_flight.track_inprogress(), self.metrics.duration.time():
                 await self._call(task)
         except Retry as e:
-            await self._after_failure(message, task, "Retry", str(e), e.delay)
+            await self._after_failure(message, task, "Retry", describe_failure(e)[1], e.delay)
             return
-        except Exception as e:
-            await self._after_failure(message, task, type(e).__name__, str(e), None)
+        except asyncio.CancelledError as e:
+            if _being_cancelled():
+                raise  # the worker is stopping: requeued by _on_message
+            await self._after_failure(message, task, *describe_failure(e), None)
+            return
+        except BaseException as e:  # no handler may stop the worker
+            await self._after_failure(message, task, *describe_failure(e), None)
             return
         await message.ack()
         self.stats.record_lateness(lateness)
+        if past_due:
+            self.stats.past_due += 1
+            self.metrics.past_due.inc()
         self._count("executed")
 
     async def _call(self, task: Task) -> None:
@@ -345,6 +457,13 @@ class Worker:
         """Retry through the delay levels, or park the task after its last attempt."""
         self._count("failed")
         policy = self.retry.for_task(task.headers)
+        wait_us = 0
+        try:
+            if delay is not None:
+                wait_us = delay_to_us(delay)
+                self.settings.limits.units(wait_us)  # over the maximum: refused, not capped
+        except InvalidDelayError as e:
+            error, detail, delay = "InvalidDelayError", f"Retry(delay=...) refused: {e}", None
         if task.attempt >= policy.max_attempts:
             log.warning(
                 "task %s failed on its last attempt (%d): %s: %s; parking it",
@@ -353,17 +472,13 @@ class Worker:
             reason = f"{error}: {detail} (attempt {task.attempt} of {policy.max_attempts})"
             await self._park(message, reason, error=error, attempts=task.attempt)
             return
-        try:
-            wait_us = delay_to_us(delay) if delay is not None else 0
-        except InvalidDelayError as e:
-            error, detail, delay = "InvalidDelayError", f"Retry(delay=...) refused: {e}", None
         if delay is None:
             wait_us = policy.backoff_ms(task.attempt, random.random()) * 1000
         log.info(
             "task %s failed (attempt %d of %d): %s: %s; retrying in %.3fs",
             task.id, task.attempt, policy.max_attempts, error, detail, wait_us / 1e6,
         )  # fmt: skip
-        await self._reschedule(message, task, min(wait_us, self.settings.limits.max_delay_us))
+        await self._reschedule(message, task, wait_us)
         self._count("retried")
 
     async def _reschedule(self, message: AbstractIncomingMessage, task: Task, wait_us: int) -> None:
@@ -422,13 +537,33 @@ class Worker:
         self._count("parked")
 
 
-async def _until(event: Awaitable[object], following: asyncio.Task[None]) -> None:
-    """Wait for ``event``; if the cancellation follower dies first, raise what killed it."""
-    waiting = asyncio.ensure_future(event)
+def _lateness(task: Task, now_s: float) -> tuple[float, bool]:
+    """Seconds from due time to ``now_s``, and whether the task was scheduled past due.
+
+    A task scheduled with a due time already past (beyond the tolerance) counts from its
+    publish time: its lateness is the user's choice, not the pipeline's.
+    """
+    due_s, published_s = task.due_at.timestamp(), task.published_at.timestamp()
+    if (published_s - due_s) * 1000 > PAST_DUE_TOLERANCE_MS:
+        return now_s - published_s, True
+    return now_s - due_s, False
+
+
+def _being_cancelled() -> bool:
+    """Whether the current task was cancelled (rather than handed a CancelledError)."""
+    current = asyncio.current_task()
+    return current is not None and current.cancelling() > 0
+
+
+async def _until(following: asyncio.Task[None], *events: Awaitable[object]) -> None:
+    """Wait for any of ``events``; if the cancellation follower dies first, raise what
+    killed it."""
+    waiting = [asyncio.ensure_future(event) for event in events]
     try:
-        await asyncio.wait({waiting, following}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({*waiting, following}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        waiting.cancel()
+        for w in waiting:
+            w.cancel()
     if following.done():
         following.result()
         raise RuntimeError("the cancellation follower stopped unexpectedly")
