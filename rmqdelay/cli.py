@@ -1,7 +1,8 @@
 """The ``rmqdelay`` command.
 
-Exit codes: 0 success, 1 an rmqdelay error (message on stderr), 2 bad usage,
-130 interrupted before finishing.
+Exit codes: 0 success, 1 an rmqdelay error (message on stderr), 2 bad usage, 3 a worker
+stopped but had to abandon handlers that did not finish (their tasks are back in the
+queue), 130 interrupted before finishing.
 """
 
 from __future__ import annotations
@@ -10,22 +11,28 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import unquote
 
+from rmqdelay import __version__
 from rmqdelay.definitions import DEFAULT_DELIVERY_LIMIT, DefinitionOptions, render_definitions
 from rmqdelay.delays import parse_duration
 from rmqdelay.demo import run_demo
+from rmqdelay.destroy import destroy as destroy_namespace
+from rmqdelay.destroy import plan_destroy
 from rmqdelay.errors import ConfigError, RmqDelayError
 from rmqdelay.handler import load_handler
-from rmqdelay.logs import configure_logging
+from rmqdelay.logs import LOG_LEVELS, configure_logging
 from rmqdelay.parking import ParkingLot
-from rmqdelay.scheduler import Scheduler
+from rmqdelay.redact import Redactor, url_password
+from rmqdelay.scheduler import Scheduler, check_task
 from rmqdelay.settings import Settings
-from rmqdelay.status import collect, render
+from rmqdelay.status import collect, render, vhost_of
 from rmqdelay.task import Handler
 from rmqdelay.topology import build_topology
 from rmqdelay.webhook import WebhookHandler
@@ -34,6 +41,7 @@ from rmqdelay.worker import Worker
 RET_OK = 0
 RET_ERROR = 1
 RET_USAGE = 2
+RET_ABANDONED = 3
 RET_INTERRUPTED = 130
 
 log = logging.getLogger("rmqdelay.cli")
@@ -46,8 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--url", help="AMQP URL (default: RMQDELAY_URL)")
     parser.add_argument("--namespace", help="object name prefix (default: RMQDELAY_NAMESPACE)")
+    parser.add_argument("--version", action="version", version=f"rmqdelay {__version__}")
     parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--log-level",
+        default="INFO",
+        choices=LOG_LEVELS,
+        help="DEBUG: one line per task; TRACE: also the AMQP libraries' frames (payloads)",
     )
     parser.add_argument(
         "--log-format", default="text", choices=["text", "json"], help="json: one object a line"
@@ -119,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     definitions.add_argument("destinations", nargs="*", help="also render these work queues")
     definitions.add_argument("--namespace", default=argparse.SUPPRESS, help="object name prefix")
-    definitions.add_argument("--vhost", default="/", help="virtual host (default: /)")
+    definitions.add_argument(
+        "--vhost", help="virtual host (default: the one RMQDELAY_URL names, else /)"
+    )
     definitions.add_argument("--queue-type", choices=["quorum", "classic"])
     definitions.add_argument("--resolution-ms", type=int, help="delay unit in milliseconds")
     definitions.add_argument("--max-delay", help="longest delay, e.g. 3653d or 30d")
@@ -146,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until interrupted"
     )
+
+    destroy = commands.add_parser(
+        "destroy",
+        help="delete a namespace: every queue (messages included) and exchange",
+        description="Delete every queue and exchange of the namespace (--namespace or "
+        "RMQDELAY_NAMESPACE), messages included. Found through the management API; without "
+        "it, by name, and work queues only of the destinations named.",
+    )
+    destroy.add_argument("destinations", nargs="*", help="work queues to include by name")
+    destroy.add_argument("--namespace", default=argparse.SUPPRESS, help="the namespace")
+    destroy.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    destroy.add_argument("--force", action="store_true", help="even while workers consume from it")
 
     commands.add_parser("demo", help="a short live run: schedule, execute, show lateness")
     return parser
@@ -183,7 +209,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 async def _consume(args: argparse.Namespace, settings: Settings) -> int:
     if args.webhook:
         async with WebhookHandler(args.webhook) as webhook:
+            _secrets.add(*webhook.redact.secrets)
             return await _run_worker(args, settings, webhook)
+    # As other worker commands do: `--handler tasks:fn` finds tasks.py in this folder.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     return await _run_worker(args, settings, load_handler(args.handler))
 
 
@@ -201,8 +231,8 @@ async def _run_worker(args: argparse.Namespace, settings: Settings, handler: Han
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _stopper(stop, sig))
-    await worker.run(stop)
-    return RET_OK
+    stats = await worker.run(stop)
+    return RET_ABANDONED if stats.abandoned else RET_OK
 
 
 def _stopper(stop: asyncio.Event, sig: signal.Signals) -> Any:
@@ -224,6 +254,8 @@ def _payload(args: argparse.Namespace) -> Any:
             f"payload {text[:60]!r} is not JSON ({e}); quote strings as '\"text\"' or "
             "pass --content-type to send raw bytes"
         ) from e
+    except RecursionError as e:
+        raise ConfigError("payload is JSON nested too deeply to read; flatten it") from e
 
 
 def _at(text: str) -> datetime:
@@ -236,18 +268,18 @@ def _at(text: str) -> datetime:
 async def _schedule(args: argparse.Namespace, settings: Settings) -> int:
     payload = _payload(args)
     when: dict[str, Any] = (
-        {"delay": parse_duration(args.delay)} if args.delay else {"at": _at(args.at)}
+        {"delay": parse_duration(args.delay)} if args.delay is not None else {"at": _at(args.at)}
     )
+    task: dict[str, Any] = {
+        "content_type": args.content_type,
+        "task_id": args.task_id,
+        "keys": args.keys,
+        "replace": args.replace,
+        **when,
+    }
+    check_task(settings, args.destination, payload, **task)  # bad input: no connection
     async with Scheduler(settings) as scheduler:
-        s = await scheduler.schedule(
-            args.destination,
-            payload,
-            content_type=args.content_type,
-            task_id=args.task_id,
-            keys=args.keys,
-            replace=args.replace,
-            **when,
-        )
+        s = await scheduler.schedule(args.destination, payload, **task)
     under = f" under {', '.join(s.keys)}" if s.keys else ""
     replaced = " (earlier tasks under them cancelled)" if args.replace else ""
     print(
@@ -313,11 +345,8 @@ async def _requeue(lot: ParkingLot, args: argparse.Namespace) -> int:
 
 async def _purge(lot: ParkingLot, args: argparse.Namespace) -> int:
     if not args.yes:
-        if not sys.stdin.isatty():
-            raise ConfigError("refusing to purge without a terminal to confirm on; pass --yes")
         prompt = f"delete all {await lot.count()} parked tasks in {lot.queue}? [y/N] "
-        answer = await asyncio.to_thread(input, prompt)
-        if answer.strip().lower() not in ("y", "yes"):
+        if not await _confirm(prompt):
             print("nothing purged")
             return RET_OK
     print(f"purged {await lot.purge()} parked task(s)")
@@ -330,7 +359,7 @@ def _definitions(args: argparse.Namespace, settings: Settings) -> int:
     layout = settings.layout
     destinations = tuple(settings.names.check_destination(d) for d in args.destinations)
     options = DefinitionOptions(
-        vhost=args.vhost,
+        vhost=args.vhost if args.vhost is not None else vhost_of(settings.url),
         user=args.user,
         policies=args.policies,
         delivery_limit=args.delivery_limit,
@@ -371,6 +400,39 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     return await run_demo(settings)
 
 
+async def _destroy(args: argparse.Namespace, settings: Settings) -> int:
+    destinations = [settings.names.check_destination(d) for d in args.destinations]
+    plan = await plan_destroy(settings, destinations)
+    if not plan.queues:
+        print(f"namespace {settings.namespace!r} has no queues in vhost {vhost_of(settings.url)!r}")
+        return RET_OK
+    if plan.consumed and not args.force:
+        busy = ", ".join(f"{q} ({n})" for q, n in sorted(plan.consumed.items()))
+        raise ConfigError(
+            f"workers are consuming from namespace {settings.namespace!r} ({busy}); stop them "
+            "first, or pass --force"
+        )
+    if not plan.listed:
+        print(
+            "note: management API not reachable: found objects by name; work queues of "
+            "destinations not named on the command line are left",
+            file=sys.stderr,
+        )
+    if not args.yes and not await _confirm(f"delete {plan.describe()}? [y/N] "):
+        print("nothing deleted")
+        return RET_OK
+    await destroy_namespace(settings, plan)
+    print(f"deleted {plan.describe()}")
+    return RET_OK
+
+
+async def _confirm(prompt: str) -> bool:
+    if not sys.stdin.isatty():
+        raise ConfigError("refusing without a terminal to confirm on; pass --yes")
+    answer = await asyncio.to_thread(input, prompt)
+    return answer.strip().lower() in ("y", "yes")
+
+
 _COMMANDS = {
     "consume": _consume,
     "schedule": _schedule,
@@ -379,15 +441,20 @@ _COMMANDS = {
     "parked": _parked,
     "status": _status,
     "demo": _demo,
+    "destroy": _destroy,
 }
+#: Secrets the CLI's log lines must never show: the broker password, webhook URL parts.
+_secrets = Redactor()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level, args.log_format)
+    configure_logging(args.log_level, args.log_format, _secrets)
     try:
         settings = _settings(args)
+        if password := url_password(settings.url):
+            _secrets.add(password, unquote(password))
         if args.command == "definitions":  # no broker, no event loop
             return _definitions(args, settings)
         return asyncio.run(_COMMANDS[args.command](args, settings))

@@ -6,6 +6,7 @@ Walks the topology data and computes no argument of its own.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import aiormq
@@ -88,13 +89,22 @@ async def declare_topology(channel: AbstractChannel, topology: Topology) -> None
 
 async def delete_topology(channel: AbstractChannel, topology: Topology) -> None:
     """Delete every queue and exchange of ``topology``, messages included. Missing ones are fine."""
+    await delete_objects(
+        channel, [q.name for q in topology.queues], [x.name for x in topology.exchanges]
+    )
+
+
+async def delete_objects(
+    channel: AbstractChannel, queues: Iterable[str], exchanges: Iterable[str]
+) -> None:
+    """Delete these queues, then these exchanges, messages included. Missing ones are fine."""
     raw: aiormq.abc.AbstractChannel = await channel.get_underlay_channel()
-    for q in topology.queues:
+    for queue in queues:
         # if_unused must be off: quorum queues refuse it by closing the whole connection.
-        await raw.queue_delete(q.name, if_unused=False, if_empty=False)
-    for x in topology.exchanges:
+        await raw.queue_delete(queue, if_unused=False, if_empty=False)
+    for exchange in exchanges:
         try:
-            await raw.exchange_delete(x.name, if_unused=False)
+            await raw.exchange_delete(exchange, if_unused=False)
         except ChannelNotFoundEntity:  # pragma: no cover - 3.x deletes missing exchanges fine
             raw = await channel.get_underlay_channel()
 

@@ -11,7 +11,16 @@ import sys
 from datetime import UTC, datetime
 from typing import Literal, TextIO
 
+from rmqdelay.redact import Redactor
+
 LogFormat = Literal["text", "json"]
+LogLevel = Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]
+LOG_LEVELS: tuple[LogLevel, ...] = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR")
+#: Below DEBUG: the libraries' own debug output, AMQP frames with payloads included.
+TRACE = 5
+#: Libraries whose INFO and DEBUG lines are noise (or secrets: httpx logs every URL it
+#: calls) to an operator: WARNING and up unless asked for more.
+THIRD_PARTY = ("aio_pika", "aiormq", "pamqp", "httpx", "httpcore", "asyncio")
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
@@ -28,8 +37,24 @@ class _Stderr(logging.StreamHandler[TextIO]):
         pass
 
 
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger: message``, with known secrets masked (traceback included)."""
+
+    def __init__(self, redact: Redactor) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.redact(super().format(record))
+
+
 class JsonFormatter(logging.Formatter):
-    """``{"time", "level", "logger", "message", ...extra, "exception"?}`` on one line."""
+    """``{"time", "level", "logger", "message", ...extra, "exception"?}`` on one line, with
+    known secrets masked in every value."""
+
+    def __init__(self, redact: Redactor | None = None) -> None:
+        super().__init__()
+        self.redact = redact or Redactor()
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -41,19 +66,29 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return json.dumps(
+            {k: self.redact(v) if isinstance(v, str) else v for k, v in entry.items()},
+            default=lambda value: self.redact(str(value)),
+        )
 
 
-def configure_logging(level: str, fmt: LogFormat) -> None:
-    """Send rmqdelay's (and aio-pika's) logs to stderr in ``fmt``."""
+def configure_logging(level: LogLevel, fmt: LogFormat, redact: Redactor | None = None) -> None:
+    """Send logs to stderr in ``fmt``, masking what ``redact`` knows of.
+
+    ``level`` is rmqdelay's own; the libraries in THIRD_PARTY stay at WARNING, go to INFO
+    at DEBUG, and show their own debug output (AMQP frames, payloads) only at TRACE.
+    """
+    redact = redact or Redactor()
     handler = _Stderr()
     handler.set_name("rmqdelay")
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter(redact) if fmt == "json" else TextFormatter(redact))
+    logging.addLevelName(TRACE, "TRACE")
+    own = TRACE if level == "TRACE" else logging.getLevelName(level)
+    libraries = {"TRACE": logging.DEBUG, "DEBUG": logging.INFO}.get(level, logging.WARNING)
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == "rmqdelay"]:
         root.removeHandler(old)  # ours from an earlier call; others are not ours to touch
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(own)
+    for name in THIRD_PARTY:
+        logging.getLogger(name).setLevel(max(libraries, own))

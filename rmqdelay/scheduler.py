@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
-from aiormq.exceptions import ChannelNotFoundEntity, DeliveryError, PublishError
+from aiormq.exceptions import (
+    ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
+    DeliveryError,
+    PublishError,
+)
 from pamqp.commands import Basic
 from tenacity import (
     AsyncRetrying,
@@ -26,11 +33,12 @@ from tenacity import (
 from rmqdelay.cancelset import Stamps
 from rmqdelay.connection import PUBLISH_RETRYABLE, connect
 from rmqdelay.declare import check_topology, declare_topology, resolve_backend
-from rmqdelay.delays import delay_to_us
+from rmqdelay.delays import delay_to_us, describe_us
 from rmqdelay.errors import (
     BrokerUnavailableError,
     InvalidDelayError,
     InvalidKeyError,
+    InvalidPayloadError,
     InvalidTaskError,
     PublishNotConfirmedError,
     TopologyMismatchError,
@@ -40,7 +48,15 @@ from rmqdelay.retry import BACKOFF_BASE_MS, BACKOFF_CAP_MS, MAX_ATTEMPTS
 from rmqdelay.settings import Settings
 from rmqdelay.task import Cancellation, ScheduledTask
 from rmqdelay.topology import build_topology, destination_topology
-from rmqdelay.wire import cancel_headers, check_key, check_keys, encode_payload, task_headers
+from rmqdelay.wire import (
+    PAST_DUE_TOLERANCE_MS,
+    cancel_headers,
+    check_key,
+    check_keys,
+    check_size,
+    encode_payload,
+    task_headers,
+)
 
 log = logging.getLogger("rmqdelay.scheduler")
 
@@ -66,6 +82,53 @@ def _due_us(now_us: int, delay: timedelta | float | None, at: datetime | None) -
         return (at - _EPOCH) // _US
     assert delay is not None
     return now_us + delay_to_us(delay)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedTask:
+    """A task's parts once every check that needs no broker has passed."""
+
+    destination: str
+    body: bytes
+    content_type: str
+    keys: tuple[str, ...]
+    task_id: str
+    overrides: dict[str, int]
+
+
+def check_task(
+    settings: Settings,
+    destination: str,
+    payload: Any,
+    *,
+    delay: timedelta | float | None = None,
+    at: datetime | None = None,
+    content_type: str | None = None,
+    task_id: str | None = None,
+    keys: Iterable[str] = (),
+    replace: bool = False,
+    max_attempts: int | None = None,
+    backoff_base: timedelta | float | None = None,
+    backoff_cap: timedelta | float | None = None,
+) -> CheckedTask:
+    """Everything ``schedule()`` refuses before any I/O; the CLI calls it before connecting.
+
+    Raises:
+        InvalidTaskError: naming the bad value.
+    """
+    destination = settings.names.check_destination(destination)
+    body, content_type = encode_payload(payload, content_type)
+    check_size(body, settings.max_message_size)
+    keys = check_keys(
+        tuple(keys) if isinstance(keys, Iterable) and not isinstance(keys, str | bytes) else keys
+    )
+    if replace and not keys:
+        raise InvalidKeyError("replace=True needs keys: it cancels the tasks under them")
+    task_id = check_key(task_id, "a task id") if task_id is not None else uuid.uuid4().hex
+    overrides = _retry_overrides(max_attempts, backoff_base, backoff_cap)
+    now_us = time.time_ns() // 1000
+    settings.route(_due_us(now_us, delay, at) - now_us)  # over the maximum: refused
+    return CheckedTask(destination, body, content_type, keys, task_id, overrides)
 
 
 class Scheduler:
@@ -179,20 +242,35 @@ class Scheduler:
             PublishNotConfirmedError: the broker did not confirm the message.
         """
         settings = self.settings
-        destination = settings.names.check_destination(destination)
-        body, content_type = encode_payload(payload, content_type)
-        keys = check_keys(list(keys) if not isinstance(keys, str | bytes) else keys)
-        if replace and not keys:
-            raise InvalidKeyError("replace=True needs keys: it cancels the tasks under them")
-        task_id = check_key(task_id) if task_id is not None else uuid.uuid4().hex
-        overrides = _retry_overrides(max_attempts, backoff_base, backoff_cap)
-        _due_us(time.time_ns() // 1000, delay, at)  # refuse bad timing before any I/O
+        checked = check_task(
+            settings,
+            destination,
+            payload,
+            delay=delay,
+            at=at,
+            content_type=content_type,
+            task_id=task_id,
+            keys=keys,
+            replace=replace,
+            max_attempts=max_attempts,
+            backoff_base=backoff_base,
+            backoff_cap=backoff_cap,
+        )
+        destination, keys, task_id = checked.destination, checked.keys, checked.task_id
         await self._check_destination(destination)
         for key in keys if replace else ():
             await self.cancel(key)
         # Timing is computed after the checks and cancels: they take time, the delay does not.
         now_us = time.time_ns() // 1000
         due_us = _due_us(now_us, delay, at)
+        if now_us - due_us > PAST_DUE_TOLERANCE_MS * 1000:
+            log.warning(
+                "task %s for %s is due %s in the past (at=%s); it runs at once",
+                task_id,
+                destination,
+                describe_us(now_us - due_us),
+                at.isoformat() if at else None,
+            )
         way = settings.route(due_us - now_us)
         headers = task_headers(
             task_id,
@@ -202,11 +280,11 @@ class Scheduler:
             keys=keys,
         )
         headers.update(way.headers)
-        headers.update(overrides)
+        headers.update(checked.overrides)
         message = aio_pika.Message(
-            body,
+            checked.body,
             headers=headers,
-            content_type=content_type,
+            content_type=checked.content_type,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=task_id,
         )
@@ -305,6 +383,15 @@ class Scheduler:
             raise PublishNotConfirmedError(
                 f"the broker did not confirm the task for {destination!r}: {e!r}"
             ) from e
+        except ChannelPreconditionFailed as e:
+            # The broker refused the message (over its max_message_size) by closing the
+            # channel: wait for it to be reopened, so the next publish need not retry.
+            await _reopened(self._require_channel())
+            raise InvalidPayloadError(
+                f"the broker refused the task for {destination!r}: {e}; lower the payload "
+                "size, and set RMQDELAY_MAX_MESSAGE_SIZE to the broker's max_message_size so "
+                "that such tasks are refused before sending"
+            ) from e
         if not isinstance(confirm, Basic.Ack):
             raise PublishNotConfirmedError(
                 f"the broker answered {confirm!r} instead of an ack for {destination!r}"
@@ -372,6 +459,14 @@ def _retry_overrides(
                 raise InvalidDelayError(f"{name} must be at least 1 ms, got {value!r}")
             headers[header] = ms
     return headers
+
+
+async def _reopened(channel: AbstractChannel) -> None:
+    """Wait (briefly) until aio-pika has reopened a channel the broker closed."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+            while channel.is_closed:  # noqa: ASYNC110 - aio-pika offers no event for it
+                await asyncio.sleep(0.01)
 
 
 def _log_publish_failure(attempt: int, error: BaseException | None) -> None:

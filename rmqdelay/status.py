@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -63,7 +64,11 @@ class Status:
     parked: int | None = None
     unroutable: int | None = None
     cancel_records: int | None = None
+    #: When the counts were read (UTC, ISO 8601).
+    sampled_at: str = ""
     notes: list[str] = field(default_factory=list)
+    #: Broker limits running low (file handles, Erlang processes).
+    warnings: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         """For ``--json``."""
@@ -89,19 +94,32 @@ def vhost_of(url: str) -> str:
     return unquote(path[1:]) if len(path) > 1 else "/"
 
 
-async def _from_management(settings: Settings) -> dict[str, Counts] | None:
+async def management_get(settings: Settings, path: str, columns: str | None = None) -> Any:
+    """GET ``/api/<path>`` from the management API; None when it does not answer 200."""
     parts = urlsplit(settings.url)
     auth = (unquote(parts.username or "guest"), unquote(parts.password or "guest"))
-    url = f"{management_url(settings)}/api/queues/{quote(vhost_of(settings.url), safe='')}"
-    columns = "name,messages_ready,messages_unacknowledged,consumers,messages"
+    params = {"columns": columns} if columns else None
     try:
         async with httpx.AsyncClient(auth=auth, timeout=5, verify=_verify(settings)) as client:
-            response = await client.get(url, params={"columns": columns})
+            response = await client.get(f"{management_url(settings)}/api/{path}", params=params)
     except httpx.HTTPError as e:
         log.debug("management API at %s: %s", management_url(settings), e)
         return None
     if response.status_code != 200:
         log.debug("management API at %s: HTTP %d", management_url(settings), response.status_code)
+        return None
+    return response.json()
+
+
+def vhost_path(settings: Settings) -> str:
+    """The vhost as one URL path segment of the management API."""
+    return quote(vhost_of(settings.url), safe="")
+
+
+async def _from_management(settings: Settings) -> dict[str, Counts] | None:
+    columns = "name,messages_ready,messages_unacknowledged,consumers,messages"
+    queues = await management_get(settings, f"queues/{vhost_path(settings)}", columns)
+    if queues is None:
         return None
     prefix = f"{settings.namespace}."
     return {
@@ -111,7 +129,7 @@ async def _from_management(settings: Settings) -> dict[str, Counts] | None:
             unacked=q.get("messages_unacknowledged"),
             consumers=q.get("consumers"),
         )
-        for q in response.json()
+        for q in queues
         if q["name"].startswith(prefix)
     }
 
@@ -148,6 +166,43 @@ async def _plugin_exchange_exists(settings: Settings) -> bool:
     return True
 
 
+#: Quorum queues of one namespace (35 levels and 3 more), about 3 file handles each.
+QUEUES_PER_NAMESPACE = 38
+HANDLES_PER_NAMESPACE = 3 * QUEUES_PER_NAMESPACE
+#: Warn above this share of a broker limit in use.
+HEADROOM_WARN = 0.8
+
+
+def headroom_warnings(nodes: list[dict[str, Any]]) -> list[str]:
+    """Warnings for nodes short of file handles or Erlang processes (management /api/nodes).
+
+    Near the file limit a broker accepts TCP connections and never finishes the AMQP
+    handshake, for every client: it must be seen before it happens.
+    """
+    found = []
+    for node in nodes:
+        name = node.get("name", "?")
+        used, total = node.get("fd_used"), node.get("fd_total")
+        if isinstance(used, int) and isinstance(total, int) and total > 0:
+            left = total - used
+            if used > HEADROOM_WARN * total or left < 2 * HANDLES_PER_NAMESPACE:
+                found.append(
+                    f"node {name}: {used} of {total} file handles in use ({left} left, about "
+                    f"{left // HANDLES_PER_NAMESPACE} more namespace(s)); raise the broker's "
+                    "open-file limit (ulimit -n / LimitNOFILE) or remove unused namespaces "
+                    "('rmqdelay destroy')"
+                )
+        used, total = node.get("proc_used"), node.get("proc_total")
+        if isinstance(used, int) and isinstance(total, int) and total > 0:
+            if used > HEADROOM_WARN * total:
+                found.append(
+                    f"node {name}: {used} of {total} Erlang processes in use; raise the "
+                    "process limit (RABBITMQ_MAX_NUMBER_OF_PROCESSES) or reduce queues and "
+                    "connections"
+                )
+    return found
+
+
 async def collect(settings: Settings, destinations: list[str]) -> Status:
     """A snapshot of ``settings``' namespace (all destinations, or those named)."""
     names = settings.names
@@ -156,6 +211,7 @@ async def collect(settings: Settings, destinations: list[str]) -> Status:
         backend = "plugin" if await _plugin_exchange_exists(settings) else "levels"
     levels = [] if backend == "plugin" else [names.level_queue(k) for k in range(settings.levels)]
     fixed = [*levels, names.parked, names.unroutable, names.cancels]
+    sampled_at = datetime.now(UTC).isoformat(timespec="seconds")
     counts = await _from_management(settings)
     notes: list[str] = []
     if counts is None:
@@ -173,6 +229,18 @@ async def collect(settings: Settings, destinations: list[str]) -> Status:
         wanted = destinations or found
     if backend == "plugin":
         notes.append("tasks waiting inside the delayed-message plugin are not counted by it")
+    warnings: list[str] = []
+    if source == "management":
+        notes.append(
+            "the management API samples counts every few seconds (5 s by default): they can "
+            "lag the queues that much"
+        )
+        # Parked and unroutable counts as the parking-lot tools see them, live.
+        counts.update(await _from_amqp(settings, [names.parked, names.unroutable]))
+        nodes = await management_get(
+            settings, "nodes", "name,fd_used,fd_total,proc_used,proc_total"
+        )
+        warnings = headroom_warnings(nodes or [])
     missing = Counts("", exists=False)
 
     def of(name: str) -> Counts:
@@ -191,7 +259,9 @@ async def collect(settings: Settings, destinations: list[str]) -> Status:
         parked=of(names.parked).total,
         unroutable=of(names.unroutable).total,
         cancel_records=of(names.cancels).ready,
+        sampled_at=sampled_at,
         notes=notes,
+        warnings=warnings,
     )
 
 
@@ -203,7 +273,7 @@ def render(status: Status) -> str:
     """The one-screen text form."""
     lines = [
         f"namespace {status.namespace}  vhost {status.vhost}  backend {status.backend}  "
-        f"(counts from {status.source})",
+        f"(counts from {status.source}, read {status.sampled_at})",
         "",
     ]
     if status.levels:
@@ -227,6 +297,7 @@ def render(status: Status) -> str:
         f"cancel records retained {_n(status.cancel_records)}",
     ]
     lines += [f"note: {n}" for n in status.notes]
+    lines += [f"WARNING: {w}" for w in status.warnings]
     return "\n".join(lines)
 
 

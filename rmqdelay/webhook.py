@@ -10,11 +10,8 @@ from typing import Any, Self
 import httpx
 
 from rmqdelay.errors import ConfigError, WebhookError
+from rmqdelay.redact import Redactor, safe_webhook_url, webhook_secrets
 from rmqdelay.task import Task
-
-
-def _safe(url: httpx.URL) -> str:
-    return str(url.copy_with(username=None, password=None)) if url.userinfo else str(url)
 
 
 def task_document(task: Task) -> dict[str, Any]:
@@ -42,9 +39,16 @@ class WebhookHandler:
     """
 
     def __init__(self, url: str, *, timeout: timedelta = timedelta(seconds=10)) -> None:
-        self.url = httpx.URL(url)
+        #: Where the hook lives, without credentials, path or query: for logs and errors.
+        self.safe_url = safe_webhook_url(url)
+        try:
+            self.url = httpx.URL(url)
+        except httpx.InvalidURL:
+            raise ConfigError(f"webhook URL {self.safe_url!r} does not parse") from None
         if self.url.scheme not in ("http", "https") or not self.url.host:
-            raise ConfigError(f"webhook URL {_safe(self.url)!r} must be http:// or https://")
+            raise ConfigError(f"webhook URL {self.safe_url!r} must be http:// or https://")
+        #: Masks the URL's secrets in errors (and, given to the CLI's logging, in logs).
+        self.redact = Redactor([*webhook_secrets(url), *webhook_secrets(str(self.url))])
         self._client = httpx.AsyncClient(timeout=timeout.total_seconds())
 
     async def __aenter__(self) -> Self:
@@ -63,11 +67,16 @@ class WebhookHandler:
             response = await self._client.post(
                 self.url, json=task_document(task), headers={"Idempotency-Key": task.id}
             )
-        except httpx.TimeoutException as e:
-            raise WebhookError(f"{_safe(self.url)} did not answer in time") from e
+        except httpx.TimeoutException:
+            raise WebhookError(f"{self.safe_url} did not answer in time") from None
         except httpx.HTTPError as e:
-            raise WebhookError(f"{_safe(self.url)} failed: {type(e).__name__}: {e}") from e
+            # Not chained: httpx's exceptions carry the request, and with it the whole URL.
+            raise WebhookError(
+                self.redact(f"{self.safe_url} failed: {type(e).__name__}: {e}")
+            ) from None
         if not response.is_success:
             raise WebhookError(
-                f"{_safe(self.url)} answered {response.status_code}: {response.text[:200]!r}"
+                self.redact(
+                    f"{self.safe_url} answered {response.status_code}: {response.text[:200]!r}"
+                )
             )

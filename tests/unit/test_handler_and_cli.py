@@ -15,7 +15,7 @@ TASK = Task("i", "d", {}, datetime.now(UTC), datetime.now(UTC), 1, (), "applicat
     ("spec", "fragment"),
     [
         ("nocolon", "package.module:function"),
-        ("no_such_module_xyz:f", "cannot import"),
+        ("no_such_module_xyz:f", "no module named 'no_such_module_xyz' on the import path"),
         ("json:no_such_function", "has no"),
         ("json:__doc__", "not a callable"),
     ],
