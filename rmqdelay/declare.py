@@ -176,7 +176,7 @@ async def resolve_backend(settings: Settings) -> Settings:
     """``settings`` with ``backend=auto`` replaced by what the broker supports.
 
     Probes on a throwaway connection: on RabbitMQ up to 3.13.2 an unknown exchange type
-    closes the whole connection (DESIGN.md), which must not be the client's own.
+    closes the whole connection (docs/design.md, "Gotchas"), which must not be the client's own.
     """
     if settings.backend != "auto":
         return settings

@@ -67,29 +67,27 @@ def _guessed_names(settings: Settings, destinations: list[str]) -> tuple[list[st
 
 
 async def plan_destroy(settings: Settings, destinations: list[str]) -> DestroyPlan:
-    """Find the namespace's objects and who consumes from them; changes nothing."""
+    """Find the namespace's objects and who consumes from them; changes nothing.
+
+    Counts come from passive declares, live: the management API's lag a few seconds, and a
+    worker that started just now must not be missed.
+    """
     prefix = f"{settings.namespace}."
     vhost = vhost_path(settings)
-    queues = await management_get(
-        settings, f"queues/{vhost}", "name,messages,messages_ready,consumers"
-    )
-    exchanges = await management_get(settings, f"exchanges/{vhost}", "name")
-    if queues is not None and exchanges is not None:
-        mine = [q for q in queues if q["name"].startswith(prefix)]
-        return DestroyPlan(
-            settings.namespace,
-            sorted(q["name"] for q in mine),
-            sorted(x["name"] for x in exchanges if x["name"].startswith(prefix)),
-            sum(int(q.get("messages", q.get("messages_ready")) or 0) for q in mine),
-            {q["name"]: q["consumers"] for q in mine if q.get("consumers")},
-        )
-    guessed_queues, guessed_exchanges = _guessed_names(settings, destinations)
+    listed_queues = await management_get(settings, f"queues/{vhost}", "name")
+    listed_exchanges = await management_get(settings, f"exchanges/{vhost}", "name")
+    listed = listed_queues is not None and listed_exchanges is not None
+    if listed:
+        queues = sorted(q["name"] for q in listed_queues if q["name"].startswith(prefix))
+        exchanges = sorted(x["name"] for x in listed_exchanges if x["name"].startswith(prefix))
+    else:
+        queues, exchanges = _guessed_names(settings, destinations)
     found: list[str] = []
     messages, consumed = 0, {}
     connection = await connect_once(settings)
     async with connection:
         channel = await connection.channel()
-        for name in guessed_queues:
+        for name in queues:
             try:
                 ok = (await channel.declare_queue(name, passive=True)).declaration_result
             except ChannelNotFoundEntity:
@@ -99,9 +97,7 @@ async def plan_destroy(settings: Settings, destinations: list[str]) -> DestroyPl
             messages += ok.message_count or 0
             if ok.consumer_count:
                 consumed[name] = ok.consumer_count
-    return DestroyPlan(
-        settings.namespace, found, guessed_exchanges, messages, consumed, listed=False
-    )
+    return DestroyPlan(settings.namespace, found, exchanges, messages, consumed, listed)
 
 
 async def destroy(settings: Settings, plan: DestroyPlan) -> None:

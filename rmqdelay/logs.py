@@ -54,7 +54,7 @@ class JsonFormatter(logging.Formatter):
 
     def __init__(self, redact: Redactor | None = None) -> None:
         super().__init__()
-        self.redact = redact or Redactor()
+        self.redact = redact if redact is not None else Redactor()
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -78,7 +78,7 @@ def configure_logging(level: LogLevel, fmt: LogFormat, redact: Redactor | None =
     ``level`` is rmqdelay's own; the libraries in THIRD_PARTY stay at WARNING, go to INFO
     at DEBUG, and show their own debug output (AMQP frames, payloads) only at TRACE.
     """
-    redact = redact or Redactor()
+    redact = redact if redact is not None else Redactor()
     handler = _Stderr()
     handler.set_name("rmqdelay")
     handler.setFormatter(JsonFormatter(redact) if fmt == "json" else TextFormatter(redact))

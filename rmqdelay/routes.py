@@ -30,7 +30,7 @@ class Route:
     exchange: str
     headers: dict[str, Any]
     #: The plugin answers every delayed publish with basic.return (NO_ROUTE) at once, so
-    #: mandatory would turn every task into a false "unroutable" (DESIGN.md).
+    #: mandatory would turn every task into a false "unroutable" (docs/design.md).
     mandatory: bool
     hops: int
 

@@ -83,7 +83,7 @@ def _queue_arguments(
         args["x-dead-letter-exchange"] = dead_letter_exchange
         if queue_type == "quorum":
             # at-least-once only holds with reject-publish; with the default drop-head the
-            # broker silently falls back to at-most-once (DESIGN.md).
+            # broker silently falls back to at-most-once (docs/design.md, "Quorum queues").
             args["x-dead-letter-strategy"] = "at-least-once"
             args["x-overflow"] = "reject-publish"
     return args

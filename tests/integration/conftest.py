@@ -99,3 +99,13 @@ async def destination(settings: Settings) -> AsyncIterator[str]:
     name = f"dest-{uuid.uuid4().hex[:8]}"
     yield name
     await apply(settings, destination_topology(settings.layout, name), delete=True)
+
+
+@pytest.fixture
+async def own_settings(broker_url: str) -> AsyncIterator[Settings]:
+    """A namespace of this test's own (1 h max delay: 19 levels), for tests that read a
+    whole queue (the parking lot) or run subprocesses over it; deleted afterwards."""
+    settings = make_settings(broker_url, max_delay=timedelta(hours=1))
+    await apply(settings, build_topology(settings.layout, ("dest",)))
+    yield settings
+    await apply(settings, build_topology(settings.layout, ("dest",)), delete=True)

@@ -13,3 +13,12 @@ def hang(task: Task) -> None:
     import threading
 
     threading.Event().wait()
+
+
+def exit_unless_good(task: Task) -> None:
+    """Call sys.exit(3) for every task but those whose payload is "good"."""
+    import sys
+
+    if task.payload != "good":
+        sys.exit(3)
+    print(f"executed {task.id} {task.payload}", flush=True)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,9 @@ def subprocess_env(settings: Settings) -> dict[str, str]:
     env.update(
         RMQDELAY_URL=settings.url,
         RMQDELAY_NAMESPACE=settings.namespace,
+        RMQDELAY_MAX_DELAY=f"{settings.max_delay // timedelta(microseconds=1)}us",
+        RMQDELAY_RESOLUTION_MS=str(settings.resolution_ms),
+        RMQDELAY_QUEUE_TYPE=settings.queue_type,
         PYTHONPATH=str(Path(__file__).resolve().parents[2]),
     )
     return env
@@ -58,6 +63,25 @@ class Recorder:
         for task, ran in self.runs:
             first.setdefault(task.id, (ran - task.due_at.timestamp()) * 1000)
         return first
+
+
+@contextmanager
+def logged(logger: str, text: str) -> Iterator[asyncio.Event]:
+    """An event set once ``logger`` (or a child) emits a record containing ``text``."""
+    seen = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if text in record.getMessage():
+                loop.call_soon_threadsafe(seen.set)
+
+    handler, target = Watch(), logging.getLogger(logger)
+    target.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        target.removeHandler(handler)
 
 
 @asynccontextmanager

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from rmqdelay import HandlerError, InvalidKeyError, InvalidPayloadError, Task
+from rmqdelay import HandlerError, InvalidKeyError, InvalidPayloadError, Task, WebhookError
 from rmqdelay.cli import RET_ERROR, RET_OK, main
 from rmqdelay.handler import call_handler, describe_failure
 from rmqdelay.logs import THIRD_PARTY, TRACE, JsonFormatter, TextFormatter, configure_logging
@@ -60,7 +60,7 @@ def test_short_strings_are_not_treated_as_secrets() -> None:
 
 async def test_webhook_errors_never_carry_the_url_secrets() -> None:
     async with WebhookHandler(HOOK.replace("hooks.example.com", "127.0.0.1:9")) as hook:
-        with pytest.raises(Exception) as info:
+        with pytest.raises(WebhookError) as info:
             await hook(TASK)
     assert info.value.__cause__ is None, "httpx's exception holds the request URL"
     for secret in HOOK_SECRETS:
@@ -187,7 +187,7 @@ def test_deeply_nested_payloads_are_refused_both_ways() -> None:
 
 def test_payloads_over_the_broker_maximum_are_refused_before_sending() -> None:
     check_size(b"x" * 100, 100)
-    with pytest.raises(InvalidPayloadError, match="101 bytes is over the maximum .* 100 bytes"):
+    with pytest.raises(InvalidPayloadError, match=r"101 bytes is over the maximum .* 100 bytes"):
         check_size(b"x" * 101, 100)
 
 
@@ -262,5 +262,5 @@ def test_retry_delay_of_a_timedelta_is_described_in_human_units() -> None:
     from rmqdelay.delays import DelayLimits, delay_to_us
 
     limits = DelayLimits(10, 35, delay_to_us(timedelta(days=3653)))
-    with pytest.raises(Exception, match="26336d3h18m26.776s exceeds the maximum of 3653d"):
+    with pytest.raises(Exception, match=r"26336d3h18m26\.776s exceeds the maximum of 3653d"):
         limits.units(2_275_442_306_775_524)
