@@ -1,9 +1,10 @@
 """Delay arithmetic: durations, resolution units and hop plans. Pure; no I/O.
 
-A delay becomes ``n = ceil(delay / resolution)`` units. Level ``k`` holds a message
-exactly ``resolution * 2**k``, so a message visits the levels of the set bits of ``n``,
-highest first, and spends exactly ``n`` units in the levels: never early, at most one
-unit later than asked for (plus broker hop time).
+Level ``k`` holds a message exactly ``resolution * 2**k``. A delay becomes
+``n = floor(delay / resolution)`` units, and the message visits the levels of the set bits
+of ``n``, highest first: it spends exactly ``n`` units in the levels and reaches its work
+queue at most one unit *before* it is due (plus broker hop time). The worker holds it
+until its due time, so the levels can be coarse (few hops) and release is still exact.
 """
 
 from __future__ import annotations
@@ -94,9 +95,15 @@ def level_count(resolution_ms: int, max_delay_us: int) -> int:
 
 
 def units_for(delay_us: int, resolution_ms: int) -> int:
-    """Resolution units for a delay: rounded up, so a task is never early."""
+    """Resolution units that cover a delay, rounded up (how many levels a maximum needs)."""
     unit_us = resolution_ms * _US_PER_MS
     return -(-delay_us // unit_us)
+
+
+def units_within(delay_us: int, resolution_ms: int) -> int:
+    """Whole resolution units within a delay, rounded down: the time a task spends in the
+    levels, arriving at most one unit before it is due."""
+    return delay_us // (resolution_ms * _US_PER_MS)
 
 
 def level_ttl_ms(level: int, resolution_ms: int) -> int:
@@ -129,8 +136,10 @@ class DelayLimits:
         return units_for(delay_us, self.resolution_ms)
 
     def plan(self, delay_us: int) -> tuple[int, ...]:
-        """The hop plan for ``delay_us``, refusing a delay over the maximum."""
-        return hop_plan(self.units(delay_us))
+        """The hop plan for ``delay_us`` (whole units, so at most one unit early: the
+        worker holds the rest), refusing a delay over the maximum."""
+        self.units(delay_us)
+        return hop_plan(units_within(delay_us, self.resolution_ms))
 
 
 #: Units for describing a duration, largest first (weeks are left out: ``3653d`` reads

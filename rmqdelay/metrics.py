@@ -40,6 +40,12 @@ class WorkerMetrics:
             "Executed tasks scheduled with a due time already past (lateness counted from "
             "their publish time)",
         )
+        self.held = Gauge(
+            "rmqdelay_tasks_held",
+            "Tasks delivered before their due time, held (unacked) until it",
+            labels,
+            registry=self.registry,
+        ).labels(destination)
         self.in_flight = Gauge(
             "rmqdelay_tasks_in_flight", "Handlers running now", labels, registry=self.registry
         ).labels(destination)

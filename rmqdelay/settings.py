@@ -34,6 +34,9 @@ from rmqdelay.routes import Backend, Route, route
 from rmqdelay.topology import Layout
 
 ENV_PREFIX = "RMQDELAY_"
+#: Task arrival rate (per second) a worker's default prefetch has room to hold early tasks
+#: for: twice the 2,000/s one worker is meant to sustain.
+HOLD_RATE_PER_S = 4000
 _NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
 
@@ -96,7 +99,13 @@ class Settings(BaseSettings):
         default=timedelta(days=3653),
         description="Longest delay accepted (e.g. 3653d).",
     )
-    prefetch: int = Field(default=32, ge=1, le=65535, description="Unacked tasks per worker.")
+    prefetch: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Unacked tasks per worker (default: the concurrency plus room to hold "
+        "early tasks until they are due; see prefetch_for).",
+    )
     concurrency: int = Field(default=16, ge=1, le=10_000, description="Handlers run at once.")
     declare: bool = Field(
         default=True, description="Declare the topology on start (false: ops import it)."
@@ -224,6 +233,18 @@ class Settings(BaseSettings):
                 "due. Raise RMQDELAY_CANCEL_RETENTION or lower RMQDELAY_MAX_DELAY."
             )
         return self
+
+    def prefetch_for(self, concurrency: int) -> int:
+        """Unacked deliveries a worker asks for: the setting, or enough for ``concurrency``
+        running handlers plus the early tasks it holds (unacked) until they are due.
+
+        Tasks arrive up to one resolution unit early, so at HOLD_RATE_PER_S a worker holds
+        up to ``HOLD_RATE_PER_S * resolution`` of them at once; with fewer deliveries
+        allowed, held tasks would throttle the worker.
+        """
+        if self.prefetch is not None:
+            return self.prefetch
+        return min(65535, concurrency + math.ceil(HOLD_RATE_PER_S * self.resolution_ms / 1000))
 
     @property
     def retry_policy(self) -> RetryPolicy:

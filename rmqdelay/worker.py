@@ -6,10 +6,10 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import astuple, dataclass
 from datetime import timedelta
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import aio_pika
 from aio_pika.abc import (
@@ -44,8 +44,11 @@ from rmqdelay.task import Handler, Task
 from rmqdelay.threads import DaemonThreadPool
 from rmqdelay.topology import build_topology, destination_topology
 from rmqdelay.wire import (
+    ATTEMPT,
     DEFAULT_ACCEPT,
+    DUE_MS,
     PAST_DUE_TOLERANCE_MS,
+    TASK_ID,
     decode_task,
     parked_headers,
     published_ms,
@@ -59,6 +62,8 @@ SUMMARY_INTERVAL_S = 60.0
 #: After the grace period, how long cancelled handlers get to unwind before the worker
 #: gives up on them (an async handler may swallow the cancellation).
 UNWIND_S = 5.0
+#: Held beyond two resolution units: clock skew between publisher and worker hosts.
+MAX_HOLD_MARGIN_S = 5.0
 
 
 @dataclass(slots=True)
@@ -74,6 +79,8 @@ class WorkerStats:
     #: Executed tasks that were scheduled with a due time already well past (``at=`` in
     #: the past): their lateness counts from their publish time instead.
     past_due: int = 0
+    #: Tasks that arrived before their due time and were held until it.
+    held: int = 0
     #: Handlers still running when the worker gave up on them at stop (tasks requeued).
     abandoned: int = 0
     lateness_max_s: float = 0.0
@@ -127,7 +134,7 @@ class Worker:
         self.destination = settings.names.check_destination(destination)
         self.handler = handler
         self.concurrency = concurrency or settings.concurrency
-        self.prefetch = prefetch or settings.prefetch
+        self.prefetch = prefetch or settings.prefetch_for(self.concurrency)
         self.retry = retry or settings.retry_policy
         self.handler_timeout = handler_timeout or settings.handler_timeout
         self.accept = frozenset(accept) if accept else DEFAULT_ACCEPT
@@ -149,6 +156,9 @@ class Worker:
         self._connection: AbstractRobustConnection | None = None
         self._consumer_tag: str | None = None
         self._consumer_lost = asyncio.Event()
+        self._holding: set[asyncio.Task[None]] = set()
+        #: Longer than this before its due time, a task goes back through the levels.
+        self._max_hold_s = 2 * settings.resolution_ms / 1000 + MAX_HOLD_MARGIN_S
 
     async def run(self, stop: asyncio.Event) -> WorkerStats:
         """Consume until ``stop`` is set, then shut down cleanly. Returns the counts.
@@ -340,6 +350,8 @@ class Worker:
         A handler that ignores the cancellation (or a plain one stuck in its thread) is
         abandoned after UNWIND_S more: closing the connection returns its task to the queue.
         """
+        for holder in self._holding:
+            holder.cancel()  # not due yet: back to the queue at once, not after the grace
         if self._running:
             grace = self.settings.shutdown_grace.total_seconds()
             log.info("waiting up to %.0fs for %d in-flight task(s)", grace, len(self._running))
@@ -364,8 +376,10 @@ class Worker:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         current = asyncio.current_task()
         assert current is not None
-        self._running.add(current)
         try:
+            if not await self._hold(message, current):
+                return
+            self._running.add(current)
             async with self._slots:
                 await self._follower.caught_up.wait()
                 if self._stopping:
@@ -379,6 +393,53 @@ class Worker:
             log.error("%s", e)
         finally:
             self._running.discard(current)
+
+    async def _hold(self, message: AbstractIncomingMessage, current: asyncio.Task[None]) -> bool:
+        """Keep an early task (unacked, outside the concurrency slots) until it is due.
+
+        The levels deliver up to one resolution unit early. A task due much later than that
+        (a publisher's wrong plan, clock skew) goes back through the levels rather than
+        sitting in memory. Returns False when the task was sent back.
+        """
+        due_s = _due_s(message.headers)
+        if due_s is None or due_s <= time.time():
+            return True
+        if due_s - time.time() > self._max_hold_s:
+            await self._send_back(message, due_s)
+            return False
+        self._holding.add(current)
+        self.metrics.held.inc()
+        self.stats.held += 1
+        self._counted.set()
+        log.debug(
+            "holding %s for %.0f ms until it is due",
+            (message.headers or {}).get(TASK_ID), 1000 * (due_s - time.time()),
+        )  # fmt: skip
+        try:
+            # Never early by the wall clock the publisher stamped with: a timer may fire a
+            # hair before its time, so check again.
+            while (wait := due_s - time.time()) > 0:  # noqa: ASYNC110 - a timer, not an event
+                await asyncio.sleep(wait)
+        finally:
+            self._holding.discard(current)
+            self.metrics.held.dec()
+        return True
+
+    async def _send_back(self, message: AbstractIncomingMessage, due_s: float) -> None:
+        headers = message.headers or {}
+        attempt = headers.get(ATTEMPT, 1)
+        wait_us = int((due_s - time.time()) * 1e6)
+        log.info(
+            "task %s arrived %.1fs before it is due; sending it back through the levels",
+            headers.get(TASK_ID), wait_us / 1e6,
+        )  # fmt: skip
+        await self._republish(
+            message,
+            attempt=attempt if isinstance(attempt, int) else 1,
+            due_ms=round(due_s * 1000),
+            wait_us=wait_us,
+            what="send back",
+        )
 
     async def _requeue(self, message: AbstractIncomingMessage) -> None:
         self._count("requeued")
@@ -478,33 +539,46 @@ class Worker:
             "task %s failed (attempt %d of %d): %s: %s; retrying in %.3fs",
             task.id, task.attempt, policy.max_attempts, error, detail, wait_us / 1e6,
         )  # fmt: skip
-        await self._reschedule(message, task, wait_us)
+        now_us = time.time_ns() // 1000
+        await self._republish(
+            message,
+            attempt=task.attempt + 1,
+            due_ms=-(-(now_us + wait_us) // 1000),
+            wait_us=wait_us,
+            what="retry",
+        )
         self._count("retried")
 
-    async def _reschedule(self, message: AbstractIncomingMessage, task: Task, wait_us: int) -> None:
-        """Publish the next attempt through the levels, confirmed, then ack this one."""
+    async def _republish(
+        self,
+        message: AbstractIncomingMessage,
+        *,
+        attempt: int,
+        due_ms: int,
+        wait_us: int,
+        what: str,
+    ) -> None:
+        """Send the task through the delay levels again, confirmed, then ack this copy."""
         assert self._delays is not None
-        now_us = time.time_ns() // 1000
         way = self.settings.route(wait_us)
         headers = rescheduled_headers(
-            task.headers, attempt=task.attempt + 1, due_ms=-(-(now_us + wait_us) // 1000), plan=()
+            message.headers or {}, attempt=attempt, due_ms=due_ms, plan=()
         )
         headers.update(way.headers)
-        retry = aio_pika.Message(
+        again = aio_pika.Message(
             message.body,
             headers=headers,
             content_type=message.content_type,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=task.id,
+            message_id=message.message_id,
         )
+        routing_key = message.routing_key or self.destination
         try:
-            await self._delays.publish(retry, routing_key=task.destination, mandatory=way.mandatory)
+            await self._delays.publish(again, routing_key=routing_key, mandatory=way.mandatory)
         except Exception as e:
-            log.error(
-                "could not schedule a retry of %s (%s); returning it to the queue", task.id, e
-            )
+            log.error("could not %s %s (%s); returning it to the queue", what, again.message_id, e)
             await self._requeue(message)
-            raise PublishNotConfirmedError(f"retrying {task.id} failed: {e}") from e
+            raise PublishNotConfirmedError(f"{what} of {again.message_id} failed: {e}") from e
         await message.ack()
 
     async def _park(
@@ -535,6 +609,13 @@ class Worker:
             raise PublishNotConfirmedError(f"parking {message.message_id} failed: {e}") from e
         await message.ack()
         self._count("parked")
+
+
+def _due_s(headers: Mapping[str, Any] | None) -> float | None:
+    """The due time in epoch seconds, read before decoding (None when missing or odd:
+    decoding will say what is wrong)."""
+    due = (headers or {}).get(DUE_MS)
+    return due / 1000 if isinstance(due, int) and not isinstance(due, bool) else None
 
 
 def _lateness(task: Task, now_s: float) -> tuple[float, bool]:

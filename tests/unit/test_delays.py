@@ -140,6 +140,37 @@ def test_level_ttls_double() -> None:
     assert [level_ttl_ms(k, 10) for k in range(4)] == [10, 20, 40, 80]
 
 
+@pytest.mark.parametrize("resolution_ms", [1, 10, 256])
+@pytest.mark.parametrize(
+    "delay_us",
+    [
+        0,
+        1,
+        999,
+        1_000,
+        9_999,
+        10_000,
+        10_001,
+        255_999,
+        256_000,
+        5_000_000,
+        86_400_000_000,
+        3653 * 86_400_000_000,
+    ],
+)
+def test_plans_arrive_at_most_one_unit_early_and_never_late(
+    delay_us: int, resolution_ms: int
+) -> None:
+    limits = DelayLimits(
+        resolution_ms, level_count(resolution_ms, 3653 * 86_400_000_000), 3653 * 86_400_000_000
+    )
+    plan = limits.plan(delay_us)
+    in_levels_us = sum(level_ttl_ms(level, resolution_ms) for level in plan) * 1000
+    assert in_levels_us <= delay_us, "never late by the levels' own doing"
+    assert delay_us - in_levels_us < resolution_ms * 1000, "at most one unit early: held"
+    assert all(level < limits.levels for level in plan)
+
+
 def test_limits_refuse_delays_over_the_maximum_and_name_both() -> None:
     limits = DelayLimits(resolution_ms=10, levels=3, max_delay_us=70_000)
     assert limits.units(70_000) == 7

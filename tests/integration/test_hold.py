@@ -1,0 +1,204 @@
+"""Exact release in the worker: the levels deliver up to one unit early, the worker holds.
+
+These tests use coarse resolutions (200 ms to 1 s) so that early arrival is large enough to
+observe; the mechanism is the same at any resolution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pika
+import pytest
+
+from rmqdelay import Scheduler, Settings
+from rmqdelay.declare import apply_topology
+from rmqdelay.topology import build_topology
+
+from .conftest import make_settings
+from .helpers import Recorder, running_worker, subprocess_env
+from .test_cli import _line_with
+
+pytestmark = pytest.mark.integration
+
+
+async def _coarse(broker_url: str, resolution_ms: int) -> AsyncIterator[Settings]:
+    settings = make_settings(broker_url, resolution_ms=resolution_ms, max_delay=timedelta(hours=1))
+    await apply_topology(settings, build_topology(settings.layout, ("dest",)))
+    yield settings
+    await apply_topology(settings, build_topology(settings.layout, ("dest",)), delete=True)
+
+
+@pytest.fixture
+async def coarse(broker_url: str) -> AsyncIterator[Settings]:
+    """A namespace of its own at 200 ms resolution."""
+    async for settings in _coarse(broker_url, 200):
+        yield settings
+
+
+@pytest.fixture
+async def very_coarse(broker_url: str) -> AsyncIterator[Settings]:
+    """A namespace of its own at 1 s resolution: a task is held for most of a second."""
+    async for settings in _coarse(broker_url, 1000):
+        yield settings
+
+
+async def test_early_tasks_are_held_and_released_in_due_order_never_early(
+    coarse: Settings,
+) -> None:
+    recorder = Recorder()
+    # Published in this order, all arrive after one 200 ms level at about the same time;
+    # their due times run the other way.
+    delays_ms = [390, 350, 310, 270, 230]
+    async with (
+        running_worker(coarse, "dest", recorder) as worker,
+        Scheduler(coarse) as scheduler,
+    ):
+        scheduled = [await scheduler.schedule("dest", {}, delay=d / 1000) for d in delays_ms]
+        await recorder.wait_for({s.id for s in scheduled}, within=10)
+    assert worker.stats.held == len(delays_ms), "each arrived early and was held"
+    lateness = recorder.lateness_ms()
+    assert min(lateness.values()) >= 0, "released at the due time, never before"
+    started = [task.id for task, _ in sorted(recorder.runs, key=lambda run: run[1])]
+    by_due = [s.id for s in sorted(scheduled, key=lambda s: s.due_at)]
+    assert started == by_due
+
+
+async def test_a_task_cancelled_while_held_does_not_run(very_coarse: Settings) -> None:
+    recorder = Recorder()
+    async with (
+        running_worker(very_coarse, "dest", recorder) as worker,
+        Scheduler(very_coarse) as scheduler,
+    ):
+        await scheduler.schedule("dest", {}, delay=1.9, keys=["held:1"])
+        async with asyncio.timeout(10):
+            await worker.wait_for(lambda s: s.held == 1)
+        await scheduler.cancel("held:1")
+        async with asyncio.timeout(10):
+            await worker.wait_for(lambda s: s.cancelled == 1)
+    assert recorder.runs == []
+
+
+async def test_stopping_returns_held_tasks_at_once_and_the_next_worker_runs_them(
+    very_coarse: Settings,
+) -> None:
+    recorder = Recorder()
+    async with Scheduler(very_coarse) as scheduler:
+        s = await scheduler.schedule("dest", {}, delay=1.9)
+    patient = very_coarse.model_copy(update={"shutdown_grace": timedelta(seconds=30)})
+    async with running_worker(patient, "dest", recorder) as worker:
+        async with asyncio.timeout(10):
+            await worker.wait_for(lambda st: st.held == 1)
+        stopping_at = time.monotonic()
+    assert time.monotonic() - stopping_at < 5, "a held task is not in flight: no grace wait"
+    assert worker.stats.requeued == 1
+    async with running_worker(very_coarse, "dest", recorder):
+        await recorder.wait_for({s.id}, within=10)
+    assert recorder.lateness_ms()[s.id] >= 0
+
+
+async def test_a_held_task_whose_worker_dies_runs_on_the_next_worker_on_time(
+    very_coarse: Settings,
+) -> None:
+    doomed = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "rmqdelay", "--log-level", "DEBUG", "consume", "dest",
+        "--handler", "tests.integration.handlers:report",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(very_coarse),
+    )  # fmt: skip
+    assert doomed.stderr is not None
+    try:
+        await _line_with(doomed.stderr, "consuming", within=30)
+        async with Scheduler(very_coarse) as scheduler:
+            s = await scheduler.schedule("dest", {}, delay=1.9)
+        await _line_with(doomed.stderr, f"holding {s.id}", within=10)
+    finally:
+        doomed.send_signal(signal.SIGKILL)
+        await doomed.wait()
+    recorder = Recorder()
+    async with running_worker(very_coarse, "dest", recorder):
+        await recorder.wait_for({s.id}, within=15)
+    task = recorder.runs[0][0]
+    assert task.redelivered
+    assert recorder.lateness_ms()[s.id] >= 0
+
+
+def _publish(settings: Settings, headers: dict[str, object], body: bytes) -> None:
+    """Publish with a plain AMQP client (pika), confirmed, as another language would."""
+    connection = pika.BlockingConnection(pika.URLParameters(settings.url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(
+            exchange=f"{settings.namespace}.schedule",
+            routing_key="dest",
+            body=body,
+            properties=pika.BasicProperties(
+                content_type="application/json",
+                delivery_mode=2,
+                message_id=str(headers["rmqdelay-id"]),
+                headers=headers,
+            ),
+            mandatory=True,
+        )
+    finally:
+        connection.close()
+
+
+def _publish_as_the_readme_says(settings: Settings, delay_ms: int, task_id: str) -> int:
+    """The README's "Wire format" recipe, step by step; returns the due time (ms)."""
+    now_ms = int(time.time() * 1000)
+    n = delay_ms // settings.resolution_ms  # whole units: the worker holds the remainder
+    levels = [k for k in range(n.bit_length() - 1, -1, -1) if n >> k & 1]
+    stops = [str(k) for k in levels] + ["work"]
+    headers: dict[str, object] = {
+        "rmqdelay-id": task_id,
+        "rmqdelay-due": now_ms + delay_ms,
+        "rmqdelay-published": now_ms,
+        "rmqdelay-route-in": stops[0],
+    }
+    headers.update({f"rmqdelay-route-{k}": nxt for k, nxt in zip(levels, stops[1:], strict=True)})
+    _publish(settings, headers, json.dumps({"from": "pika"}).encode())
+    return now_ms + delay_ms
+
+
+async def test_a_task_published_by_a_plain_amqp_client_per_the_readme_runs_on_time(
+    coarse: Settings,
+) -> None:
+    recorder = Recorder()
+    task_id = uuid.uuid4().hex
+    async with running_worker(coarse, "dest", recorder) as worker:
+        due_ms = await asyncio.to_thread(_publish_as_the_readme_says, coarse, 1234, task_id)
+        await recorder.wait_for({task_id}, within=10)
+    task, ran = recorder.runs[0]
+    assert task.payload == {"from": "pika"}
+    assert ran * 1000 >= due_ms, "never early"
+    assert worker.stats.held == 1, "1234 ms at 200 ms arrives 34 ms early: held"
+
+
+async def test_a_task_far_ahead_of_its_due_time_goes_back_through_the_levels(
+    coarse: Settings,
+) -> None:
+    recorder = Recorder()
+    task_id = uuid.uuid4().hex
+    now_ms = int(time.time() * 1000)
+    # A wrong plan: straight to the work queue, for a task due in 6 s (more than two units
+    # plus the clock-skew margin ahead).
+    headers: dict[str, object] = {
+        "rmqdelay-id": task_id,
+        "rmqdelay-due": now_ms + 6000,
+        "rmqdelay-published": now_ms,
+        "rmqdelay-route-in": "work",
+    }
+    async with running_worker(coarse, "dest", recorder) as worker:
+        await asyncio.to_thread(_publish, coarse, headers, b"{}")
+        await recorder.wait_for({task_id}, within=15)
+    assert recorder.runs[0][1] * 1000 >= now_ms + 6000, "never early"
+    assert worker.stats.held == 1, "held only for the last stretch, after the levels"
