@@ -69,7 +69,7 @@ def make_settings(url: str, **overrides: object) -> Settings:
         "url": url,
         "namespace": f"rmqdelay-test-{uuid.uuid4().hex[:8]}",
         "queue_type": "quorum",
-        "resolution_ms": 10,
+        "resolution_ms": 256,  # the default: tasks arrive early and are held
         "max_delay": timedelta(days=3653),
         "declare": True,
         "prefetch": 32,

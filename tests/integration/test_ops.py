@@ -138,10 +138,14 @@ async def test_definitions_imported_with_rabbitmqctl_serve_clients_that_do_not_d
     user = urlsplit(settings.url).username or "guest"
     path = tmp_path / "definitions.json"
     _render(path, "--namespace", "ops", "--vhost", vhost, "--max-delay", "1d", "--user", user,
-            "--policies", "alarms")  # fmt: skip
+            "--resolution-ms", "10", "--policies", "alarms")  # fmt: skip
     await _import(path)
     imported = make_settings(
-        _with_vhost(settings.url, vhost), namespace="ops", max_delay="1d", declare=False
+        _with_vhost(settings.url, vhost),
+        namespace="ops",
+        max_delay="1d",
+        resolution_ms=10,
+        declare=False,
     )
     await _serves_tasks_without_declaring(imported, "alarms")
 
@@ -150,7 +154,9 @@ async def test_definitions_imported_with_rabbitmqctl_serve_clients_that_do_not_d
     coarser = imported.model_copy(update={"resolution_ms": 20})
     with pytest.raises(TopologyMismatchError, match=r"ops\.level\.00.*x-message-ttl"):
         await Scheduler(coarser).start()
-    longer = make_settings(imported.url, namespace="ops", max_delay="2d", declare=False)
+    longer = make_settings(
+        imported.url, namespace="ops", max_delay="2d", resolution_ms=10, declare=False
+    )
     assert longer.levels == imported.levels + 1
     with pytest.raises(TopologyMismatchError, match=r"'ops\.(after|level)\.24' does not exist"):
         await Scheduler(longer).start()
@@ -263,10 +269,11 @@ async def test_status_shows_levels_destinations_parked_and_cancels(small: Settin
     document = await _settled_status(small)
     assert document["namespace"] == small.namespace
     assert document["backend"] == "levels"
-    assert [lv["ttl_ms"] for lv in document["levels"]] == [10 << k for k in range(small.levels)]
-    # 50 minutes = 300000 units: the two tasks wait in the level of the highest set bit
+    unit = small.resolution_ms
+    assert [lv["ttl_ms"] for lv in document["levels"]] == [unit << k for k in range(small.levels)]
+    # 50 minutes in whole units: the two tasks wait in the level of the highest set bit
     pending = {lv["level"]: lv["pending"] for lv in document["levels"] if lv["pending"]}
-    assert pending == {(300_000).bit_length() - 1: 2}
+    assert pending == {(3_000_000 // unit).bit_length() - 1: 2}
     destinations = {d["destination"]: d for d in document["destinations"]}
     assert destinations["a"]["ready"] == 3
     assert destinations["a"]["consumers"] == 0
@@ -326,8 +333,10 @@ async def test_backend_auto_falls_back_to_levels_without_breaking_the_connection
     recorder = Recorder()
     async with running_worker(auto, destination, recorder), Scheduler(auto) as scheduler:
         assert scheduler.settings.backend == "levels"
-        s = await scheduler.schedule(destination, {"via": "auto"}, delay=0.2)
-        assert s.hops > 0
+        s = await scheduler.schedule(
+            destination, {"via": "auto"}, delay=2.5 * settings.resolution_ms / 1000
+        )
+        assert s.hops == 1  # two whole units: level 1
         await recorder.wait_for({s.id}, within=20)
         assert not scheduler.connection.is_closed
 

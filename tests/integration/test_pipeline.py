@@ -148,7 +148,8 @@ async def test_malformed_hop_plans_are_caught_as_unroutable_and_do_not_stall_the
                 route_header(1): "7",  # a level above: no binding matches
             }
             await _publish_raw(settings, destination, bad)
-        after = await scheduler.schedule(destination, {}, delay=timedelta(milliseconds=20))
+        two_units = timedelta(milliseconds=2 * settings.resolution_ms)
+        after = await scheduler.schedule(destination, {}, delay=two_units)
         await recorder.wait_for({after.id}, within=10)  # through level 1, behind the bad ones
     unroutable = await get_all(settings, settings.names.unroutable, ack=True)
     # A set: 3.10.8 dead-letters some of an overflowed window twice (at-least-once allows it).

@@ -10,7 +10,10 @@ from rmqdelay.redact import redact_url
 
 def test_defaults() -> None:
     s = Settings(_env_file=None)
-    assert (s.namespace, s.queue_type, s.resolution_ms) == ("rmqdelay", "quorum", 10)
+    assert (s.namespace, s.queue_type, s.resolution_ms) == ("rmqdelay", "quorum", 256)
+    # room to run 16 handlers and hold one unit (256 ms) of early tasks at 4,000/s
+    assert s.prefetch_for(16) == 16 + 1024
+    assert Settings(_env_file=None, prefetch=7).prefetch_for(16) == 7
     assert s.max_delay == timedelta(days=3653)
     assert s.declare is True
 
@@ -34,7 +37,7 @@ def test_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"queue_type": "stream"}, "RMQDELAY_QUEUE_TYPE"),
         ({"max_delay": "forever"}, "RMQDELAY_MAX_DELAY"),
         ({"max_delay": "0s"}, "RMQDELAY_MAX_DELAY"),
-        ({"max_delay": "4000d"}, "RMQDELAY_MAX_DELAY"),
+        ({"max_delay": "7000d"}, "RMQDELAY_MAX_DELAY"),  # top level over 10 x 365 days
         ({"prefetch": 0}, "RMQDELAY_PREFETCH"),
         ({"url": "http://h/"}, "RMQDELAY_URL"),
     ],

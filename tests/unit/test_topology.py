@@ -131,15 +131,15 @@ def test_binding_counts() -> None:
     assert by_source["t.work"] == 1
 
 
-def test_default_settings_make_35_levels_of_10ms_up_to_ten_years() -> None:
+def test_default_settings_make_31_levels_of_256ms_up_to_ten_years() -> None:
     layout = Settings(_env_file=None).layout
-    assert (layout.resolution_ms, layout.levels) == (10, 35)
+    assert (layout.resolution_ms, layout.levels) == (256, 31)
     topology = build_topology(layout)
     top = max(int(q.arguments.get("x-message-ttl", 0)) for q in topology.queues)
-    assert top == 10 * 2**34 <= 315_360_000_000
-    queue, waited = walk(topology, route_headers(hop_plan(2**35 - 1)), "x")
+    assert top == 256 * 2**30 <= 315_360_000_000
+    queue, waited = walk(topology, route_headers(hop_plan(2**31 - 1)), "x")
     assert queue == "rmqdelay.unroutable"  # no work queue "x" declared: caught, not dropped
-    assert waited == (2**35 - 1) * 10
+    assert waited == (2**31 - 1) * 256
 
 
 def test_cancels_live_in_a_stream_that_keeps_them_for_the_retention() -> None:
