@@ -4,6 +4,7 @@ Publishers call :class:`Scheduler`; workers run :class:`Worker` (or ``rmqdelay c
 """
 
 from rmqdelay.errors import (
+    BatchNotConfirmedError,
     BrokerError,
     BrokerUnavailableError,
     ConfigError,
@@ -23,7 +24,7 @@ from rmqdelay.errors import (
     WebhookError,
 )
 from rmqdelay.retry import Retry, RetryPolicy
-from rmqdelay.scheduler import Scheduler
+from rmqdelay.scheduler import Scheduler, TaskSpec
 from rmqdelay.settings import Settings
 from rmqdelay.task import Cancellation, Handler, ScheduledTask, Task
 from rmqdelay.webhook import WebhookHandler
@@ -32,6 +33,7 @@ from rmqdelay.worker import Worker, WorkerStats
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNotConfirmedError",
     "BrokerError",
     "BrokerUnavailableError",
     "Cancellation",
@@ -54,6 +56,7 @@ __all__ = [
     "Scheduler",
     "Settings",
     "Task",
+    "TaskSpec",
     "TopologyMismatchError",
     "UnroutableError",
     "WebhookError",

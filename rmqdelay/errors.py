@@ -12,6 +12,7 @@
     │   ├── TopologyMismatchError
     │   ├── UnroutableError
     │   ├── PublishNotConfirmedError
+    │   │   └── BatchNotConfirmedError     some tasks of a schedule_many() were not confirmed
     │   └── ConsumerCancelledError         the broker cancelled a worker's consumer for good
     ├── MessageDecodeError                  a delivered message is not an rmqdelay task
     ├── WebhookError                        the webhook target failed a task (it is retried)
@@ -23,6 +24,8 @@ Broker errors are always raised ``from`` the aio-pika/aiormq exception behind th
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class RmqDelayError(Exception):
@@ -80,6 +83,24 @@ class PublishNotConfirmedError(BrokerError):
 class ConsumerCancelledError(BrokerError):
     """Raised when the broker cancelled a worker's consumer (its queue was deleted) and the
     queue could not be declared again; the worker stops rather than idle unseen."""
+
+
+class BatchNotConfirmedError(PublishNotConfirmedError):
+    """Raised when some tasks of a ``schedule_many()`` batch were not confirmed.
+
+    ``scheduled`` has the batch's order: a ScheduledTask for each confirmed task (it is
+    safe in the broker), None for each that was not; ``errors`` maps those indexes to why.
+    """
+
+    def __init__(self, scheduled: list[Any], errors: dict[int, BaseException]) -> None:
+        first = min(errors)
+        super().__init__(
+            f"{len(errors)} of {len(scheduled)} tasks were not confirmed (indexes "
+            f"{sorted(errors)[:10]}{'...' if len(errors) > 10 else ''}; the first: "
+            f"{type(errors[first]).__name__}: {errors[first]}); the others were"
+        )
+        self.scheduled = scheduled
+        self.errors = errors
 
 
 class MessageDecodeError(RmqDelayError):

@@ -8,7 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
@@ -35,6 +35,7 @@ from rmqdelay.connection import PUBLISH_RETRYABLE, connect
 from rmqdelay.declare import check_topology, declare_topology, resolve_backend
 from rmqdelay.delays import delay_to_us, describe_us
 from rmqdelay.errors import (
+    BatchNotConfirmedError,
     BrokerUnavailableError,
     InvalidDelayError,
     InvalidKeyError,
@@ -85,6 +86,23 @@ def _due_us(now_us: int, delay: timedelta | float | None, at: datetime | None) -
 
 
 @dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """One task for ``Scheduler.schedule_many()``: the arguments of ``schedule()``."""
+
+    destination: str
+    payload: Any
+    delay: timedelta | float | None = None
+    at: datetime | None = None
+    content_type: str | None = None
+    task_id: str | None = None
+    keys: Iterable[str] = ()
+    replace: bool = False
+    max_attempts: int | None = None
+    backoff_base: timedelta | float | None = None
+    backoff_cap: timedelta | float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class CheckedTask:
     """A task's parts once every check that needs no broker has passed."""
 
@@ -94,6 +112,9 @@ class CheckedTask:
     keys: tuple[str, ...]
     task_id: str
     overrides: dict[str, int]
+    delay: timedelta | float | None
+    at: datetime | None
+    replace: bool
 
 
 def check_task(
@@ -128,7 +149,9 @@ def check_task(
     overrides = _retry_overrides(max_attempts, backoff_base, backoff_cap)
     now_us = time.time_ns() // 1000
     settings.route(_due_us(now_us, delay, at) - now_us)  # over the maximum: refused
-    return CheckedTask(destination, body, content_type, keys, task_id, overrides)
+    return CheckedTask(
+        destination, body, content_type, keys, task_id, overrides, delay, at, replace
+    )
 
 
 class Scheduler:
@@ -256,28 +279,64 @@ class Scheduler:
             backoff_base=backoff_base,
             backoff_cap=backoff_cap,
         )
-        destination, keys, task_id = checked.destination, checked.keys, checked.task_id
-        await self._check_destination(destination)
-        for key in keys if replace else ():
+        return (await self._schedule_checked([checked]))[0]
+
+    async def schedule_many(self, tasks: Iterable[TaskSpec]) -> list[ScheduledTask]:
+        """Schedule a batch: every task is checked before anything is sent, all are
+        published at once, and this returns once the broker has confirmed every one.
+
+        Raises:
+            InvalidTaskError: a task is refused (its index is named); nothing was sent.
+            BatchNotConfirmedError: some tasks were not confirmed; it says which were.
+        """
+        checked = []
+        for i, spec in enumerate(tasks):
+            try:
+                checked.append(check_task(self.settings, **_fields(spec)))
+            except InvalidTaskError as e:
+                raise type(e)(f"task {i} of the batch: {e}") from e
+        return await self._schedule_checked(checked) if checked else []
+
+    async def _schedule_checked(self, checked: list[CheckedTask]) -> list[ScheduledTask]:
+        for destination in dict.fromkeys(c.destination for c in checked):
+            await self._check_destination(destination)
+        for key in dict.fromkeys(k for c in checked if c.replace for k in c.keys):
             await self.cancel(key)
         # Timing is computed after the checks and cancels: they take time, the delay does not.
         now_us = time.time_ns() // 1000
-        due_us = _due_us(now_us, delay, at)
+        prepared = [self._message(c, now_us) for c in checked]
+        sent = await asyncio.gather(
+            *(self._publish(m, s.destination, mandatory=mandatory) for m, mandatory, s in prepared),
+            return_exceptions=True,
+        )
+        failed = {i: e for i, e in enumerate(sent) if isinstance(e, BaseException)}
+        if failed and len(checked) == 1:
+            raise failed[0]
+        if failed:
+            raise BatchNotConfirmedError(
+                [None if i in failed else s for i, (_, _, s) in enumerate(prepared)], failed
+            )
+        return [s for _, _, s in prepared]
+
+    def _message(
+        self, checked: CheckedTask, now_us: int
+    ) -> tuple[aio_pika.Message, bool, ScheduledTask]:
+        due_us = _due_us(now_us, checked.delay, checked.at)
         if now_us - due_us > PAST_DUE_TOLERANCE_MS * 1000:
             log.warning(
                 "task %s for %s is due %s in the past (at=%s); it runs at once",
-                task_id,
-                destination,
+                checked.task_id,
+                checked.destination,
                 describe_us(now_us - due_us),
-                at.isoformat() if at else None,
+                checked.at.isoformat() if checked.at else None,
             )
-        way = settings.route(due_us - now_us)
+        way = self.settings.route(due_us - now_us)
         headers = task_headers(
-            task_id,
+            checked.task_id,
             due_ms=-(-due_us // 1000),
             published_ms=self._stamps.publish(now_us // 1000),
             plan=(),
-            keys=keys,
+            keys=checked.keys,
         )
         headers.update(way.headers)
         headers.update(checked.overrides)
@@ -286,11 +345,12 @@ class Scheduler:
             headers=headers,
             content_type=checked.content_type,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=task_id,
+            message_id=checked.task_id,
         )
-        await self._publish(message, destination, mandatory=way.mandatory)
-        log.debug("scheduled %s for %s in %d hops", task_id, destination, way.hops)
-        return ScheduledTask(task_id, destination, _EPOCH + due_us * _US, way.hops, keys)
+        scheduled = ScheduledTask(
+            checked.task_id, checked.destination, _EPOCH + due_us * _US, way.hops, checked.keys
+        )
+        return message, way.mandatory, scheduled
 
     async def cancel(self, key: str) -> Cancellation:
         """Call off every task under ``key`` (or with id ``key``) published before now.
@@ -436,6 +496,10 @@ class Scheduler:
         if self._exchange is None:
             raise _not_started()
         return self._exchange
+
+
+def _fields(spec: TaskSpec) -> dict[str, Any]:
+    return {f.name: getattr(spec, f.name) for f in fields(spec)}
 
 
 def _retry_overrides(

@@ -15,6 +15,7 @@ from rmqdelay import (
     InvalidPayloadError,
     Scheduler,
     Settings,
+    TaskSpec,
     TopologyMismatchError,
     UnroutableError,
 )
@@ -201,3 +202,33 @@ async def test_classic_queues_work_too(broker_url: str) -> None:
         from rmqdelay.topology import build_topology
 
         await apply(settings, build_topology(settings.layout, ("c",)), delete=True)
+
+
+async def test_schedule_many_confirms_every_task_of_a_batch_and_all_run_in_due_order(
+    settings: Settings, destination: str
+) -> None:
+    recorder = Recorder()
+    specs = [
+        TaskSpec(destination, {"i": i}, delay=timedelta(milliseconds=900 - 100 * i))
+        for i in range(8)
+    ]
+    async with running_worker(settings, destination, recorder), Scheduler(settings) as scheduler:
+        scheduled = await scheduler.schedule_many(specs)
+        assert [s.destination for s in scheduled] == [destination] * 8
+        await recorder.wait_for({s.id for s in scheduled}, within=15)
+    assert min(recorder.lateness_ms().values()) >= 0
+    started = [task.payload["i"] for task, _ in sorted(recorder.runs, key=lambda run: run[1])]
+    assert started == list(range(7, -1, -1))
+
+
+async def test_schedule_many_refuses_the_whole_batch_for_one_bad_task(
+    settings: Settings, destination: str
+) -> None:
+    async with Scheduler(settings) as scheduler:
+        await scheduler.declare_destination(destination)
+        with pytest.raises(InvalidDelayError, match="task 1 of the batch: delay must not be"):
+            await scheduler.schedule_many(
+                [TaskSpec(destination, {}, delay=0), TaskSpec(destination, {}, delay=-1)]
+            )
+        assert await scheduler.schedule_many([]) == []
+    assert await depth(settings, settings.names.work_queue(destination)) == 0

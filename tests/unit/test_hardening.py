@@ -264,3 +264,13 @@ def test_retry_delay_of_a_timedelta_is_described_in_human_units() -> None:
     limits = DelayLimits(10, 35, delay_to_us(timedelta(days=3653)))
     with pytest.raises(Exception, match=r"26336d3h18m26\.776s exceeds the maximum of 3653d"):
         limits.units(2_275_442_306_775_524)
+
+
+def test_a_partly_confirmed_batch_says_which_tasks_are_safe() -> None:
+    from rmqdelay import BatchNotConfirmedError, PublishNotConfirmedError
+
+    error = BatchNotConfirmedError(["s0", None, "s2"], {1: PublishNotConfirmedError("nacked")})
+    assert str(error).startswith("1 of 3 tasks were not confirmed (indexes [1]; the first: ")
+    assert "PublishNotConfirmedError: nacked" in str(error)
+    assert error.scheduled == ["s0", None, "s2"]
+    assert isinstance(error, PublishNotConfirmedError)
