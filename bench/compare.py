@@ -1,0 +1,266 @@
+"""Side by side in one run: rmqdelay's levels, the delayed-message plugin (when the broker
+has it) and a raw baseline, each executing in a worker process of its own.
+
+The same load (``--count`` tasks at ``--rate``, delays uniform in [min, max]) goes through
+each pipeline. A worker reports, per task, its lateness: execution start minus due time,
+by its own clock. The baseline is what a publisher holding its own timers would get: it
+publishes each message to a plain quorum queue at its due time, and a plain consumer acks
+it. Then each backend is loaded with ``--pending`` long-delay tasks to measure the broker's
+memory per pending task (management API), and its namespace is deleted.
+
+    .venv/bin/python bench/compare.py --rate 1000 --count 6000
+
+Timings on a shared machine are noisy: compare the rows of one run, not runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import sys
+import time
+import uuid
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+
+import aio_pika
+from lateness import HEADER, Result, paced
+
+from rmqdelay import Scheduler, Settings, Task
+from rmqdelay.declare import apply_topology, resolve_backend
+from rmqdelay.status import management_get
+from rmqdelay.topology import build_topology
+
+HERE = Path(__file__).resolve().parent
+DESTINATION = "bench"
+
+
+async def report(task: Task) -> None:
+    """The worker's handler (``--handler compare:report``): one line per execution."""
+    late_ms = (time.time() - task.due_at.timestamp()) * 1000
+    sys.stdout.write(f"{task.id} {late_ms:.3f}\n")
+    sys.stdout.flush()
+
+
+async def _read_reports(
+    stream: asyncio.StreamReader,
+    lateness: dict[str, float],
+    seen: Counter[str],
+    done: asyncio.Event,
+    total: int,
+) -> None:
+    while line := await stream.readline():
+        task_id, _, late = line.decode().partition(" ")
+        lateness.setdefault(task_id, float(late))
+        seen[task_id] += 1
+        if len(seen) >= total:
+            done.set()
+
+
+async def _consumed(url: str, queue: str) -> None:
+    """Return once another process consumes ``queue`` (nothing to await across processes)."""
+    connection = await aio_pika.connect(url)
+    async with connection, asyncio.timeout(60):
+        channel = await connection.channel()
+        while not await _consumer_count(channel, queue):  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+
+
+async def _consumer_count(channel: aio_pika.abc.AbstractChannel, queue: str) -> int:
+    declared = await channel.declare_queue(queue, passive=True)
+    return declared.declaration_result.consumer_count or 0
+
+
+async def _broker_memory(settings: Settings) -> int | None:
+    nodes = await management_get(settings, "nodes", "mem_used")
+    return sum(int(n.get("mem_used") or 0) for n in nodes) if nodes else None
+
+
+async def run_backend(
+    url: str, backend: str, delays: list[float], rate: float, pending: int
+) -> tuple[Result, float | None]:
+    settings = Settings(
+        _env_file=None, url=url, namespace=f"bench-{uuid.uuid4().hex[:6]}", backend=backend
+    )
+    layout_settings = await resolve_backend(settings)
+    await apply_topology(layout_settings, build_topology(layout_settings.layout, (DESTINATION,)))
+    env = {
+        **os.environ,
+        "RMQDELAY_URL": url,
+        "RMQDELAY_NAMESPACE": settings.namespace,
+        "RMQDELAY_BACKEND": backend,
+    }
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "rmqdelay", "--log-level", "WARNING", "consume", DESTINATION,
+        "--handler", "compare:report",
+        stdout=asyncio.subprocess.PIPE, cwd=HERE, env=env,
+    )  # fmt: skip
+    assert worker.stdout is not None
+    lateness: dict[str, float] = {}
+    seen: Counter[str] = Counter()
+    all_in = asyncio.Event()
+    reading = asyncio.create_task(_read_reports(worker.stdout, lateness, seen, all_in, len(delays)))
+    hops = 0
+    per_pending: float | None = None
+    try:
+        await _consumed(url, settings.names.work_queue(DESTINATION))
+        async with Scheduler(settings) as scheduler:
+
+            async def publish(i: int) -> None:
+                nonlocal hops
+                scheduled = await scheduler.schedule(DESTINATION, {"i": i}, delay=delays[i])
+                hops += scheduled.hops
+
+            publish_rate = await paced(len(delays), rate, publish)
+            try:
+                await asyncio.wait_for(all_in.wait(), max(delays) + 60)
+            except TimeoutError:
+                pass
+            per_pending = await _memory_per_pending(settings, scheduler, pending)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(worker.wait(), 60)
+        reading.cancel()
+        await apply_topology(
+            layout_settings, build_topology(layout_settings.layout, (DESTINATION,)), delete=True
+        )
+    name = f"rmqdelay {backend} {settings.resolution_ms}ms" if backend == "levels" else backend
+    return Result.of(name, publish_rate, lateness, seen, len(delays), hops), per_pending
+
+
+async def _memory_per_pending(
+    settings: Settings, scheduler: Scheduler, pending: int
+) -> float | None:
+    if pending <= 0 or (before := await _broker_memory(settings)) is None:
+        return None
+    batch = [
+        scheduler.schedule(DESTINATION, {"pending": i}, delay=timedelta(hours=6))
+        for i in range(pending)
+    ]
+    for start in range(0, pending, 2000):
+        await asyncio.gather(*batch[start : start + 2000])
+    await asyncio.sleep(12)  # the management API samples memory every few seconds
+    after = await _broker_memory(settings)
+    return None if after is None else (after - before) / pending
+
+
+async def run_baseline(url: str, delays: list[float], rate: float) -> Result:
+    """Publisher-held timers: publish at the due time to a plain quorum queue."""
+    queue = f"bench-raw-{uuid.uuid4().hex[:6]}"
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
+        consumer = await asyncio.create_subprocess_exec(
+            sys.executable, str(HERE / "compare.py"), "--raw-consumer", queue, "--url", url,
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert consumer.stdout is not None
+        lateness: dict[str, float] = {}
+        seen: Counter[str] = Counter()
+        all_in = asyncio.Event()
+        reading = asyncio.create_task(
+            _read_reports(consumer.stdout, lateness, seen, all_in, len(delays))
+        )
+        try:
+            await _consumed(url, queue)
+            loop = asyncio.get_running_loop()
+
+            async def publish(i: int) -> None:
+                due = time.time() + delays[i]
+                await asyncio.sleep(delays[i])  # the publisher's own timer
+                message = aio_pika.Message(
+                    b"{}", headers={"id": str(i), "due_ms": int(due * 1000)},
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                )  # fmt: skip
+                await channel.default_exchange.publish(message, queue)
+
+            started = loop.time()
+            await paced(len(delays), rate, publish)
+            # Each publish waits for its due time first: the rate is over the publishing span.
+            publish_rate = len(delays) / max(1e-9, loop.time() - started - max(delays))
+            try:
+                await asyncio.wait_for(all_in.wait(), 60)
+            except TimeoutError:
+                pass
+        finally:
+            consumer.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(consumer.wait(), 30)
+            reading.cancel()
+            await channel.queue_delete(queue)
+    return Result.of("raw: publisher timers", publish_rate, lateness, seen, len(delays), 0)
+
+
+async def raw_consumer(url: str, queue: str) -> None:
+    """The baseline's consumer process: ack each message, report its lateness."""
+    connection = await aio_pika.connect(url)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=512)
+        q = await channel.get_queue(queue, ensure=False)
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            headers = message.headers or {}
+            late_ms = time.time() * 1000 - int(str(headers["due_ms"]))
+            sys.stdout.write(f"{headers['id']} {late_ms:.3f}\n")
+            sys.stdout.flush()
+            await message.ack()
+
+        await q.consume(on_message)
+        await stop.wait()
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default=os.environ.get("RMQDELAY_URL", Settings().url))
+    parser.add_argument("--rate", type=float, default=1000.0, help="tasks per second")
+    parser.add_argument("--count", type=int, default=6000)
+    parser.add_argument("--min-delay", type=float, default=0.05, help="seconds")
+    parser.add_argument("--max-delay", type=float, default=5.0, help="seconds")
+    parser.add_argument("--pending", type=int, default=20000, help="for memory per task; 0: skip")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--raw-consumer", metavar="QUEUE", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.raw_consumer:
+        await raw_consumer(args.url, args.raw_consumer)
+        return 0
+    rng = random.Random(args.seed)
+    delays = [rng.uniform(args.min_delay, args.max_delay) for _ in range(args.count)]
+    print(
+        f"{args.count} tasks at {args.rate:.0f}/s, delays {args.min_delay}-{args.max_delay} s, "
+        f"each pipeline's worker in its own process; {os.cpu_count()} cores; broker "
+        f"{Settings(_env_file=None, url=args.url).safe_url}"
+    )
+    backends = ["levels"]
+    probe = Settings(_env_file=None, url=args.url, namespace=f"probe-{uuid.uuid4().hex[:6]}")
+    if (await resolve_backend(probe.model_copy(update={"backend": "auto"}))).backend == "plugin":
+        backends.append("plugin")
+        await apply_topology(probe, build_topology(probe.layout), delete=True)
+    else:
+        print("plugin: skipped (the broker has no x-delayed-message exchange type)")
+    results, memory = [], {}
+    for backend in backends:
+        result, per_pending = await run_backend(args.url, backend, delays, args.rate, args.pending)
+        results.append(result)
+        memory[result.name] = per_pending
+    results.append(await run_baseline(args.url, delays, args.rate))
+    print(HEADER)
+    for result in results:
+        print(result.row())
+    for name, per_pending in memory.items():
+        shown = "n/a (no management API)" if per_pending is None else f"{per_pending:.0f} B"
+        print(f"broker memory per pending task, {name}: {shown}")
+    failed = [r for r in results if r.early or r.missing or r.duplicates]
+    for r in failed:
+        print(f"FAIL {r.name}: {r.early} early, {r.missing} lost, {r.duplicates} duplicates")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main()))
