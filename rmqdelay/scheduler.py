@@ -46,6 +46,7 @@ from rmqdelay.errors import (
     UnroutableError,
 )
 from rmqdelay.retry import BACKOFF_BASE_MS, BACKOFF_CAP_MS, MAX_ATTEMPTS
+from rmqdelay.routes import Route
 from rmqdelay.settings import Settings
 from rmqdelay.task import Cancellation, ScheduledTask
 from rmqdelay.topology import build_topology, destination_topology
@@ -115,6 +116,8 @@ class CheckedTask:
     delay: timedelta | float | None
     at: datetime | None
     replace: bool
+    #: The route of a ``delay=`` task, which does not depend on when it is sent.
+    route: Route | None
 
 
 def check_task(
@@ -148,9 +151,18 @@ def check_task(
     task_id = check_key(task_id, "a task id") if task_id is not None else uuid.uuid4().hex
     overrides = _retry_overrides(max_attempts, backoff_base, backoff_cap)
     now_us = time.time_ns() // 1000
-    settings.route(_due_us(now_us, delay, at) - now_us)  # over the maximum: refused
+    way = settings.route(_due_us(now_us, delay, at) - now_us)  # over the maximum: refused
     return CheckedTask(
-        destination, body, content_type, keys, task_id, overrides, delay, at, replace
+        destination,
+        body,
+        content_type,
+        keys,
+        task_id,
+        overrides,
+        delay,
+        at,
+        replace,
+        way if at is None else None,
     )
 
 
@@ -305,13 +317,15 @@ class Scheduler:
         # Timing is computed after the checks and cancels: they take time, the delay does not.
         now_us = time.time_ns() // 1000
         prepared = [self._message(c, now_us) for c in checked]
+        if len(prepared) == 1:  # schedule(): no task per publish, no gather
+            message, mandatory, scheduled = prepared[0]
+            await self._publish(message, scheduled.destination, mandatory=mandatory)
+            return [scheduled]
         sent = await asyncio.gather(
             *(self._publish(m, s.destination, mandatory=mandatory) for m, mandatory, s in prepared),
             return_exceptions=True,
         )
         failed = {i: e for i, e in enumerate(sent) if isinstance(e, BaseException)}
-        if failed and len(checked) == 1:
-            raise failed[0]
         if failed:
             raise BatchNotConfirmedError(
                 [None if i in failed else s for i, (_, _, s) in enumerate(prepared)], failed
@@ -330,7 +344,7 @@ class Scheduler:
                 describe_us(now_us - due_us),
                 checked.at.isoformat() if checked.at else None,
             )
-        way = self.settings.route(due_us - now_us)
+        way = checked.route or self.settings.route(due_us - now_us)
         headers = task_headers(
             checked.task_id,
             due_ms=-(-due_us // 1000),
@@ -461,6 +475,13 @@ class Scheduler:
         """Fail early when no work queue exists: otherwise the task would surface only at
         its due time, in the unroutable queue. Checked once per destination and scheduler."""
         pending = self._destinations.get(destination)
+        if (
+            pending is not None
+            and pending.done()
+            and not pending.cancelled()
+            and pending.exception() is None
+        ):
+            return  # the usual case, on every schedule(): known to exist
         if pending is None:
             pending = asyncio.ensure_future(self._queue_exists(destination))
             self._destinations[destination] = pending

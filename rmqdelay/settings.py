@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from datetime import timedelta
@@ -269,7 +270,7 @@ class Settings(BaseSettings):
     @property
     def levels(self) -> int:
         """Number of delay levels."""
-        return level_count(self.resolution_ms, delay_to_us(self.max_delay))
+        return self.limits.levels
 
     @property
     def layout(self) -> Layout:
@@ -285,8 +286,9 @@ class Settings(BaseSettings):
 
     @property
     def limits(self) -> DelayLimits:
-        """Delay arithmetic for these settings."""
-        return DelayLimits(self.resolution_ms, self.levels, delay_to_us(self.max_delay))
+        """Delay arithmetic for these settings (computed once per resolution and maximum:
+        every schedule() routes through it)."""
+        return _limits(self.resolution_ms, self.max_delay)
 
     def route(self, wait_us: int) -> Route:
         """How to publish a task due ``wait_us`` from now on this backend (refusing what it
@@ -313,6 +315,12 @@ class Settings(BaseSettings):
     def __repr_args__(self) -> Any:
         for key, value in super().__repr_args__():
             yield key, (redact_url(value) if key == "url" else value)
+
+
+@functools.lru_cache(maxsize=64)
+def _limits(resolution_ms: int, max_delay: timedelta) -> DelayLimits:
+    max_delay_us = delay_to_us(max_delay)
+    return DelayLimits(resolution_ms, level_count(resolution_ms, max_delay_us), max_delay_us)
 
 
 def _whole_ms(value: timedelta) -> int:
