@@ -12,6 +12,9 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
+from rmqdelay.delays import DelayLimits, delay_to_us
+from rmqdelay.errors import InvalidDelayError
+
 MAX_ATTEMPTS = "rmqdelay-max-attempts"
 BACKOFF_BASE_MS = "rmqdelay-backoff-base"
 BACKOFF_CAP_MS = "rmqdelay-backoff-cap"
@@ -65,3 +68,45 @@ class RetryPolicy:
             BACKOFF_BASE_MS: self.base_ms,
             BACKOFF_CAP_MS: self.cap_ms,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with a task whose attempt failed: park it, or run it again after
+    ``wait_us``. ``error`` and ``detail`` say why (a refused ``Retry(delay=)`` replaces the
+    handler's own reason)."""
+
+    park: bool
+    wait_us: int
+    error: str
+    detail: str
+
+    def reason(self, attempt: int, max_attempts: int) -> str:
+        """The parking-lot reason."""
+        return f"{self.error}: {self.detail} (attempt {attempt} of {max_attempts})"
+
+
+def decide(
+    policy: RetryPolicy,
+    attempt: int,
+    error: str,
+    detail: str,
+    requested: timedelta | float | None,
+    limits: DelayLimits,
+    rand: float,
+) -> Decision:
+    """Retry or park after failed attempt ``attempt`` (1-based); ``requested`` is a handler's
+    ``Retry(delay=)``, refused (and replaced by the backoff) when it is not a delay the
+    levels can hold; ``rand`` in [0, 1) jitters the backoff."""
+    wait_us: int | None = None
+    if requested is not None:
+        try:
+            wait_us = delay_to_us(requested)
+            limits.units(wait_us)  # over the maximum: refused, not capped
+        except InvalidDelayError as e:
+            error, detail, wait_us = "InvalidDelayError", f"Retry(delay=...) refused: {e}", None
+    if attempt >= policy.max_attempts:
+        return Decision(True, 0, error, detail)
+    if wait_us is None:
+        wait_us = policy.backoff_ms(attempt, rand) * 1000
+    return Decision(False, wait_us, error, detail)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -17,34 +16,21 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aiormq.exceptions import (
     ChannelNotFoundEntity,
-    ChannelPreconditionFailed,
-    DeliveryError,
-    PublishError,
-)
-from pamqp.commands import Basic
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_exponential,
-    wait_random,
 )
 
 from rmqdelay.cancelset import Stamps
-from rmqdelay.connection import PUBLISH_RETRYABLE, connect
+from rmqdelay.connection import connect
 from rmqdelay.declare import check_topology, declare_topology, resolve_backend
 from rmqdelay.delays import delay_to_us, describe_us
 from rmqdelay.errors import (
     BatchNotConfirmedError,
-    BrokerUnavailableError,
     InvalidDelayError,
     InvalidKeyError,
-    InvalidPayloadError,
     InvalidTaskError,
-    PublishNotConfirmedError,
     TopologyMismatchError,
     UnroutableError,
 )
+from rmqdelay.publisher import Publisher
 from rmqdelay.retry import BACKOFF_BASE_MS, BACKOFF_CAP_MS, MAX_ATTEMPTS
 from rmqdelay.routes import Route
 from rmqdelay.settings import Settings
@@ -64,8 +50,6 @@ log = logging.getLogger("rmqdelay.scheduler")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
-#: How long one publish attempt waits for its confirm (attempts repeat until the deadline).
-PUBLISH_TIMEOUT_S = 10.0
 
 
 def _due_us(now_us: int, delay: timedelta | float | None, at: datetime | None) -> int:
@@ -178,6 +162,7 @@ class Scheduler:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
+        self._publisher: Publisher | None = None
         self._destinations: dict[str, asyncio.Future[None]] = {}
         self._stamps = Stamps()
 
@@ -207,6 +192,7 @@ class Scheduler:
             self._channel = await self._connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
+            self._publisher = Publisher(self.settings, self._channel)
             topology = build_topology(self.settings.layout)
             await check_topology(self.settings, topology, self._channel)
             self._exchange = await self._channel.get_exchange(
@@ -221,7 +207,7 @@ class Scheduler:
         """Close the connection; schedules that already returned are safe in the broker."""
         if self._connection is not None:
             await self._connection.close()
-        self._connection = self._channel = self._exchange = None
+        self._connection = self._channel = self._exchange = self._publisher = None
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -402,74 +388,15 @@ class Scheduler:
         exchange: AbstractExchange | None = None,
         mandatory: bool = True,
     ) -> None:
-        """Publish and wait for the confirm, retrying through an outage until the deadline.
-
-        A retry after a lost confirm may store the message twice; delivery is at least once.
-        """
-        deadline = self.settings.publish_deadline
-        started = time.monotonic()
-        try:
-            await self._publish_once(message, destination, exchange, mandatory)
-            return  # the usual case: no retry machinery on the hot path
-        except PUBLISH_RETRYABLE as e:
-            _log_publish_failure(1, e)
-        remaining = deadline.total_seconds() - (time.monotonic() - started)
-        retrying = AsyncRetrying(
-            stop=stop_after_delay(max(0.0, remaining)),
-            wait=wait_exponential(multiplier=0.1, max=2) + wait_random(0, 0.2),
-            retry=retry_if_exception_type(PUBLISH_RETRYABLE),
-            before_sleep=lambda state: _log_publish_failure(
-                state.attempt_number + 1, state.outcome.exception() if state.outcome else None
-            ),
-            reraise=True,
+        if self._publisher is None:
+            raise _not_started()
+        await self._publisher.publish(
+            message,
+            exchange or self._require_exchange(),
+            destination,
+            mandatory=mandatory,
+            what=f"the task for {destination!r}" if exchange is None else f"{destination!r}",
         )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    await self._publish_once(message, destination, exchange, mandatory)
-        except PUBLISH_RETRYABLE as e:
-            raise BrokerUnavailableError(
-                f"could not publish to {destination!r} within RMQDELAY_PUBLISH_DEADLINE "
-                f"({deadline.total_seconds():g}s): the broker at {self.settings.safe_url} is "
-                f"unreachable ({e or type(e).__name__}); nothing was confirmed"
-            ) from e
-
-    async def _publish_once(
-        self,
-        message: aio_pika.Message,
-        destination: str,
-        exchange: AbstractExchange | None,
-        mandatory: bool,
-    ) -> None:
-        exchange = exchange or self._require_exchange()
-        try:
-            confirm = await exchange.publish(
-                message, routing_key=destination, mandatory=mandatory, timeout=PUBLISH_TIMEOUT_S
-            )
-        except PublishError as e:
-            raise UnroutableError(
-                f"the broker returned the task for destination {destination!r} as unroutable "
-                f"({e}); are the hop-plan headers and "
-                f"the topology of namespace {self.settings.namespace!r} intact?",
-                destination=destination,
-            ) from e
-        except DeliveryError as e:
-            raise PublishNotConfirmedError(
-                f"the broker did not confirm the task for {destination!r}: {e!r}"
-            ) from e
-        except ChannelPreconditionFailed as e:
-            # The broker refused the message (over its max_message_size) by closing the
-            # channel: wait for it to be reopened, so the next publish need not retry.
-            await _reopened(self._require_channel())
-            raise InvalidPayloadError(
-                f"the broker refused the task for {destination!r}: {e}; lower the payload "
-                "size, and set RMQDELAY_MAX_MESSAGE_SIZE to the broker's max_message_size so "
-                "that such tasks are refused before sending"
-            ) from e
-        if not isinstance(confirm, Basic.Ack):
-            raise PublishNotConfirmedError(
-                f"the broker answered {confirm!r} instead of an ack for {destination!r}"
-            )
 
     async def _check_destination(self, destination: str) -> None:
         """Fail early when no work queue exists: otherwise the task would surface only at
@@ -544,18 +471,6 @@ def _retry_overrides(
                 raise InvalidDelayError(f"{name} must be at least 1 ms, got {value!r}")
             headers[header] = ms
     return headers
-
-
-async def _reopened(channel: AbstractChannel) -> None:
-    """Wait (briefly) until aio-pika has reopened a channel the broker closed."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-            while channel.is_closed:  # noqa: ASYNC110 - aio-pika offers no event for it
-                await asyncio.sleep(0.01)
-
-
-def _log_publish_failure(attempt: int, error: BaseException | None) -> None:
-    log.warning("publish failed (attempt %d): %s; retrying", attempt, error)
 
 
 def _not_started() -> RuntimeError:

@@ -26,11 +26,9 @@ from prometheus_client import Counter
 from rmqdelay.cancels import CancelFollower
 from rmqdelay.connection import connect
 from rmqdelay.declare import check_topology, declare_topology, resolve_backend
-from rmqdelay.delays import delay_to_us
 from rmqdelay.errors import (
     ConsumerCancelledError,
     HandlerTimeoutError,
-    InvalidDelayError,
     MessageDecodeError,
     PublishNotConfirmedError,
     RmqDelayError,
@@ -38,7 +36,8 @@ from rmqdelay.errors import (
 )
 from rmqdelay.handler import call_handler, describe_failure
 from rmqdelay.metrics import WorkerMetrics, serve
-from rmqdelay.retry import Retry, RetryPolicy
+from rmqdelay.publisher import Publisher
+from rmqdelay.retry import Retry, RetryPolicy, decide
 from rmqdelay.settings import Settings
 from rmqdelay.task import Handler, Task
 from rmqdelay.threads import DaemonThreadPool
@@ -157,6 +156,7 @@ class Worker:
         self._consumer_tag: str | None = None
         self._consumer_lost = asyncio.Event()
         self._holding: set[asyncio.Task[None]] = set()
+        self._publisher: Publisher | None = None
         #: Longer than this before its due time, a task goes back through the levels.
         self._max_hold_s = 2 * settings.resolution_ms / 1000 + MAX_HOLD_MARGIN_S
 
@@ -178,6 +178,7 @@ class Worker:
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             await channel.set_qos(prefetch_count=self.prefetch)
+            self._publisher = Publisher(self.settings, channel)
             if not self.settings.declare:
                 await self._work_queue(channel)  # the likeliest miss, with advice of its own
             await check_topology(
@@ -518,26 +519,22 @@ class Worker:
         """Retry through the delay levels, or park the task after its last attempt."""
         self._count("failed")
         policy = self.retry.for_task(task.headers)
-        wait_us = 0
-        try:
-            if delay is not None:
-                wait_us = delay_to_us(delay)
-                self.settings.limits.units(wait_us)  # over the maximum: refused, not capped
-        except InvalidDelayError as e:
-            error, detail, delay = "InvalidDelayError", f"Retry(delay=...) refused: {e}", None
-        if task.attempt >= policy.max_attempts:
+        decision = decide(
+            policy, task.attempt, error, detail, delay, self.settings.limits, random.random()
+        )
+        if decision.park:
             log.warning(
                 "task %s failed on its last attempt (%d): %s: %s; parking it",
-                task.id, task.attempt, error, detail,
+                task.id, task.attempt, decision.error, decision.detail,
             )  # fmt: skip
-            reason = f"{error}: {detail} (attempt {task.attempt} of {policy.max_attempts})"
-            await self._park(message, reason, error=error, attempts=task.attempt)
+            reason = decision.reason(task.attempt, policy.max_attempts)
+            await self._park(message, reason, error=decision.error, attempts=task.attempt)
             return
-        if delay is None:
-            wait_us = policy.backoff_ms(task.attempt, random.random()) * 1000
+        wait_us = decision.wait_us
         log.info(
             "task %s failed (attempt %d of %d): %s: %s; retrying in %.3fs",
-            task.id, task.attempt, policy.max_attempts, error, detail, wait_us / 1e6,
+            task.id, task.attempt, policy.max_attempts, decision.error, decision.detail,
+            wait_us / 1e6,
         )  # fmt: skip
         now_us = time.time_ns() // 1000
         await self._republish(
@@ -573,13 +570,10 @@ class Worker:
             message_id=message.message_id,
         )
         routing_key = message.routing_key or self.destination
-        try:
-            await self._delays.publish(again, routing_key=routing_key, mandatory=way.mandatory)
-        except Exception as e:
-            log.error("could not %s %s (%s); returning it to the queue", what, again.message_id, e)
-            await self._requeue(message)
-            raise PublishNotConfirmedError(f"{what} of {again.message_id} failed: {e}") from e
-        await message.ack()
+        await self._replace(
+            message, again, self._delays, routing_key, mandatory=way.mandatory,
+            what=f"{what} of {again.message_id}",
+        )  # fmt: skip
 
     async def _park(
         self, message: AbstractIncomingMessage, reason: str, *, error: str, attempts: int
@@ -601,14 +595,38 @@ class Worker:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message.message_id,
         )
-        try:
-            await self._parked.publish(parked, routing_key=message.routing_key or "")
-        except Exception as e:
-            log.error("could not park %s (%s); returning it to the queue", message.message_id, e)
-            await self._requeue(message)
-            raise PublishNotConfirmedError(f"parking {message.message_id} failed: {e}") from e
-        await message.ack()
+        await self._replace(
+            message, parked, self._parked, message.routing_key or "",
+            what=f"parking of {message.message_id}",
+        )  # fmt: skip
         self._count("parked")
+
+    async def _replace(
+        self,
+        message: AbstractIncomingMessage,
+        new: aio_pika.Message,
+        exchange: AbstractExchange,
+        routing_key: str,
+        *,
+        mandatory: bool = True,
+        what: str,
+    ) -> None:
+        """Publish ``new`` in place of ``message`` (confirmed, through outages), then ack
+        ``message``; if that fails, return ``message`` to the queue."""
+        assert self._publisher is not None
+        try:
+            await self._publisher.publish(
+                new, exchange, routing_key, mandatory=mandatory, what=what
+            )
+        except Exception as e:
+            log.error("could not publish the %s (%s); returning it to the queue", what, e)
+            await self._requeue(message)
+            raise PublishNotConfirmedError(f"the {what} failed: {e}") from e
+        if message.channel.is_closed:
+            # The link dropped while publishing: the broker redelivers the original, which
+            # may then run twice (delivery is at least once).
+            return
+        await message.ack()
 
 
 def _due_s(headers: Mapping[str, Any] | None) -> float | None:

@@ -1,0 +1,139 @@
+"""The one way rmqdelay publishes: confirmed, retried through an outage, errors translated.
+
+Tasks (``schedule()``), cancel records, retries, tasks sent back through the levels and
+parked tasks all go through ``Publisher.publish``, so each gets the same confirm checks,
+the same outage handling (until ``RMQDELAY_PUBLISH_DEADLINE``) and the same errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange
+from aiormq.exceptions import ChannelPreconditionFailed, DeliveryError, PublishError
+from pamqp.commands import Basic
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+    wait_random,
+)
+
+from rmqdelay.connection import PUBLISH_RETRYABLE
+from rmqdelay.errors import (
+    BrokerUnavailableError,
+    InvalidPayloadError,
+    PublishNotConfirmedError,
+    UnroutableError,
+)
+from rmqdelay.settings import Settings
+
+log = logging.getLogger("rmqdelay.publisher")
+
+#: How long one publish attempt waits for its confirm (attempts repeat until the deadline).
+PUBLISH_TIMEOUT_S = 10.0
+
+
+class Publisher:
+    """Publishes on one confirming channel (aio-pika's robust channel reopens it)."""
+
+    def __init__(self, settings: Settings, channel: AbstractChannel) -> None:
+        self.settings = settings
+        self.channel = channel
+
+    async def publish(
+        self,
+        message: aio_pika.Message,
+        exchange: AbstractExchange,
+        routing_key: str,
+        *,
+        mandatory: bool = True,
+        what: str = "the message",
+    ) -> None:
+        """Publish and wait for the confirm, retrying through an outage until the deadline.
+
+        A retry after a lost confirm may store the message twice; delivery is at least once.
+
+        Raises:
+            UnroutableError: a mandatory publish that the broker could not route.
+            PublishNotConfirmedError: the broker nacked it.
+            InvalidPayloadError: the broker refused it as too large.
+            BrokerUnavailableError: no confirm before the deadline.
+        """
+        started = time.monotonic()
+        try:
+            await self._publish_once(message, exchange, routing_key, mandatory, what)
+            return  # the usual case: no retry machinery on the hot path
+        except PUBLISH_RETRYABLE as e:
+            _log_failure(1, e)
+        deadline = self.settings.publish_deadline.total_seconds()
+        retrying = AsyncRetrying(
+            stop=stop_after_delay(max(0.0, deadline - (time.monotonic() - started))),
+            wait=wait_exponential(multiplier=0.1, max=2) + wait_random(0, 0.2),
+            retry=retry_if_exception_type(PUBLISH_RETRYABLE),
+            before_sleep=lambda state: _log_failure(
+                state.attempt_number + 1, state.outcome.exception() if state.outcome else None
+            ),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._publish_once(message, exchange, routing_key, mandatory, what)
+        except PUBLISH_RETRYABLE as e:
+            raise BrokerUnavailableError(
+                f"could not publish {what} within RMQDELAY_PUBLISH_DEADLINE ({deadline:g}s): "
+                f"the broker at {self.settings.safe_url} is unreachable "
+                f"({e or type(e).__name__}); nothing was confirmed"
+            ) from e
+
+    async def _publish_once(
+        self,
+        message: aio_pika.Message,
+        exchange: AbstractExchange,
+        routing_key: str,
+        mandatory: bool,
+        what: str,
+    ) -> None:
+        try:
+            confirm = await exchange.publish(
+                message, routing_key=routing_key, mandatory=mandatory, timeout=PUBLISH_TIMEOUT_S
+            )
+        except PublishError as e:
+            raise UnroutableError(
+                f"the broker returned {what} as unroutable ({e}); are the hop-plan headers and "
+                f"the topology of namespace {self.settings.namespace!r} intact?",
+                destination=routing_key,
+            ) from e
+        except DeliveryError as e:
+            raise PublishNotConfirmedError(f"the broker did not confirm {what}: {e!r}") from e
+        except ChannelPreconditionFailed as e:
+            # The broker refused the message (over its max_message_size) by closing the
+            # channel: wait for it to be reopened, so the next publish need not retry.
+            await _reopened(self.channel)
+            raise InvalidPayloadError(
+                f"the broker refused {what}: {e}; lower the payload size, and set "
+                "RMQDELAY_MAX_MESSAGE_SIZE to the broker's max_message_size so that such "
+                "tasks are refused before sending"
+            ) from e
+        if not isinstance(confirm, Basic.Ack):
+            raise PublishNotConfirmedError(
+                f"the broker answered {confirm!r} instead of an ack for {what}"
+            )
+
+
+async def _reopened(channel: AbstractChannel) -> None:
+    """Wait (briefly) until aio-pika has reopened a channel the broker closed."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+            while channel.is_closed:  # noqa: ASYNC110 - aio-pika offers no event for it
+                await asyncio.sleep(0.01)
+
+
+def _log_failure(attempt: int, error: BaseException | None) -> None:
+    log.warning("publish failed (attempt %d): %s; retrying", attempt, error)
