@@ -29,6 +29,7 @@ from rmqdelay.declare import check_topology, declare_topology, resolve_backend
 from rmqdelay.errors import (
     ConsumerCancelledError,
     HandlerTimeoutError,
+    InvalidDelayError,
     MessageDecodeError,
     PublishNotConfirmedError,
     RmqDelayError,
@@ -537,14 +538,14 @@ class Worker:
             wait_us / 1e6,
         )  # fmt: skip
         now_us = time.time_ns() // 1000
-        await self._republish(
+        if await self._republish(
             message,
             attempt=task.attempt + 1,
             due_ms=-(-(now_us + wait_us) // 1000),
             wait_us=wait_us,
             what="retry",
-        )
-        self._count("retried")
+        ):
+            self._count("retried")
 
     async def _republish(
         self,
@@ -554,26 +555,39 @@ class Worker:
         due_ms: int,
         wait_us: int,
         what: str,
-    ) -> None:
-        """Send the task through the delay levels again, confirmed, then ack this copy."""
+    ) -> bool:
+        """Send the task through the delay levels again, confirmed, then ack this copy.
+
+        A wait the backend cannot hold (over the plugin's limit, or a due time past the
+        maximum delay) parks the task with the reason rather than leaving it unsettled.
+        """
         assert self._delays is not None
-        way = self.settings.route(wait_us)
-        headers = rescheduled_headers(
-            message.headers or {}, attempt=attempt, due_ms=due_ms, plan=()
-        )
+        original = message.headers or {}
+        task_id = original.get(TASK_ID)
+        try:
+            way = self.settings.route(wait_us)
+        except InvalidDelayError as e:
+            await self._park(
+                message, f"InvalidDelayError: cannot {what}: {e}", error="InvalidDelayError",
+                attempts=attempt - 1,
+            )  # fmt: skip
+            return False
+        headers = rescheduled_headers(original, attempt=attempt, due_ms=due_ms, plan=())
         headers.update(way.headers)
         again = aio_pika.Message(
             message.body,
             headers=headers,
             content_type=message.content_type,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message.message_id,
+            # The task id, also for tasks other clients published without a message id.
+            message_id=task_id if isinstance(task_id, str) else message.message_id,
         )
         routing_key = message.routing_key or self.destination
         await self._replace(
             message, again, self._delays, routing_key, mandatory=way.mandatory,
             what=f"{what} of {again.message_id}",
         )  # fmt: skip
+        return True
 
     async def _park(
         self, message: AbstractIncomingMessage, reason: str, *, error: str, attempts: int

@@ -23,7 +23,7 @@ from rmqdelay.declare import apply_topology
 from rmqdelay.topology import build_topology
 
 from .conftest import make_settings
-from .helpers import Recorder, running_worker, subprocess_env
+from .helpers import Recorder, get_all, running_worker, subprocess_env
 from .test_cli import _line_with
 
 pytestmark = pytest.mark.integration
@@ -202,3 +202,24 @@ async def test_a_task_far_ahead_of_its_due_time_goes_back_through_the_levels(
         await recorder.wait_for({task_id}, within=15)
     assert recorder.runs[0][1] * 1000 >= now_ms + 6000, "never early"
     assert worker.stats.held == 1, "held only for the last stretch, after the levels"
+
+
+async def test_a_task_due_beyond_the_maximum_delay_is_parked_not_left_unsettled(
+    coarse: Settings,
+) -> None:
+    task_id = uuid.uuid4().hex
+    now_ms = int(time.time() * 1000)
+    headers: dict[str, object] = {
+        "rmqdelay-id": task_id,
+        "rmqdelay-due": now_ms + 2 * 3_600_000,  # two hours; this namespace holds one
+        "rmqdelay-published": now_ms,
+        "rmqdelay-route-in": "work",
+    }
+    async with running_worker(coarse, "dest", Recorder()) as worker:
+        await asyncio.to_thread(_publish, coarse, headers, b"{}")
+        async with asyncio.timeout(10):
+            await worker.wait_for(lambda s: s.parked == 1)
+    [parked] = await get_all(coarse, coarse.names.parked, ack=True)
+    assert parked.headers["rmqdelay-id"] == task_id
+    assert "cannot send back" in parked.headers["rmqdelay-parked-reason"]
+    assert "exceeds the maximum of 1h" in parked.headers["rmqdelay-parked-reason"]
