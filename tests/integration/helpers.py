@@ -77,11 +77,14 @@ def logged(logger: str, text: str) -> Iterator[asyncio.Event]:
                 loop.call_soon_threadsafe(seen.set)
 
     handler, target = Watch(), logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.DEBUG)  # whatever the root logger's level happens to be
     target.addHandler(handler)
     try:
         yield seen
     finally:
         target.removeHandler(handler)
+        target.setLevel(level)
 
 
 @asynccontextmanager
