@@ -403,8 +403,9 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
 async def _destroy(args: argparse.Namespace, settings: Settings) -> int:
     destinations = [settings.names.check_destination(d) for d in args.destinations]
     plan = await plan_destroy(settings, destinations)
-    if not plan.queues:
-        print(f"namespace {settings.namespace!r} has no queues in vhost {vhost_of(settings.url)!r}")
+    # Exchanges left without queues count only when listed: guessed names may not exist.
+    if not plan.queues and (not plan.listed or not plan.exchanges):
+        print(f"namespace {settings.namespace!r} has nothing in vhost {vhost_of(settings.url)!r}")
         return RET_OK
     if plan.consumed and not args.force:
         busy = ", ".join(f"{q} ({n})" for q, n in sorted(plan.consumed.items()))
