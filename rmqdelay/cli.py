@@ -30,7 +30,7 @@ from rmqdelay.handler import load_handler
 from rmqdelay.logs import LOG_LEVELS, configure_logging
 from rmqdelay.parking import ParkingLot
 from rmqdelay.redact import Redactor, url_password
-from rmqdelay.scheduler import Scheduler, check_task
+from rmqdelay.scheduler import Scheduler, TaskSpec, check_task
 from rmqdelay.settings import Settings
 from rmqdelay.status import collect, render, vhost_of
 from rmqdelay.task import Handler
@@ -277,7 +277,7 @@ async def _schedule(args: argparse.Namespace, settings: Settings) -> int:
         "replace": args.replace,
         **when,
     }
-    check_task(settings, args.destination, payload, **task)  # bad input: no connection
+    check_task(settings, TaskSpec(args.destination, payload, **task))  # bad input: no I/O
     async with Scheduler(settings) as scheduler:
         s = await scheduler.schedule(args.destination, payload, **task)
     under = f" under {', '.join(s.keys)}" if s.keys else ""

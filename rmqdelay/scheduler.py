@@ -7,7 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
@@ -104,38 +104,25 @@ class CheckedTask:
     route: Route | None
 
 
-def check_task(
-    settings: Settings,
-    destination: str,
-    payload: Any,
-    *,
-    delay: timedelta | float | None = None,
-    at: datetime | None = None,
-    content_type: str | None = None,
-    task_id: str | None = None,
-    keys: Iterable[str] = (),
-    replace: bool = False,
-    max_attempts: int | None = None,
-    backoff_base: timedelta | float | None = None,
-    backoff_cap: timedelta | float | None = None,
-) -> CheckedTask:
+def check_task(settings: Settings, spec: TaskSpec) -> CheckedTask:
     """Everything ``schedule()`` refuses before any I/O; the CLI calls it before connecting.
 
     Raises:
         InvalidTaskError: naming the bad value.
     """
-    destination = settings.names.check_destination(destination)
-    body, content_type = encode_payload(payload, content_type)
+    destination = settings.names.check_destination(spec.destination)
+    body, content_type = encode_payload(spec.payload, spec.content_type)
     check_size(body, settings.max_message_size)
+    keys = spec.keys
     keys = check_keys(
         tuple(keys) if isinstance(keys, Iterable) and not isinstance(keys, str | bytes) else keys
     )
-    if replace and not keys:
+    if spec.replace and not keys:
         raise InvalidKeyError("replace=True needs keys: it cancels the tasks under them")
-    task_id = check_key(task_id, "a task id") if task_id is not None else uuid.uuid4().hex
-    overrides = _retry_overrides(max_attempts, backoff_base, backoff_cap)
+    task_id = uuid.uuid4().hex if spec.task_id is None else check_key(spec.task_id, "a task id")
+    overrides = _retry_overrides(spec.max_attempts, spec.backoff_base, spec.backoff_cap)
     now_us = time.time_ns() // 1000
-    way = settings.route(_due_us(now_us, delay, at) - now_us)  # over the maximum: refused
+    way = settings.route(_due_us(now_us, spec.delay, spec.at) - now_us)  # over the maximum
     return CheckedTask(
         destination,
         body,
@@ -143,10 +130,10 @@ def check_task(
         keys,
         task_id,
         overrides,
-        delay,
-        at,
-        replace,
-        way if at is None else None,
+        spec.delay,
+        spec.at,
+        spec.replace,
+        way if spec.at is None else None,
     )
 
 
@@ -262,9 +249,7 @@ class Scheduler:
             UnroutableError: no work queue for ``destination``.
             PublishNotConfirmedError: the broker did not confirm the message.
         """
-        settings = self.settings
-        checked = check_task(
-            settings,
+        spec = TaskSpec(
             destination,
             payload,
             delay=delay,
@@ -277,7 +262,7 @@ class Scheduler:
             backoff_base=backoff_base,
             backoff_cap=backoff_cap,
         )
-        return (await self._schedule_checked([checked]))[0]
+        return (await self._schedule_checked([check_task(self.settings, spec)]))[0]
 
     async def schedule_many(self, tasks: Iterable[TaskSpec]) -> list[ScheduledTask]:
         """Schedule a batch: every task is checked before anything is sent, all are
@@ -290,7 +275,7 @@ class Scheduler:
         checked = []
         for i, spec in enumerate(tasks):
             try:
-                checked.append(check_task(self.settings, **_fields(spec)))
+                checked.append(check_task(self.settings, spec))
             except InvalidTaskError as e:
                 raise type(e)(f"task {i} of the batch: {e}") from e
         return await self._schedule_checked(checked) if checked else []
@@ -444,10 +429,6 @@ class Scheduler:
         if self._exchange is None:
             raise _not_started()
         return self._exchange
-
-
-def _fields(spec: TaskSpec) -> dict[str, Any]:
-    return {f.name: getattr(spec, f.name) for f in fields(spec)}
 
 
 def _retry_overrides(
