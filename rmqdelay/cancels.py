@@ -19,7 +19,12 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from rmqdelay.cancelset import CancelSet
-from rmqdelay.connection import CONNECTION_EXCEPTIONS, connect_once, reconnect_wait
+from rmqdelay.connection import (
+    CONNECTION_EXCEPTIONS,
+    connect_once,
+    queue_starting,
+    reconnect_wait,
+)
 from rmqdelay.errors import MessageDecodeError, TopologyMismatchError
 from rmqdelay.settings import Settings
 from rmqdelay.wire import MARKER, decode_cancel
@@ -106,6 +111,8 @@ class CancelFollower:
             try:
                 await stream.consume(self._on_record, arguments={"x-stream-offset": offset})
             except ChannelNotFoundEntity as e:
+                if queue_starting(e):  # right after a broker restart: try again shortly
+                    raise ConnectionError(f"cancellation stream not available yet: {e}") from e
                 raise TopologyMismatchError(
                     f"cancellation stream {stream.name!r} does not exist; declare the topology "
                     "('rmqdelay declare') or set RMQDELAY_DECLARE=true"

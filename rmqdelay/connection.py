@@ -16,6 +16,7 @@ from aiormq.exceptions import (
     AMQPConnectionError,
     AuthenticationError,
     ChannelInvalidStateError,
+    ChannelNotFoundEntity,
     ConnectionNotAllowed,
     InvalidFrameError,
     ProbableAuthenticationError,
@@ -55,6 +56,13 @@ _CONNECT_FAILURES: tuple[type[BaseException], ...] = (*CONNECTION_EXCEPTIONS, In
 _FINAL = (AuthenticationError, ProbableAuthenticationError, ConnectionNotAllowed)
 #: How long one connection attempt may take, TCP and AMQP handshake together.
 ATTEMPT_TIMEOUT_S = 10.0
+
+
+def queue_starting(error: BaseException) -> bool:
+    """Whether a 404 only means the queue's node is still (re)starting: RabbitMQ answers
+    "home node ... of durable queue ... is down or inaccessible" for a while after a restart.
+    Transient, unlike a queue that does not exist."""
+    return isinstance(error, ChannelNotFoundEntity) and "down or inaccessible" in str(error)
 
 
 def _retryable(error: BaseException) -> bool:

@@ -24,7 +24,7 @@ from pamqp.commands import Basic
 from prometheus_client import Counter
 
 from rmqdelay.cancels import CancelFollower
-from rmqdelay.connection import connect
+from rmqdelay.connection import RECONNECT_FIRST_S, connect, queue_starting
 from rmqdelay.declare import check_topology, declare_topology, resolve_backend
 from rmqdelay.errors import (
     ConsumerCancelledError,
@@ -42,7 +42,7 @@ from rmqdelay.retry import Retry, RetryPolicy, decide
 from rmqdelay.settings import Settings
 from rmqdelay.task import Handler, Task
 from rmqdelay.threads import DaemonThreadPool
-from rmqdelay.topology import build_topology, destination_topology
+from rmqdelay.topology import Topology, build_topology, destination_topology
 from rmqdelay.wire import (
     ATTEMPT,
     DEFAULT_ACCEPT,
@@ -263,28 +263,43 @@ class Worker:
             self._consumer_lost.set()
 
     async def _declare_again(self, queue: AbstractQueue) -> AbstractQueue:
-        assert self._connection is not None
         topology = destination_topology(self.settings.layout, self.destination)
-        # A failed declare closes its channel: not the consuming one.
-        try:
-            async with self._connection.channel() as probe:
-                if self.settings.declare:
-                    await declare_topology(probe, topology)
-                else:
-                    await probe.declare_queue(queue.name, passive=True)
-        except (RmqDelayError, AMQPError) as e:
-            advice = (
-                f"declare it ('rmqdelay declare {self.destination}') and restart the worker"
-                if not self.settings.declare
-                else "check the worker's permissions and the namespace's exchanges"
-            )
-            raise ConsumerCancelledError(
-                f"work queue {queue.name!r} was deleted under the worker (the broker cancelled "
-                f"its consumer) and could not be declared again ({type(e).__name__}: {e}); "
-                f"{advice}"
-            ) from e
+        # Right after a broker restart the queue's node may still be starting: wait for it
+        # as long as a first connect would.
+        give_up = time.monotonic() + self.settings.connect_timeout.total_seconds()
+        while True:
+            try:
+                await self._declare_on_a_probe(queue.name, topology)
+                break
+            except AMQPError as e:
+                if not (queue_starting(e) and time.monotonic() < give_up):
+                    raise self._cancelled_for_good(queue.name, e) from e
+            except RmqDelayError as e:
+                raise self._cancelled_for_good(queue.name, e) from e
+            await asyncio.sleep(RECONNECT_FIRST_S)  # retry backoff, not synchronisation
         log.info("work queue %s is back", queue.name)
         return queue
+
+    async def _declare_on_a_probe(self, name: str, topology: Topology) -> None:
+        """Declare (or, without declaring rights, check) the work queue on a channel of its
+        own: a failed declare closes its channel, which must not be the consuming one."""
+        assert self._connection is not None
+        async with self._connection.channel() as probe:
+            if self.settings.declare:
+                await declare_topology(probe, topology)
+            else:
+                await probe.declare_queue(name, passive=True)
+
+    def _cancelled_for_good(self, name: str, e: BaseException) -> ConsumerCancelledError:
+        advice = (
+            f"declare it ('rmqdelay declare {self.destination}') and restart the worker"
+            if not self.settings.declare
+            else "check the worker's permissions and the namespace's exchanges"
+        )
+        return ConsumerCancelledError(
+            f"work queue {name!r} was deleted under the worker (the broker cancelled its "
+            f"consumer) and could not be declared again ({type(e).__name__}: {e}); {advice}"
+        )
 
     def health(self) -> dict[str, bool]:
         """Whether the worker is connected, and consuming with its cancellation set current."""

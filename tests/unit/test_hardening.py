@@ -274,3 +274,18 @@ def test_a_partly_confirmed_batch_says_which_tasks_are_safe() -> None:
     assert "PublishNotConfirmedError: nacked" in str(error)
     assert error.scheduled == ["s0", None, "s2"]
     assert isinstance(error, PublishNotConfirmedError)
+
+
+def test_a_queue_whose_node_is_starting_is_told_apart_from_a_missing_one() -> None:
+    from aiormq.exceptions import ChannelNotFoundEntity
+
+    from rmqdelay.connection import queue_starting
+
+    starting = ChannelNotFoundEntity(
+        "NOT_FOUND - home node 'rabbit@vm' of durable queue 'ns.cancels' in vhost '/' is down "
+        "or inaccessible"
+    )
+    missing = ChannelNotFoundEntity("NOT_FOUND - no queue 'ns.cancels' in vhost '/'")
+    assert queue_starting(starting)
+    assert not queue_starting(missing)
+    assert not queue_starting(ValueError("down or inaccessible"))
