@@ -277,7 +277,7 @@ async def _schedule(args: argparse.Namespace, settings: Settings) -> int:
         "replace": args.replace,
         **when,
     }
-    check_task(settings, TaskSpec(args.destination, payload, **task))  # bad input: no I/O
+    check_task(settings.wiring, TaskSpec(args.destination, payload, **task))  # bad input: no I/O
     async with Scheduler(settings) as scheduler:
         s = await scheduler.schedule(args.destination, payload, **task)
     under = f" under {', '.join(s.keys)}" if s.keys else ""

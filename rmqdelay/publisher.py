@@ -11,10 +11,16 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
+from typing import Any
 
-import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange
-from aiormq.exceptions import ChannelPreconditionFailed, DeliveryError, PublishError
+from aio_pika.abc import AbstractChannel
+from aiormq.exceptions import (
+    ChannelInvalidStateError,
+    ChannelPreconditionFailed,
+    DeliveryError,
+    PublishError,
+)
 from pamqp.commands import Basic
 from tenacity import (
     AsyncRetrying,
@@ -39,6 +45,26 @@ log = logging.getLogger("rmqdelay.publisher")
 PUBLISH_TIMEOUT_S = 10.0
 
 
+#: Every message rmqdelay sends survives a broker restart.
+PERSISTENT = 2
+
+
+def properties(
+    headers: Mapping[str, Any], *, content_type: str | None = None, message_id: str | None = None
+) -> Basic.Properties:
+    """The AMQP properties of a persistent message.
+
+    Built directly rather than through ``aio_pika.Message``, which copies and re-checks
+    every field: on the hot path that was a third of the client's time per task.
+    """
+    return Basic.Properties(
+        content_type=content_type,
+        delivery_mode=PERSISTENT,
+        headers=dict(headers),
+        message_id=message_id,
+    )
+
+
 class Publisher:
     """Publishes on one confirming channel (aio-pika's robust channel reopens it)."""
 
@@ -48,8 +74,9 @@ class Publisher:
 
     async def publish(
         self,
-        message: aio_pika.Message,
-        exchange: AbstractExchange,
+        body: bytes,
+        props: Basic.Properties,
+        exchange: str,
         routing_key: str,
         *,
         mandatory: bool = True,
@@ -67,7 +94,7 @@ class Publisher:
         """
         started = time.monotonic()
         try:
-            await self._publish_once(message, exchange, routing_key, mandatory, what)
+            await self._publish_once(body, props, exchange, routing_key, mandatory, what)
             return  # the usual case: no retry machinery on the hot path
         except PUBLISH_RETRYABLE as e:
             _log_failure(1, e)
@@ -84,7 +111,7 @@ class Publisher:
         try:
             async for attempt in retrying:
                 with attempt:
-                    await self._publish_once(message, exchange, routing_key, mandatory, what)
+                    await self._publish_once(body, props, exchange, routing_key, mandatory, what)
         except PUBLISH_RETRYABLE as e:
             raise BrokerUnavailableError(
                 f"could not publish {what} within RMQDELAY_PUBLISH_DEADLINE ({deadline:g}s): "
@@ -94,15 +121,24 @@ class Publisher:
 
     async def _publish_once(
         self,
-        message: aio_pika.Message,
-        exchange: AbstractExchange,
+        body: bytes,
+        props: Basic.Properties,
+        exchange: str,
         routing_key: str,
         mandatory: bool,
         what: str,
     ) -> None:
+        if self.channel.is_closed:  # as aio-pika checks: the robust channel may be reopening
+            raise ChannelInvalidStateError(f"the channel for {what} is closed")
+        channel = await self.channel.get_underlay_channel()
         try:
-            confirm = await exchange.publish(
-                message, routing_key=routing_key, mandatory=mandatory, timeout=PUBLISH_TIMEOUT_S
+            confirm = await channel.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=props,
+                mandatory=mandatory,
+                timeout=PUBLISH_TIMEOUT_S,
             )
         except PublishError as e:
             raise UnroutableError(

@@ -6,10 +6,13 @@ so workers, cancels and the parking lot do not care which one carried a task.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal, TypeAlias
 
-from rmqdelay.delays import DelayLimits, describe_us
+from rmqdelay.delays import DelayLimits, describe_us, hop_plan, units_within
 from rmqdelay.errors import InvalidDelayError
 from rmqdelay.names import Names
 from rmqdelay.wire import route_headers
@@ -28,7 +31,8 @@ class Route:
     """How to publish one task so that it reaches its work queue after its delay."""
 
     exchange: str
-    headers: dict[str, Any]
+    #: Read-only: routes are cached and shared; copy these into a message's headers.
+    headers: Mapping[str, Any]
     #: The plugin answers every delayed publish with basic.return (NO_ROUTE) at once, so
     #: mandatory would turn every task into a false "unroutable" (docs/design.md).
     mandatory: bool
@@ -42,10 +46,9 @@ def route(backend: Backend, names: Names, limits: DelayLimits, wait_us: int) -> 
         InvalidDelayError: over the configured maximum, or over the plugin's.
     """
     wait_us = max(0, wait_us)
-    if backend == "levels":
-        plan = limits.plan(wait_us)
-        return Route(names.schedule_exchange, route_headers(plan), True, len(plan))
     limits.units(wait_us)  # the configured maximum holds for both backends
+    if backend == "levels":
+        return _levels_route(names.schedule_exchange, units_within(wait_us, limits.resolution_ms))
     ms = -(-wait_us // 1000)
     if ms > PLUGIN_MAX_DELAY_MS:
         raise InvalidDelayError(
@@ -54,3 +57,11 @@ def route(backend: Backend, names: Names, limits: DelayLimits, wait_us: int) -> 
             "RMQDELAY_BACKEND=levels for longer delays"
         )
     return Route(names.delayed_exchange, {X_DELAY: ms}, False, 1 if ms else 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _levels_route(exchange: str, units: int) -> Route:
+    """Every task of the same whole units takes the same route: build it once (loads
+    repeat a few delays; building the plan was the scheduler's largest cost per task)."""
+    plan = hop_plan(units)
+    return Route(exchange, MappingProxyType(route_headers(plan)), True, len(plan))

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
-import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
-from aiormq.exceptions import (
-    ChannelNotFoundEntity,
-)
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aiormq.exceptions import ChannelNotFoundEntity
+from pamqp.commands import Basic
 
 from rmqdelay.cancelset import Stamps
 from rmqdelay.connection import connect
@@ -30,7 +27,7 @@ from rmqdelay.errors import (
     TopologyMismatchError,
     UnroutableError,
 )
-from rmqdelay.publisher import Publisher
+from rmqdelay.publisher import Publisher, properties
 from rmqdelay.retry import BACKOFF_BASE_MS, BACKOFF_CAP_MS, MAX_ATTEMPTS
 from rmqdelay.routes import Route
 from rmqdelay.settings import Settings
@@ -45,6 +42,7 @@ from rmqdelay.wire import (
     encode_payload,
     task_headers,
 )
+from rmqdelay.wiring import Wiring
 
 log = logging.getLogger("rmqdelay.scheduler")
 
@@ -70,9 +68,11 @@ def _due_us(now_us: int, delay: timedelta | float | None, at: datetime | None) -
     return now_us + delay_to_us(delay)
 
 
-@dataclass(frozen=True, slots=True)
-class TaskSpec:
-    """One task for ``Scheduler.schedule_many()``: the arguments of ``schedule()``."""
+class TaskSpec(NamedTuple):
+    """One task for ``Scheduler.schedule_many()``: the arguments of ``schedule()``.
+
+    (A named tuple: immutable, and built in a fraction of a frozen dataclass's time.)
+    """
 
     destination: str
     payload: Any
@@ -87,8 +87,7 @@ class TaskSpec:
     backoff_cap: timedelta | float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class CheckedTask:
+class CheckedTask(NamedTuple):
     """A task's parts once every check that needs no broker has passed."""
 
     destination: str
@@ -104,25 +103,31 @@ class CheckedTask:
     route: Route | None
 
 
-def check_task(settings: Settings, spec: TaskSpec) -> CheckedTask:
+def check_task(wiring: Wiring, spec: TaskSpec) -> CheckedTask:
     """Everything ``schedule()`` refuses before any I/O; the CLI calls it before connecting.
 
     Raises:
         InvalidTaskError: naming the bad value.
     """
-    destination = settings.names.check_destination(spec.destination)
+    destination = wiring.names.check_destination(spec.destination)
     body, content_type = encode_payload(spec.payload, spec.content_type)
-    check_size(body, settings.max_message_size)
+    check_size(body, wiring.max_message_size)
     keys = spec.keys
-    keys = check_keys(
-        tuple(keys) if isinstance(keys, Iterable) and not isinstance(keys, str | bytes) else keys
-    )
+    if not (type(keys) is tuple and not keys):  # () is the usual case, with nothing to check
+        keys = check_keys(
+            tuple(keys)
+            if isinstance(keys, Iterable) and not isinstance(keys, str | bytes)
+            else keys
+        )
     if spec.replace and not keys:
         raise InvalidKeyError("replace=True needs keys: it cancels the tasks under them")
-    task_id = uuid.uuid4().hex if spec.task_id is None else check_key(spec.task_id, "a task id")
-    overrides = _retry_overrides(spec.max_attempts, spec.backoff_base, spec.backoff_cap)
+    task_id = new_task_id() if spec.task_id is None else check_key(spec.task_id, "a task id")
+    if spec.max_attempts is None and spec.backoff_base is None and spec.backoff_cap is None:
+        overrides = _NO_OVERRIDES
+    else:
+        overrides = _retry_overrides(spec.max_attempts, spec.backoff_base, spec.backoff_cap)
     now_us = time.time_ns() // 1000
-    way = settings.route(_due_us(now_us, spec.delay, spec.at) - now_us)  # over the maximum
+    way = wiring.route(_due_us(now_us, spec.delay, spec.at) - now_us)  # over the maximum
     return CheckedTask(
         destination,
         body,
@@ -137,6 +142,14 @@ def check_task(settings: Settings, spec: TaskSpec) -> CheckedTask:
     )
 
 
+def new_task_id() -> str:
+    """A random 128-bit id as 32 hex digits (as ``uuid4().hex``, at a fraction of the cost)."""
+    return os.urandom(16).hex()
+
+
+_NO_OVERRIDES: dict[str, int] = {}
+
+
 class Scheduler:
     """Schedules tasks; use as ``async with Scheduler(Settings()) as scheduler: ...``.
 
@@ -146,9 +159,10 @@ class Scheduler:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings if settings is not None else Settings()
+        #: Layout, names and limits, fixed once the backend is resolved in ``start()``.
+        self.wiring: Wiring = self.settings.wiring
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
-        self._exchange: AbstractExchange | None = None
         self._publisher: Publisher | None = None
         self._destinations: dict[str, asyncio.Future[None]] = {}
         self._stamps = Stamps()
@@ -174,18 +188,15 @@ class Scheduler:
             TopologyMismatchError: the broker's topology is not the one these settings need.
         """
         self.settings = await resolve_backend(self.settings)
+        self.wiring = self.settings.wiring
         self._connection = await connect(self.settings)
         try:
             self._channel = await self._connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
             self._publisher = Publisher(self.settings, self._channel)
-            topology = build_topology(self.settings.layout)
+            topology = build_topology(self.wiring.layout)
             await check_topology(self.settings, topology, self._channel)
-            self._exchange = await self._channel.get_exchange(
-                self.settings.route(0).exchange,
-                ensure=False,
-            )
         except BaseException:
             await self._connection.close()
             raise
@@ -194,7 +205,7 @@ class Scheduler:
         """Close the connection; schedules that already returned are safe in the broker."""
         if self._connection is not None:
             await self._connection.close()
-        self._connection = self._channel = self._exchange = self._publisher = None
+        self._connection = self._channel = self._publisher = None
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -205,8 +216,8 @@ class Scheduler:
 
     async def declare_destination(self, destination: str) -> None:
         """Create ``destination``'s work queue, so tasks can be scheduled before a worker runs."""
-        self.settings.names.check_destination(destination)
-        topology = destination_topology(self.settings.layout, destination)
+        self.wiring.names.check_destination(destination)
+        topology = destination_topology(self.wiring.layout, destination)
         await declare_topology(self._require_channel(), topology)
 
     async def schedule(
@@ -262,7 +273,7 @@ class Scheduler:
             backoff_base=backoff_base,
             backoff_cap=backoff_cap,
         )
-        return (await self._schedule_checked([check_task(self.settings, spec)]))[0]
+        return (await self._schedule_checked([check_task(self.wiring, spec)]))[0]
 
     async def schedule_many(self, tasks: Iterable[TaskSpec]) -> list[ScheduledTask]:
         """Schedule a batch: every task is checked before anything is sent, all are
@@ -275,7 +286,7 @@ class Scheduler:
         checked = []
         for i, spec in enumerate(tasks):
             try:
-                checked.append(check_task(self.settings, spec))
+                checked.append(check_task(self.wiring, spec))
             except InvalidTaskError as e:
                 raise type(e)(f"task {i} of the batch: {e}") from e
         return await self._schedule_checked(checked) if checked else []
@@ -289,23 +300,21 @@ class Scheduler:
         now_us = time.time_ns() // 1000
         prepared = [self._message(c, now_us) for c in checked]
         if len(prepared) == 1:  # schedule(): no task per publish, no gather
-            message, mandatory, scheduled = prepared[0]
-            await self._publish(message, scheduled.destination, mandatory=mandatory)
-            return [scheduled]
+            await self._publish_task(*prepared[0])
+            return [prepared[0][-1]]
         sent = await asyncio.gather(
-            *(self._publish(m, s.destination, mandatory=mandatory) for m, mandatory, s in prepared),
-            return_exceptions=True,
+            *(self._publish_task(*p) for p in prepared), return_exceptions=True
         )
         failed = {i: e for i, e in enumerate(sent) if isinstance(e, BaseException)}
         if failed:
             raise BatchNotConfirmedError(
-                [None if i in failed else s for i, (_, _, s) in enumerate(prepared)], failed
+                [None if i in failed else p[-1] for i, p in enumerate(prepared)], failed
             )
-        return [s for _, _, s in prepared]
+        return [p[-1] for p in prepared]
 
     def _message(
         self, checked: CheckedTask, now_us: int
-    ) -> tuple[aio_pika.Message, bool, ScheduledTask]:
+    ) -> tuple[bytes, Basic.Properties, Route, ScheduledTask]:
         due_us = _due_us(now_us, checked.delay, checked.at)
         if now_us - due_us > PAST_DUE_TOLERANCE_MS * 1000:
             log.warning(
@@ -315,27 +324,21 @@ class Scheduler:
                 describe_us(now_us - due_us),
                 checked.at.isoformat() if checked.at else None,
             )
-        way = checked.route or self.settings.route(due_us - now_us)
+        way = checked.route or self.wiring.route(due_us - now_us)
         headers = task_headers(
             checked.task_id,
             due_ms=-(-due_us // 1000),
             published_ms=self._stamps.publish(now_us // 1000),
-            plan=(),
+            route=way.headers,
             keys=checked.keys,
         )
-        headers.update(way.headers)
-        headers.update(checked.overrides)
-        message = aio_pika.Message(
-            checked.body,
-            headers=headers,
-            content_type=checked.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=checked.task_id,
-        )
+        if checked.overrides:
+            headers.update(checked.overrides)
+        props = properties(headers, content_type=checked.content_type, message_id=checked.task_id)
         scheduled = ScheduledTask(
             checked.task_id, checked.destination, _EPOCH + due_us * _US, way.hops, checked.keys
         )
-        return message, way.mandatory, scheduled
+        return checked.body, props, way, scheduled
 
     async def cancel(self, key: str) -> Cancellation:
         """Call off every task under ``key`` (or with id ``key``) published before now.
@@ -349,14 +352,11 @@ class Scheduler:
         """
         key = check_key(key)
         at_ms = self._stamps.cancel(time.time_ns() // 1_000_000)
-        message = aio_pika.Message(
-            b"",
-            headers=cancel_headers(key, at_ms),
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
-        stream = self.settings.names.cancels
+        stream = self.wiring.names.cancels
         try:
-            await self._publish(message, stream, exchange=self._require_channel().default_exchange)
+            await self._require_publisher().publish(
+                b"", properties(cancel_headers(key, at_ms)), "", stream, what=repr(stream)
+            )
         except UnroutableError as e:
             raise TopologyMismatchError(
                 f"cancellation stream {stream!r} does not exist; declare the topology "
@@ -365,22 +365,16 @@ class Scheduler:
         log.debug("cancelled %r at %d", key, at_ms)
         return Cancellation(key, _EPOCH + at_ms * 1000 * _US)
 
-    async def _publish(
-        self,
-        message: aio_pika.Message,
-        destination: str,
-        *,
-        exchange: AbstractExchange | None = None,
-        mandatory: bool = True,
+    async def _publish_task(
+        self, body: bytes, props: Basic.Properties, way: Route, scheduled: ScheduledTask
     ) -> None:
-        if self._publisher is None:
-            raise _not_started()
-        await self._publisher.publish(
-            message,
-            exchange or self._require_exchange(),
-            destination,
-            mandatory=mandatory,
-            what=f"the task for {destination!r}" if exchange is None else f"{destination!r}",
+        await self._require_publisher().publish(
+            body,
+            props,
+            way.exchange,
+            scheduled.destination,
+            mandatory=way.mandatory,
+            what=f"the task for {scheduled.destination!r}",
         )
 
     async def _check_destination(self, destination: str) -> None:
@@ -407,7 +401,7 @@ class Scheduler:
     async def _queue_exists(self, destination: str) -> None:
         if self._connection is None:
             raise _not_started()
-        queue = self.settings.names.work_queue(destination)
+        queue = self.wiring.names.work_queue(destination)
         # A failed passive declare closes its channel: use a throwaway one.
         async with self._connection.channel() as probe:
             try:
@@ -425,10 +419,10 @@ class Scheduler:
             raise _not_started()
         return self._channel
 
-    def _require_exchange(self) -> AbstractExchange:
-        if self._exchange is None:
+    def _require_publisher(self) -> Publisher:
+        if self._publisher is None:
             raise _not_started()
-        return self._exchange
+        return self._publisher
 
 
 def _retry_overrides(

@@ -31,8 +31,9 @@ from rmqdelay.errors import ConfigError, InvalidDelayError
 from rmqdelay.names import Names
 from rmqdelay.redact import redact_url, userinfo
 from rmqdelay.retry import RetryPolicy
-from rmqdelay.routes import Backend, Route, route
+from rmqdelay.routes import Backend, Route
 from rmqdelay.topology import Layout
+from rmqdelay.wiring import Wiring, wiring
 
 ENV_PREFIX = "RMQDELAY_"
 #: Task arrival rate (per second) a worker's default prefetch has room to hold early tasks
@@ -290,10 +291,16 @@ class Settings(BaseSettings):
         every schedule() routes through it)."""
         return _limits(self.resolution_ms, self.max_delay)
 
+    @property
+    def wiring(self) -> Wiring:
+        """Layout, names and limits as one frozen object, for clients to keep once their
+        backend is resolved (computed once per layout)."""
+        return wiring(self.layout, self.limits, self.max_message_size)
+
     def route(self, wait_us: int) -> Route:
         """How to publish a task due ``wait_us`` from now on this backend (refusing what it
         cannot hold)."""
-        return route(self.delay_backend, self.names, self.limits, wait_us)
+        return self.wiring.route(wait_us)
 
     @property
     def delay_backend(self) -> Backend:

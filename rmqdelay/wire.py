@@ -59,18 +59,19 @@ def task_headers(
     *,
     due_ms: int,
     published_ms: int,
-    plan: tuple[int, ...],
+    route: Mapping[str, Any],
     attempt: int = 1,
     keys: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """All rmqdelay headers of a scheduled message."""
+    """All rmqdelay headers of a scheduled message; ``route`` is the backend's (the hop
+    plan's ``route_headers``, or the plugin's x-delay)."""
     return {
         TASK_ID: task_id,
         DUE_MS: due_ms,
         PUBLISHED_MS: published_ms,
         ATTEMPT: attempt,
         KEYS: list(keys),
-        **route_headers(plan),
+        **route,
     }
 
 
@@ -120,6 +121,10 @@ def published_ms(task: Task) -> int:
     return _int_header(task.headers, PUBLISHED_MS)
 
 
+#: One encoder for every task: json.dumps with options builds a new one per call.
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def encode_payload(payload: Any, content_type: str | None) -> tuple[bytes, str]:
     """Body and content type for a payload: JSON unless bytes with an explicit content type."""
     if isinstance(payload, bytes | bytearray | memoryview):
@@ -135,7 +140,7 @@ def encode_payload(payload: Any, content_type: str | None) -> tuple[bytes, str]:
             f"a {type(payload).__name__} payload is sent as {JSON}"
         )
     try:
-        body = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        body = _JSON_ENCODER.encode(payload)
     except (TypeError, ValueError) as e:
         raise InvalidPayloadError(f"payload is not JSON-serialisable: {e}") from e
     except RecursionError as e:
@@ -283,9 +288,9 @@ def _without_routing(headers: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def rescheduled_headers(
-    headers: Mapping[str, Any], *, attempt: int, due_ms: int, plan: tuple[int, ...]
+    headers: Mapping[str, Any], *, attempt: int, due_ms: int, route: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Headers for sending a task through the levels again (a retry, or out of the parking
-    lot): a new attempt, due time and hop plan; the same id, keys and publish stamp, so a
+    lot): a new attempt, due time and route; the same id, keys and publish stamp, so a
     cancel of the original still hits it."""
-    return {**_without_routing(headers), ATTEMPT: attempt, DUE_MS: due_ms, **route_headers(plan)}
+    return {**_without_routing(headers), ATTEMPT: attempt, DUE_MS: due_ms, **route}

@@ -11,10 +11,8 @@ from dataclasses import astuple, dataclass
 from datetime import timedelta
 from typing import Any, Literal, TypeAlias
 
-import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
-    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
@@ -37,7 +35,7 @@ from rmqdelay.errors import (
 )
 from rmqdelay.handler import call_handler, describe_failure
 from rmqdelay.metrics import WorkerMetrics, serve
-from rmqdelay.publisher import Publisher
+from rmqdelay.publisher import Publisher, properties
 from rmqdelay.retry import Retry, RetryPolicy, decide
 from rmqdelay.settings import Settings
 from rmqdelay.task import Handler, Task
@@ -131,7 +129,8 @@ class Worker:
         metrics_port: int | None = None,
     ) -> None:
         self.settings = settings
-        self.destination = settings.names.check_destination(destination)
+        self.wiring = settings.wiring
+        self.destination = self.wiring.names.check_destination(destination)
         self.handler = handler
         self.concurrency = concurrency or settings.concurrency
         self.prefetch = prefetch or settings.prefetch_for(self.concurrency)
@@ -145,8 +144,6 @@ class Worker:
         self._executor: DaemonThreadPool | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = False
-        self._parked: AbstractExchange | None = None
-        self._delays: AbstractExchange | None = None
         self._follower = CancelFollower(settings)
         self._counted = asyncio.Event()
         self.metrics = WorkerMetrics(self.destination)
@@ -169,6 +166,7 @@ class Worker:
                 deleted) and the queue could not be declared again.
         """
         self.settings = await resolve_backend(self.settings)
+        self.wiring = self.settings.wiring
         connection = self._connection = await connect(self.settings)
         self._stopping = False
         server = await self._serve_metrics()
@@ -183,12 +181,9 @@ class Worker:
             if not self.settings.declare:
                 await self._work_queue(channel)  # the likeliest miss, with advice of its own
             await check_topology(
-                self.settings, build_topology(self.settings.layout, (self.destination,)), channel
+                self.settings, build_topology(self.wiring.layout, (self.destination,)), channel
             )
             queue = await self._work_queue(channel)
-            names = self.settings.names
-            self._parked = await channel.get_exchange(names.parked, ensure=False)
-            self._delays = await channel.get_exchange(self.settings.route(0).exchange, ensure=False)
             await self._watch_consumer(channel)
             following = asyncio.create_task(self._follower.run(stop_following))
             # A dropped connection may have hidden cancels: vouch for nothing until a fresh
@@ -263,7 +258,7 @@ class Worker:
             self._consumer_lost.set()
 
     async def _declare_again(self, queue: AbstractQueue) -> AbstractQueue:
-        topology = destination_topology(self.settings.layout, self.destination)
+        topology = destination_topology(self.wiring.layout, self.destination)
         # Right after a broker restart the queue's node may still be starting: wait for it
         # as long as a first connect would.
         give_up = time.monotonic() + self.settings.connect_timeout.total_seconds()
@@ -341,7 +336,7 @@ class Worker:
         self._counted.set()
 
     async def _work_queue(self, channel: AbstractChannel) -> AbstractQueue:
-        name = self.settings.names.work_queue(self.destination)
+        name = self.wiring.names.work_queue(self.destination)
         try:
             return await channel.get_queue(name, ensure=True)
         except ChannelNotFoundEntity as e:
@@ -536,7 +531,7 @@ class Worker:
         self._count("failed")
         policy = self.retry.for_task(task.headers)
         decision = decide(
-            policy, task.attempt, error, detail, delay, self.settings.limits, random.random()
+            policy, task.attempt, error, detail, delay, self.wiring.limits, random.random()
         )
         if decision.park:
             log.warning(
@@ -576,31 +571,24 @@ class Worker:
         A wait the backend cannot hold (over the plugin's limit, or a due time past the
         maximum delay) parks the task with the reason rather than leaving it unsettled.
         """
-        assert self._delays is not None
         original = message.headers or {}
         task_id = original.get(TASK_ID)
         try:
-            way = self.settings.route(wait_us)
+            way = self.wiring.route(wait_us)
         except InvalidDelayError as e:
             await self._park(
                 message, f"InvalidDelayError: cannot {what}: {e}", error="InvalidDelayError",
                 attempts=attempt - 1,
             )  # fmt: skip
             return False
-        headers = rescheduled_headers(original, attempt=attempt, due_ms=due_ms, plan=())
-        headers.update(way.headers)
-        again = aio_pika.Message(
-            message.body,
-            headers=headers,
-            content_type=message.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            # The task id, also for tasks other clients published without a message id.
-            message_id=task_id if isinstance(task_id, str) else message.message_id,
-        )
+        headers = rescheduled_headers(original, attempt=attempt, due_ms=due_ms, route=way.headers)
+        # The task id, also for tasks other clients published without a message id.
+        message_id = task_id if isinstance(task_id, str) else message.message_id
+        again = properties(headers, content_type=message.content_type, message_id=message_id)
         routing_key = message.routing_key or self.destination
         await self._replace(
-            message, again, self._delays, routing_key, mandatory=way.mandatory,
-            what=f"{what} of {again.message_id}",
+            message, again, way.exchange, routing_key, mandatory=way.mandatory,
+            what=f"{what} of {message_id}",
         )  # fmt: skip
         return True
 
@@ -608,24 +596,21 @@ class Worker:
         self, message: AbstractIncomingMessage, reason: str, *, error: str, attempts: int
     ) -> None:
         """Move a message to the parking lot with ``reason``; requeue it if that fails."""
-        assert self._parked is not None
-        parked = aio_pika.Message(
-            message.body,
-            headers=parked_headers(
+        parked = properties(
+            parked_headers(
                 message.headers,
                 reason=reason,
                 error=error,
                 attempts=attempts,
                 destination=self.destination,
                 now_ms=time.time_ns() // 1_000_000,
-                source=self.settings.names.work_queue(self.destination),
+                source=self.wiring.names.work_queue(self.destination),
             ),
             content_type=message.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message.message_id,
         )
         await self._replace(
-            message, parked, self._parked, message.routing_key or "",
+            message, parked, self.wiring.names.parked, message.routing_key or "",
             what=f"parking of {message.message_id}",
         )  # fmt: skip
         self._count("parked")
@@ -633,19 +618,19 @@ class Worker:
     async def _replace(
         self,
         message: AbstractIncomingMessage,
-        new: aio_pika.Message,
-        exchange: AbstractExchange,
+        new: Basic.Properties,
+        exchange: str,
         routing_key: str,
         *,
         mandatory: bool = True,
         what: str,
     ) -> None:
-        """Publish ``new`` in place of ``message`` (confirmed, through outages), then ack
-        ``message``; if that fails, return ``message`` to the queue."""
+        """Publish ``message``'s body with properties ``new`` in its place (confirmed,
+        through outages), then ack ``message``; if that fails, return it to the queue."""
         assert self._publisher is not None
         try:
             await self._publisher.publish(
-                new, exchange, routing_key, mandatory=mandatory, what=what
+                message.body, new, exchange, routing_key, mandatory=mandatory, what=what
             )
         except Exception as e:
             log.error("could not publish the %s (%s); returning it to the queue", what, e)

@@ -19,7 +19,7 @@ from rmqdelay import (
     TopologyMismatchError,
     UnroutableError,
 )
-from rmqdelay.wire import ROUTE_IN, TASK_ID, route_header, task_headers
+from rmqdelay.wire import ROUTE_IN, TASK_ID, route_header, route_headers, task_headers
 
 from .conftest import apply, make_settings
 from .helpers import Recorder, depth, get_all, running_worker
@@ -144,7 +144,7 @@ async def test_malformed_hop_plans_are_caught_as_unroutable_and_do_not_stall_the
     async with running_worker(settings, destination, recorder), Scheduler(settings) as scheduler:
         for task_id in bad_ids:
             bad = {
-                **task_headers(task_id, due_ms=0, published_ms=0, plan=()),
+                **task_headers(task_id, due_ms=0, published_ms=0, route=route_headers(())),
                 ROUTE_IN: "1",
                 route_header(1): "7",  # a level above: no binding matches
             }

@@ -16,6 +16,7 @@ from rmqdelay.wire import (
     PARKED_ERROR,
     PARKED_REASON,
     TASK_ID,
+    route_headers,
     task_headers,
 )
 
@@ -156,7 +157,9 @@ async def test_garbage_is_parked_with_a_reason_and_good_tasks_keep_running(
     settings: Settings, destination: str
 ) -> None:
     recorder = Recorder()
-    good_headers = task_headers("garbage-ok-headers", due_ms=0, published_ms=0, plan=())
+    good_headers = task_headers(
+        "garbage-ok-headers", due_ms=0, published_ms=0, route=route_headers(())
+    )
     garbage = {
         "not json": aio_pika.Message(
             b"{nope", headers={**good_headers, TASK_ID: "g1"}, content_type="application/json"

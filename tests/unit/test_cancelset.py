@@ -9,6 +9,7 @@ from rmqdelay.wire import (
     decode_cancel,
     decode_task,
     published_ms,
+    route_headers,
     task_headers,
 )
 
@@ -74,7 +75,7 @@ def test_stamps_hold_order_when_the_clock_steps_back() -> None:
 
 
 def test_keys_roundtrip_through_the_headers() -> None:
-    headers = task_headers("id", due_ms=5, published_ms=7, plan=(), keys=("a", "b"))
+    headers = task_headers("id", due_ms=5, published_ms=7, route=route_headers(()), keys=("a", "b"))
     task = decode_task(
         headers=headers, body=b"{}", content_type="application/json", routing_key="d"
     )
@@ -103,7 +104,10 @@ def test_duplicate_keys_collapse_in_order() -> None:
 
 
 def test_malformed_keys_header_or_cancel_record_is_refused() -> None:
-    headers = {**task_headers("id", due_ms=0, published_ms=0, plan=()), KEYS: "not-a-list"}
+    headers = {
+        **task_headers("id", due_ms=0, published_ms=0, route=route_headers(())),
+        KEYS: "not-a-list",
+    }
     with pytest.raises(MessageDecodeError, match=KEYS):
         decode_task(headers=headers, body=b"{}", content_type="application/json", routing_key="d")
     with pytest.raises(MessageDecodeError, match="rmqdelay-cancel-at"):

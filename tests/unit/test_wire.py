@@ -33,7 +33,7 @@ def test_route_headers_chain_levels_then_work() -> None:
 
 def test_task_headers_use_integer_milliseconds() -> None:
     headers = task_headers(
-        "id1", due_ms=1_763_900_000_123, published_ms=1_763_900_000_000, plan=(1,)
+        "id1", due_ms=1_763_900_000_123, published_ms=1_763_900_000_000, route=route_headers((1,))
     )
     assert headers[DUE_MS] == 1_763_900_000_123
     assert isinstance(headers[DUE_MS], int)
@@ -47,7 +47,7 @@ def test_json_payloads_roundtrip(payload: object) -> None:
     body, content_type = encode_payload(payload, None)
     assert content_type == "application/json"
     task = decode_task(
-        headers=task_headers("i", due_ms=1000, published_ms=0, plan=()),
+        headers=task_headers("i", due_ms=1000, published_ms=0, route=route_headers(())),
         body=body,
         content_type=content_type,
         routing_key="alarms",
@@ -62,7 +62,7 @@ def test_bytes_need_a_content_type_and_come_back_as_bytes() -> None:
         encode_payload(b"\x00\x01", None)
     body, content_type = encode_payload(b"\x00\x01", "application/octet-stream")
     task = decode_task(
-        headers=task_headers("i", due_ms=0, published_ms=0, plan=()),
+        headers=task_headers("i", due_ms=0, published_ms=0, route=route_headers(())),
         body=body,
         content_type=content_type,
         routing_key="d",
@@ -84,7 +84,7 @@ def test_content_type_with_a_non_bytes_payload_is_refused() -> None:
         encode_payload({"a": 1}, "text/plain")
 
 
-GOOD = task_headers("i", due_ms=0, published_ms=0, plan=())
+GOOD = task_headers("i", due_ms=0, published_ms=0, route=route_headers(()))
 
 
 @pytest.mark.parametrize(
@@ -138,11 +138,11 @@ def test_parked_headers_strip_death_bookkeeping_and_say_why() -> None:
 
 def test_rescheduled_headers_keep_identity_and_stamp_but_replace_the_route() -> None:
     original = {
-        **task_headers("i", due_ms=10, published_ms=5, plan=(7, 2), keys=("k",)),
+        **task_headers("i", due_ms=10, published_ms=5, route=route_headers((7, 2)), keys=("k",)),
         "x-death": [{}],
         "rmqdelay-parked-reason": "old",
     }
-    again = rescheduled_headers(original, attempt=2, due_ms=99, plan=(1,))
+    again = rescheduled_headers(original, attempt=2, due_ms=99, route=route_headers((1,)))
     assert again[TASK_ID] == "i"
     assert again[PUBLISHED_MS] == 5  # a cancel of the original still hits the retry
     assert again[KEYS] == ["k"]

@@ -1,0 +1,44 @@
+"""What a client derives from its settings once the backend is known. Pure; no I/O.
+
+``Settings`` reads the environment; a ``Wiring`` is computed from it once (per layout and
+limits), after ``auto`` has been resolved to a backend, and then carries the layout,
+object names and limits that every publish and delivery consults, instead of each call
+rebuilding them from ``Settings``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from rmqdelay.delays import DelayLimits
+from rmqdelay.names import Names
+from rmqdelay.routes import Backend, Route, route
+from rmqdelay.topology import Layout
+
+
+@dataclass(frozen=True, slots=True)
+class Wiring:
+    """Layout, names and limits of one client, fixed for its lifetime."""
+
+    layout: Layout
+    limits: DelayLimits
+    names: Names
+    #: Largest body the broker takes (RMQDELAY_MAX_MESSAGE_SIZE), checked before sending.
+    max_message_size: int
+
+    @property
+    def backend(self) -> Backend:
+        """The resolved backend (never ``auto``)."""
+        return self.layout.backend
+
+    def route(self, wait_us: int) -> Route:
+        """How to publish a task due ``wait_us`` from now (refusing what the backend
+        cannot hold)."""
+        return route(self.layout.backend, self.names, self.limits, wait_us)
+
+
+@functools.lru_cache(maxsize=64)
+def wiring(layout: Layout, limits: DelayLimits, max_message_size: int) -> Wiring:
+    """The (shared) wiring for a layout and its limits."""
+    return Wiring(layout, limits, layout.names, max_message_size)
