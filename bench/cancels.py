@@ -21,11 +21,11 @@ import tracemalloc
 import uuid
 
 from rmqdelay import Scheduler, Settings
-from rmqdelay.cancels import CancelFollower
-from rmqdelay.cancelset import CancelSet
-from rmqdelay.declare import apply_topology
-from rmqdelay.topology import build_topology
-from rmqdelay.wire import decode_task, encode_payload, task_headers
+from rmqdelay.broker.cancels import CancelFollower
+from rmqdelay.broker.declare import apply_topology
+from rmqdelay.core.cancelset import CancelSet
+from rmqdelay.core.topology import build_topology
+from rmqdelay.core.wire import decode_task, encode_payload, task_headers
 
 BUDGET_MS = 200.0
 

@@ -31,9 +31,9 @@ import aio_pika
 from lateness import HEADER, Result, paced
 
 from rmqdelay import Scheduler, Settings, Task
-from rmqdelay.declare import apply_topology, resolve_backend
-from rmqdelay.status import management_get
-from rmqdelay.topology import build_topology
+from rmqdelay.broker.declare import apply_topology, resolve_backend
+from rmqdelay.core.topology import build_topology
+from rmqdelay.tools.status import management_get
 
 HERE = Path(__file__).resolve().parent
 DESTINATION = "bench"

@@ -25,8 +25,8 @@ from typing import Any
 import aio_pika
 
 from rmqdelay import Scheduler, Settings, Task, Worker
-from rmqdelay.declare import apply_topology
-from rmqdelay.topology import build_topology
+from rmqdelay.broker.declare import apply_topology
+from rmqdelay.core.topology import build_topology
 
 
 @dataclass

@@ -26,8 +26,8 @@ from collections.abc import Awaitable, Callable
 import aio_pika
 
 from rmqdelay import Scheduler, Settings, Task, TaskSpec, Worker
-from rmqdelay.declare import apply_topology
-from rmqdelay.topology import build_topology
+from rmqdelay.broker.declare import apply_topology
+from rmqdelay.core.topology import build_topology
 
 DESTINATION = "bench"
 PAYLOAD = {"order": 12345, "action": "remind"}

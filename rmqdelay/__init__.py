@@ -3,7 +3,8 @@
 Publishers call :class:`Scheduler`; workers run :class:`Worker` (or ``rmqdelay consume``).
 """
 
-from rmqdelay.errors import (
+from rmqdelay.broker.scheduler import Scheduler, TaskSpec
+from rmqdelay.core.errors import (
     BatchNotConfirmedError,
     BrokerError,
     BrokerUnavailableError,
@@ -23,12 +24,11 @@ from rmqdelay.errors import (
     UnroutableError,
     WebhookError,
 )
-from rmqdelay.retry import Retry, RetryPolicy
-from rmqdelay.scheduler import Scheduler, TaskSpec
+from rmqdelay.core.retry import Retry, RetryPolicy
+from rmqdelay.core.task import Cancellation, Handler, ScheduledTask, Task
 from rmqdelay.settings import Settings
-from rmqdelay.task import Cancellation, Handler, ScheduledTask, Task
-from rmqdelay.webhook import WebhookHandler
-from rmqdelay.worker import Worker, WorkerStats
+from rmqdelay.tools.webhook import WebhookHandler
+from rmqdelay.worker.consume import Worker, WorkerStats
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 import sys
 
-from rmqdelay.cli import main
+from rmqdelay.tools.cli import main
 
 sys.exit(main())

@@ -19,7 +19,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from rmqdelay.delays import (
+from rmqdelay.core.delays import (
     BROKER_MAX_TTL_MS,
     DelayLimits,
     delay_to_us,
@@ -27,13 +27,13 @@ from rmqdelay.delays import (
     level_ttl_ms,
     parse_duration,
 )
-from rmqdelay.errors import ConfigError, InvalidDelayError
-from rmqdelay.names import Names
-from rmqdelay.redact import redact_url, userinfo
-from rmqdelay.retry import RetryPolicy
-from rmqdelay.routes import Backend, Route
-from rmqdelay.topology import Layout
-from rmqdelay.wiring import Wiring, wiring
+from rmqdelay.core.errors import ConfigError, InvalidDelayError
+from rmqdelay.core.names import Names
+from rmqdelay.core.redact import redact_url, userinfo
+from rmqdelay.core.retry import RetryPolicy
+from rmqdelay.core.routes import Backend, Route
+from rmqdelay.core.topology import Layout
+from rmqdelay.core.wiring import Wiring, wiring
 
 ENV_PREFIX = "RMQDELAY_"
 #: Task arrival rate (per second) a worker's default prefetch has room to hold early tasks

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from rmqdelay import Settings
-from rmqdelay.declare import apply_topology as apply
-from rmqdelay.topology import build_topology, destination_topology
+from rmqdelay.broker.declare import apply_topology as apply
+from rmqdelay.core.topology import build_topology, destination_topology
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from rmqdelay import Settings
-from rmqdelay.topology import destination_topology
+from rmqdelay.core.topology import destination_topology
 
 from .conftest import ROOT, apply
 from .helpers import subprocess_env

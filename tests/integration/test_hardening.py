@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from rmqdelay import InvalidPayloadError, Scheduler, Settings, Task
-from rmqdelay.cli import RET_ABANDONED, RET_ERROR, RET_OK, main
-from rmqdelay.declare import apply_topology
-from rmqdelay.topology import build_topology
-from rmqdelay.wire import PARKED_REASON, TASK_ID
+from rmqdelay.broker.declare import apply_topology
+from rmqdelay.core.topology import build_topology
+from rmqdelay.core.wire import PARKED_REASON, TASK_ID
+from rmqdelay.tools.cli import RET_ABANDONED, RET_ERROR, RET_OK, main
 
 from .conftest import make_settings
 from .helpers import Recorder, depth, get_all, running_worker, subprocess_env
@@ -207,7 +207,7 @@ async def test_payloads_over_the_maximum_are_refused_before_or_by_the_broker(
                 destination, b"x" * (129 * 2**20), delay=0, content_type="text/plain"
             )
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="rmqdelay.scheduler"):
+        with caplog.at_level(logging.WARNING, logger="rmqdelay.broker.scheduler"):
             await scheduler.schedule(destination, {"after": "refusal"}, delay=0)
         assert not [r for r in caplog.records if "publish failed" in r.message]
 
@@ -219,7 +219,7 @@ async def test_a_task_scheduled_in_the_past_is_warned_and_counted_apart(
         running_worker(settings, destination, Recorder()) as worker,
         Scheduler(settings) as scheduler,
     ):
-        with caplog.at_level(logging.WARNING, logger="rmqdelay.scheduler"):
+        with caplog.at_level(logging.WARNING, logger="rmqdelay.broker.scheduler"):
             await scheduler.schedule(destination, {}, at=datetime.now(UTC) - timedelta(hours=2))
         assert any("is due 2h" in r.message for r in caplog.records)
         async with asyncio.timeout(10):

@@ -19,8 +19,8 @@ import pika
 import pytest
 
 from rmqdelay import Scheduler, Settings
-from rmqdelay.declare import apply_topology
-from rmqdelay.topology import build_topology
+from rmqdelay.broker.declare import apply_topology
+from rmqdelay.core.topology import build_topology
 
 from .conftest import make_settings
 from .helpers import Recorder, get_all, logged, running_worker, subprocess_env
@@ -197,7 +197,7 @@ async def test_a_task_far_ahead_of_its_due_time_goes_back_through_the_levels(
         "rmqdelay-published": now_ms,
         "rmqdelay-route-in": "work",
     }
-    with logged("rmqdelay.worker", "sending it back through the levels") as sent_back:
+    with logged("rmqdelay.worker.consume", "sending it back through the levels") as sent_back:
         async with running_worker(coarse, "dest", recorder):
             await asyncio.to_thread(_publish, coarse, headers, b"{}")
             await recorder.wait_for({task_id}, within=15)

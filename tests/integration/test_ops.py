@@ -32,10 +32,10 @@ from rmqdelay import (
     Task,
     TopologyMismatchError,
 )
-from rmqdelay.cli import main
-from rmqdelay.declare import apply_topology, resolve_backend
-from rmqdelay.status import management_url
-from rmqdelay.topology import build_topology
+from rmqdelay.broker.declare import apply_topology, resolve_backend
+from rmqdelay.core.topology import build_topology
+from rmqdelay.tools.cli import main
+from rmqdelay.tools.status import management_url
 
 from .conftest import make_settings
 from .helpers import Recorder, depth, running_worker, subprocess_env

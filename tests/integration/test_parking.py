@@ -8,7 +8,7 @@ import json
 import pytest
 
 from rmqdelay import RetryPolicy, Scheduler, Settings, Task
-from rmqdelay.cli import RET_ERROR, RET_OK, main
+from rmqdelay.tools.cli import RET_ERROR, RET_OK, main
 
 from .helpers import Recorder, depth, get_all, running_worker
 

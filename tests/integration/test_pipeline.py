@@ -19,7 +19,7 @@ from rmqdelay import (
     TopologyMismatchError,
     UnroutableError,
 )
-from rmqdelay.wire import ROUTE_IN, TASK_ID, route_header, route_headers, task_headers
+from rmqdelay.core.wire import ROUTE_IN, TASK_ID, route_header, route_headers, task_headers
 
 from .conftest import apply, make_settings
 from .helpers import Recorder, depth, get_all, running_worker
@@ -176,7 +176,7 @@ async def test_destination_gone_at_fire_time_lands_in_unroutable_queue(
 
 
 def _work_queue_only(settings: Settings, destination: str):  # type: ignore[no-untyped-def]
-    from rmqdelay.topology import destination_topology
+    from rmqdelay.core.topology import destination_topology
 
     return destination_topology(settings.layout, destination)
 
@@ -199,7 +199,7 @@ async def test_classic_queues_work_too(broker_url: str) -> None:
             await recorder.wait_for({x.id for x in s}, within=10)
         assert [t.id for t, _ in recorder.runs] == [x.id for x in reversed(s)]
     finally:
-        from rmqdelay.topology import build_topology
+        from rmqdelay.core.topology import build_topology
 
         await apply(settings, build_topology(settings.layout, ("c",)), delete=True)
 

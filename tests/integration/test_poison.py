@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from rmqdelay import ConsumerCancelledError, RetryPolicy, Scheduler, Settings, Task
-from rmqdelay.declare import apply_topology
-from rmqdelay.topology import destination_topology
-from rmqdelay.wire import PARKED_ERROR, PARKED_REASON, TASK_ID
+from rmqdelay.broker.declare import apply_topology
+from rmqdelay.core.topology import destination_topology
+from rmqdelay.core.wire import PARKED_ERROR, PARKED_REASON, TASK_ID
 
 from .conftest import make_settings
 from .helpers import get_all, logged, running_worker
@@ -152,8 +152,8 @@ async def test_a_deleted_work_queue_is_declared_again_and_consumed(
         running_worker(settings, destination, _handler(True, _base, ran)) as worker,
     ):
         with (
-            logged("rmqdelay.worker", "cancelled the consumer") as lost,
-            logged("rmqdelay.worker", "is back") as back,
+            logged("rmqdelay.worker.consume", "cancelled the consumer") as lost,
+            logged("rmqdelay.worker.consume", "is back") as back,
         ):
             await apply_topology(
                 settings, destination_topology(settings.layout, destination), delete=True

@@ -10,7 +10,7 @@ import aio_pika
 import pytest
 
 from rmqdelay import Retry, RetryPolicy, Scheduler, Settings, Task
-from rmqdelay.wire import (
+from rmqdelay.core.wire import (
     PARKED_ATTEMPTS,
     PARKED_DESTINATION,
     PARKED_ERROR,

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from rmqdelay import RetryPolicy, Scheduler, Settings, Task, TopologyMismatchError, Worker
-from rmqdelay.wire import PARKED_FROM, PARKED_REASON, TASK_ID
+from rmqdelay.core.wire import PARKED_FROM, PARKED_REASON, TASK_ID
 
 from .conftest import make_settings
 from .helpers import Recorder, depth, get_all, running_worker

@@ -1,8 +1,8 @@
 import pytest
 
-from rmqdelay.cancelset import CancelSet, Stamps
-from rmqdelay.errors import InvalidKeyError, MessageDecodeError
-from rmqdelay.wire import (
+from rmqdelay.core.cancelset import CancelSet, Stamps
+from rmqdelay.core.errors import InvalidKeyError, MessageDecodeError
+from rmqdelay.core.wire import (
     KEYS,
     cancel_headers,
     check_keys,

@@ -7,8 +7,8 @@ from typing import Any
 
 import yaml
 
-from rmqdelay.cli import build_parser
-from rmqdelay.handler import load_handler
+from rmqdelay.tools.cli import build_parser
+from rmqdelay.worker.handler import load_handler
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = (ROOT / "docker-compose.yml").read_text()

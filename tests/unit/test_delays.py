@@ -2,7 +2,7 @@ from datetime import timedelta
 
 import pytest
 
-from rmqdelay.delays import (
+from rmqdelay.core.delays import (
     DelayLimits,
     delay_to_us,
     describe_us,
@@ -12,7 +12,7 @@ from rmqdelay.delays import (
     parse_duration,
     units_for,
 )
-from rmqdelay.errors import InvalidDelayError
+from rmqdelay.core.errors import InvalidDelayError
 
 EDGE_UNITS = sorted(
     {n for k in range(41) for n in (2**k - 1, 2**k, 2**k + 1) if n >= 0} | set(range(1025))

@@ -5,8 +5,8 @@ from datetime import UTC, datetime
 import pytest
 
 from rmqdelay import ConfigError, Task
-from rmqdelay.cli import RET_ERROR, build_parser, main
-from rmqdelay.handler import call_handler, is_async, load_handler
+from rmqdelay.tools.cli import RET_ERROR, build_parser, main
+from rmqdelay.worker.handler import call_handler, is_async, load_handler
 
 TASK = Task("i", "d", {}, datetime.now(UTC), datetime.now(UTC), 1, (), "application/json", {})
 

@@ -14,14 +14,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from rmqdelay import HandlerError, InvalidKeyError, InvalidPayloadError, Task, WebhookError
-from rmqdelay.cli import RET_ERROR, RET_OK, main
-from rmqdelay.handler import call_handler, describe_failure
-from rmqdelay.logs import THIRD_PARTY, TRACE, JsonFormatter, TextFormatter, configure_logging
-from rmqdelay.redact import Redactor, redact_url, safe_webhook_url, webhook_secrets
-from rmqdelay.status import headroom_warnings
-from rmqdelay.threads import DaemonThreadPool
-from rmqdelay.webhook import WebhookHandler
-from rmqdelay.wire import check_key, check_keys, check_size, decode_task, encode_payload
+from rmqdelay.core.redact import Redactor, redact_url, safe_webhook_url, webhook_secrets
+from rmqdelay.core.wire import check_key, check_keys, check_size, decode_task, encode_payload
+from rmqdelay.tools.cli import RET_ERROR, RET_OK, main
+from rmqdelay.tools.logs import THIRD_PARTY, TRACE, JsonFormatter, TextFormatter, configure_logging
+from rmqdelay.tools.status import headroom_warnings
+from rmqdelay.tools.webhook import WebhookHandler
+from rmqdelay.worker.handler import call_handler, describe_failure
+from rmqdelay.worker.threads import DaemonThreadPool
 
 HOOK = "https://robot:hunter2pw@hooks.example.com/send/TOKENabc123?access_token=QUERYsecret9"
 HOOK_SECRETS = ("hunter2pw", "TOKENabc123", "QUERYsecret9")
@@ -150,7 +150,7 @@ def test_a_stuck_pool_thread_does_not_hold_the_process_open() -> None:
     script = textwrap.dedent(
         """
         import threading
-        from rmqdelay.threads import DaemonThreadPool
+        from rmqdelay.worker.threads import DaemonThreadPool
         pool = DaemonThreadPool(2)
         pool.submit(threading.Event().wait)
         print(pool.submit(sum, [1, 2]).result(), flush=True)
@@ -259,7 +259,7 @@ def test_an_unencoded_password_never_reaches_a_log_or_error(
 
 
 def test_retry_delay_of_a_timedelta_is_described_in_human_units() -> None:
-    from rmqdelay.delays import DelayLimits, delay_to_us
+    from rmqdelay.core.delays import DelayLimits, delay_to_us
 
     limits = DelayLimits(10, 35, delay_to_us(timedelta(days=3653)))
     with pytest.raises(Exception, match=r"26336d3h18m26\.776s exceeds the maximum of 3653d"):
@@ -279,7 +279,7 @@ def test_a_partly_confirmed_batch_says_which_tasks_are_safe() -> None:
 def test_a_queue_whose_node_is_starting_is_told_apart_from_a_missing_one() -> None:
     from aiormq.exceptions import ChannelNotFoundEntity
 
-    from rmqdelay.connection import queue_starting
+    from rmqdelay.broker.connection import queue_starting
 
     starting = ChannelNotFoundEntity(
         "NOT_FOUND - home node 'rabbit@vm' of durable queue 'ns.cancels' in vhost '/' is down "

@@ -1,7 +1,7 @@
 import json
 import logging
 
-from rmqdelay.logs import JsonFormatter
+from rmqdelay.tools.logs import JsonFormatter
 
 
 def test_json_logs_are_one_object_a_line_with_extras_and_exceptions() -> None:
@@ -12,14 +12,14 @@ def test_json_logs_are_one_object_a_line_with_extras_and_exceptions() -> None:
 
         exc_info = sys.exc_info()
     record = logging.LogRecord(
-        "rmqdelay.worker", logging.WARNING, __file__, 1, "task %s failed", ("t1",), exc_info
+        "rmqdelay.worker.consume", logging.WARNING, __file__, 1, "task %s failed", ("t1",), exc_info
     )
     record.task_id = "t1"
     line = JsonFormatter().format(record)
     assert "\n" not in line.replace("\\n", "")
     entry = json.loads(line)
     assert entry["level"] == "WARNING"
-    assert entry["logger"] == "rmqdelay.worker"
+    assert entry["logger"] == "rmqdelay.worker.consume"
     assert entry["message"] == "task t1 failed"
     assert entry["task_id"] == "t1"
     assert "ValueError: bad" in entry["exception"]

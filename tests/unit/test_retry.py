@@ -3,8 +3,8 @@ from typing import Any
 
 import pytest
 
-from rmqdelay.delays import DelayLimits
-from rmqdelay.retry import BACKOFF_BASE_MS, MAX_ATTEMPTS, Decision, RetryPolicy, decide
+from rmqdelay.core.delays import DelayLimits
+from rmqdelay.core.retry import BACKOFF_BASE_MS, MAX_ATTEMPTS, Decision, RetryPolicy, decide
 
 POLICY = RetryPolicy(max_attempts=5, base_ms=1000, cap_ms=10_000)
 

@@ -4,13 +4,13 @@ from datetime import timedelta
 
 import pytest
 
-from rmqdelay.delays import DelayLimits, hop_plan
-from rmqdelay.errors import InvalidDelayError
-from rmqdelay.names import Names
-from rmqdelay.routes import PLUGIN_MAX_DELAY_MS, X_DELAY, route
+from rmqdelay.core.delays import DelayLimits, hop_plan
+from rmqdelay.core.errors import InvalidDelayError
+from rmqdelay.core.names import Names
+from rmqdelay.core.routes import PLUGIN_MAX_DELAY_MS, X_DELAY, route
+from rmqdelay.core.topology import Layout, build_topology
+from rmqdelay.core.wire import ROUTE_IN, route_headers
 from rmqdelay.settings import Settings
-from rmqdelay.topology import Layout, build_topology
-from rmqdelay.wire import ROUTE_IN, route_headers
 
 NAMES = Names("n")
 LIMITS = DelayLimits(10, 35, 3653 * 86_400_000_000)

@@ -3,9 +3,9 @@ from datetime import timedelta
 import pytest
 
 from rmqdelay import ConfigError, Settings
-from rmqdelay.errors import InvalidDestinationError
-from rmqdelay.names import Names
-from rmqdelay.redact import redact_url
+from rmqdelay.core.errors import InvalidDestinationError
+from rmqdelay.core.names import Names
+from rmqdelay.core.redact import redact_url
 
 
 def test_defaults() -> None:
@@ -142,7 +142,7 @@ def test_cancel_retention_defaults_to_the_max_delay_and_may_not_be_shorter() -> 
 
 
 def test_reconnect_waits_grow_with_the_outage_up_to_a_cap() -> None:
-    from rmqdelay.connection import RECONNECT_FIRST_S, RECONNECT_MAX_S, reconnect_wait
+    from rmqdelay.broker.connection import RECONNECT_FIRST_S, RECONNECT_MAX_S, reconnect_wait
 
     waits = [reconnect_wait(s) for s in (0, 1, 4, 10, 60, 3600)]
     assert waits[0] == RECONNECT_FIRST_S

@@ -4,11 +4,11 @@ from collections.abc import Mapping
 
 import pytest
 
-from rmqdelay.delays import hop_plan, level_ttl_ms
-from rmqdelay.names import Names
+from rmqdelay.core.delays import hop_plan, level_ttl_ms
+from rmqdelay.core.names import Names
+from rmqdelay.core.topology import Layout, Topology, build_topology
+from rmqdelay.core.wire import ROUTE_IN, route_headers
 from rmqdelay.settings import Settings
-from rmqdelay.topology import Layout, Topology, build_topology
-from rmqdelay.wire import ROUTE_IN, route_headers
 
 LAYOUT = Layout("t", "quorum", 10, 12)
 TOPOLOGY = build_topology(LAYOUT, ("alarms",))

@@ -4,8 +4,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from rmqdelay.errors import InvalidPayloadError, MessageDecodeError
-from rmqdelay.wire import (
+from rmqdelay.core.errors import InvalidPayloadError, MessageDecodeError
+from rmqdelay.core.wire import (
     ATTEMPT,
     DUE_MS,
     KEYS,

@@ -20,23 +20,23 @@ from typing import Any
 from urllib.parse import unquote
 
 from rmqdelay import __version__
-from rmqdelay.definitions import DEFAULT_DELIVERY_LIMIT, DefinitionOptions, render_definitions
-from rmqdelay.delays import parse_duration
-from rmqdelay.demo import run_demo
-from rmqdelay.destroy import destroy as destroy_namespace
-from rmqdelay.destroy import plan_destroy
-from rmqdelay.errors import ConfigError, RmqDelayError
-from rmqdelay.handler import load_handler
-from rmqdelay.logs import LOG_LEVELS, configure_logging
-from rmqdelay.parking import ParkingLot
-from rmqdelay.redact import Redactor, url_password
-from rmqdelay.scheduler import Scheduler, TaskSpec, check_task
+from rmqdelay.broker.scheduler import Scheduler, TaskSpec, check_task
+from rmqdelay.core.definitions import DEFAULT_DELIVERY_LIMIT, DefinitionOptions, render_definitions
+from rmqdelay.core.delays import parse_duration
+from rmqdelay.core.errors import ConfigError, RmqDelayError
+from rmqdelay.core.redact import Redactor, url_password
+from rmqdelay.core.task import Handler
+from rmqdelay.core.topology import build_topology
 from rmqdelay.settings import Settings
-from rmqdelay.status import collect, render, vhost_of
-from rmqdelay.task import Handler
-from rmqdelay.topology import build_topology
-from rmqdelay.webhook import WebhookHandler
-from rmqdelay.worker import Worker
+from rmqdelay.tools.demo import run_demo
+from rmqdelay.tools.destroy import destroy as destroy_namespace
+from rmqdelay.tools.destroy import plan_destroy
+from rmqdelay.tools.logs import LOG_LEVELS, configure_logging
+from rmqdelay.tools.parking import ParkingLot
+from rmqdelay.tools.status import collect, render, vhost_of
+from rmqdelay.tools.webhook import WebhookHandler
+from rmqdelay.worker.consume import Worker
+from rmqdelay.worker.handler import load_handler
 
 RET_OK = 0
 RET_ERROR = 1
@@ -44,7 +44,7 @@ RET_USAGE = 2
 RET_ABANDONED = 3
 RET_INTERRUPTED = 130
 
-log = logging.getLogger("rmqdelay.cli")
+log = logging.getLogger("rmqdelay.tools.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from rmqdelay.errors import InvalidDestinationError
+from rmqdelay.core.errors import InvalidDestinationError
 
 #: Routing-key / queue-name limit of AMQP 0-9-1 (a shortstr), in UTF-8 bytes.
 MAX_NAME_BYTES = 255

@@ -11,7 +11,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Literal, TextIO
 
-from rmqdelay.redact import Redactor
+from rmqdelay.core.redact import Redactor
 
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]

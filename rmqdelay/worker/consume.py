@@ -21,10 +21,11 @@ from aiormq.exceptions import AMQPError, ChannelNotFoundEntity
 from pamqp.commands import Basic
 from prometheus_client import Counter
 
-from rmqdelay.cancels import CancelFollower
-from rmqdelay.connection import RECONNECT_FIRST_S, connect, queue_starting
-from rmqdelay.declare import check_topology, declare_topology, resolve_backend
-from rmqdelay.errors import (
+from rmqdelay.broker.cancels import CancelFollower
+from rmqdelay.broker.connection import RECONNECT_FIRST_S, connect, queue_starting
+from rmqdelay.broker.declare import check_topology, declare_topology, resolve_backend
+from rmqdelay.broker.publisher import Publisher, properties
+from rmqdelay.core.errors import (
     ConsumerCancelledError,
     HandlerTimeoutError,
     InvalidDelayError,
@@ -33,15 +34,10 @@ from rmqdelay.errors import (
     RmqDelayError,
     TopologyMismatchError,
 )
-from rmqdelay.handler import call_handler, describe_failure
-from rmqdelay.metrics import WorkerMetrics, serve
-from rmqdelay.publisher import Publisher, properties
-from rmqdelay.retry import Retry, RetryPolicy, decide
-from rmqdelay.settings import Settings
-from rmqdelay.task import Handler, Task
-from rmqdelay.threads import DaemonThreadPool
-from rmqdelay.topology import Topology, build_topology, destination_topology
-from rmqdelay.wire import (
+from rmqdelay.core.retry import Retry, RetryPolicy, decide
+from rmqdelay.core.task import Handler, Task
+from rmqdelay.core.topology import Topology, build_topology, destination_topology
+from rmqdelay.core.wire import (
     ATTEMPT,
     DEFAULT_ACCEPT,
     DUE_MS,
@@ -52,8 +48,12 @@ from rmqdelay.wire import (
     published_ms,
     rescheduled_headers,
 )
+from rmqdelay.settings import Settings
+from rmqdelay.worker.handler import call_handler, describe_failure
+from rmqdelay.worker.metrics import WorkerMetrics, serve
+from rmqdelay.worker.threads import DaemonThreadPool
 
-log = logging.getLogger("rmqdelay.worker")
+log = logging.getLogger("rmqdelay.worker.consume")
 Outcome: TypeAlias = Literal["executed", "failed", "retried", "parked", "cancelled", "requeued"]
 #: Seconds between the info-level summaries a busy worker logs.
 SUMMARY_INTERVAL_S = 60.0

@@ -30,8 +30,8 @@ from tenacity import (
     wait_random,
 )
 
-from rmqdelay.connection import PUBLISH_RETRYABLE
-from rmqdelay.errors import (
+from rmqdelay.broker.connection import PUBLISH_RETRYABLE
+from rmqdelay.core.errors import (
     BrokerUnavailableError,
     InvalidPayloadError,
     PublishNotConfirmedError,
@@ -39,7 +39,7 @@ from rmqdelay.errors import (
 )
 from rmqdelay.settings import Settings
 
-log = logging.getLogger("rmqdelay.publisher")
+log = logging.getLogger("rmqdelay.broker.publisher")
 
 #: How long one publish attempt waits for its confirm (attempts repeat until the deadline).
 PUBLISH_TIMEOUT_S = 10.0

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from rmqdelay.errors import InvalidKeyError, InvalidPayloadError, MessageDecodeError
-from rmqdelay.task import Task
+from rmqdelay.core.errors import InvalidKeyError, InvalidPayloadError, MessageDecodeError
+from rmqdelay.core.task import Task
 
 TASK_ID = "rmqdelay-id"
 DUE_MS = "rmqdelay-due"

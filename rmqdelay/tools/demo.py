@@ -7,10 +7,10 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from rmqdelay.scheduler import Scheduler
+from rmqdelay.broker.scheduler import Scheduler
+from rmqdelay.core.task import Task
 from rmqdelay.settings import Settings
-from rmqdelay.task import Task
-from rmqdelay.worker import Worker
+from rmqdelay.worker.consume import Worker
 
 DESTINATION = "demo"
 #: Longest first: in one queue with per-message TTLs, every shorter task would wait behind

@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
-from rmqdelay.delays import DelayLimits, delay_to_us
-from rmqdelay.errors import InvalidDelayError
+from rmqdelay.core.delays import DelayLimits, delay_to_us
+from rmqdelay.core.errors import InvalidDelayError
 
 MAX_ATTEMPTS = "rmqdelay-max-attempts"
 BACKOFF_BASE_MS = "rmqdelay-backoff-base"

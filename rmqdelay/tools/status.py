@@ -16,11 +16,11 @@ from urllib.parse import quote, unquote, urlsplit
 import httpx
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from rmqdelay.connection import connect_once
-from rmqdelay.delays import level_ttl_ms
+from rmqdelay.broker.connection import connect_once
+from rmqdelay.core.delays import level_ttl_ms
 from rmqdelay.settings import Settings
 
-log = logging.getLogger("rmqdelay.status")
+log = logging.getLogger("rmqdelay.tools.status")
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,10 +10,10 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from rmqdelay.errors import MessageDecodeError, RmqDelayError
-from rmqdelay.retry import BACKOFF_BASE_MS, BACKOFF_CAP_MS, MAX_ATTEMPTS
-from rmqdelay.scheduler import Scheduler
-from rmqdelay.wire import (
+from rmqdelay.broker.scheduler import Scheduler
+from rmqdelay.core.errors import MessageDecodeError, RmqDelayError
+from rmqdelay.core.retry import BACKOFF_BASE_MS, BACKOFF_CAP_MS, MAX_ATTEMPTS
+from rmqdelay.core.wire import (
     PARKED_AT,
     PARKED_ATTEMPTS,
     PARKED_DESTINATION,
@@ -24,7 +24,7 @@ from rmqdelay.wire import (
     ms_to_datetime,
 )
 
-log = logging.getLogger("rmqdelay.parking")
+log = logging.getLogger("rmqdelay.tools.parking")
 
 
 @dataclass(frozen=True, slots=True)

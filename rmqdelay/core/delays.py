@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 
-from rmqdelay.errors import InvalidDelayError
+from rmqdelay.core.errors import InvalidDelayError
 
 #: RabbitMQ 3.10 refuses an ``x-message-ttl`` above this (10 x 365 days, classic and quorum).
 BROKER_MAX_TTL_MS = 315_360_000_000

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
-from rmqdelay.delays import level_ttl_ms
-from rmqdelay.names import Names
-from rmqdelay.routes import Backend
-from rmqdelay.wire import DELIVER, ROUTE_IN, route_header
+from rmqdelay.core.delays import level_ttl_ms
+from rmqdelay.core.names import Names
+from rmqdelay.core.routes import Backend
+from rmqdelay.core.wire import DELIVER, ROUTE_IN, route_header
 
 QueueType: TypeAlias = Literal["quorum", "classic"]
 ExchangeType: TypeAlias = Literal["direct", "fanout", "headers", "x-delayed-message"]

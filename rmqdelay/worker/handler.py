@@ -9,8 +9,8 @@ import logging
 from concurrent.futures import Executor
 from typing import Any, cast
 
-from rmqdelay.errors import ConfigError, HandlerError
-from rmqdelay.task import Handler, Task
+from rmqdelay.core.errors import ConfigError, HandlerError
+from rmqdelay.core.task import Handler, Task
 
 
 def load_handler(spec: str) -> Handler:
@@ -108,7 +108,7 @@ def _name(handler: Handler) -> str:
 
 def log_task(task: Task) -> None:
     """A handler that only logs each task: for trying a worker out (docker-compose.yml)."""
-    logging.getLogger("rmqdelay.handler").info(
+    logging.getLogger("rmqdelay.worker.handler").info(
         "task %s for %s (attempt %d, due %s): %r",
         task.id,
         task.destination,

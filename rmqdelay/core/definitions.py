@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from rmqdelay.topology import Layout, Topology
+from rmqdelay.core.topology import Layout, Topology
 
 #: A quorum work queue redelivers a message whose worker died holding it; after this many
 #: deliveries the broker dead-letters it to the parking lot instead (a task that crashes

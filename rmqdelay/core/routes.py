@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal, TypeAlias
 
-from rmqdelay.delays import DelayLimits, describe_us, hop_plan, units_within
-from rmqdelay.errors import InvalidDelayError
-from rmqdelay.names import Names
-from rmqdelay.wire import route_headers
+from rmqdelay.core.delays import DelayLimits, describe_us, hop_plan, units_within
+from rmqdelay.core.errors import InvalidDelayError
+from rmqdelay.core.names import Names
+from rmqdelay.core.wire import route_headers
 
 Backend: TypeAlias = Literal["levels", "plugin"]
 

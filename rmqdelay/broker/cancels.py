@@ -18,18 +18,18 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from rmqdelay.cancelset import CancelSet
-from rmqdelay.connection import (
+from rmqdelay.broker.connection import (
     CONNECTION_EXCEPTIONS,
     connect_once,
     queue_starting,
     reconnect_wait,
 )
-from rmqdelay.errors import MessageDecodeError, TopologyMismatchError
+from rmqdelay.core.cancelset import CancelSet
+from rmqdelay.core.errors import MessageDecodeError, TopologyMismatchError
+from rmqdelay.core.wire import MARKER, decode_cancel
 from rmqdelay.settings import Settings
-from rmqdelay.wire import MARKER, decode_cancel
 
-log = logging.getLogger("rmqdelay.cancels")
+log = logging.getLogger("rmqdelay.broker.cancels")
 
 #: Stream records in flight to the follower; streams need a prefetch and acks.
 STREAM_PREFETCH = 1000

@@ -9,9 +9,9 @@ from typing import Any, Self
 
 import httpx
 
-from rmqdelay.errors import ConfigError, WebhookError
-from rmqdelay.redact import Redactor, safe_webhook_url, webhook_secrets
-from rmqdelay.task import Task
+from rmqdelay.core.errors import ConfigError, WebhookError
+from rmqdelay.core.redact import Redactor, safe_webhook_url, webhook_secrets
+from rmqdelay.core.task import Task
 
 
 def task_document(task: Task) -> dict[str, Any]:

@@ -18,13 +18,13 @@ from aiormq.exceptions import (
     ConnectionCommandInvalid,
 )
 
-from rmqdelay.connection import connect_once
-from rmqdelay.delays import delay_to_us, describe_us
-from rmqdelay.errors import BrokerError, TopologyMismatchError
+from rmqdelay.broker.connection import connect_once
+from rmqdelay.core.delays import delay_to_us, describe_us
+from rmqdelay.core.errors import BrokerError, TopologyMismatchError
+from rmqdelay.core.topology import ExchangeSpec, QueueSpec, Topology, build_topology
 from rmqdelay.settings import Settings
-from rmqdelay.topology import ExchangeSpec, QueueSpec, Topology, build_topology
 
-log = logging.getLogger("rmqdelay.declare")
+log = logging.getLogger("rmqdelay.broker.declare")
 
 
 def _mismatch(kind: str, name: str, arguments: Any, error: Exception) -> BrokerError:

@@ -30,10 +30,10 @@ from tenacity import (
     wait_random,
 )
 
-from rmqdelay.errors import BrokerUnavailableError
+from rmqdelay.core.errors import BrokerUnavailableError
 from rmqdelay.settings import Settings
 
-log = logging.getLogger("rmqdelay.connection")
+log = logging.getLogger("rmqdelay.broker.connection")
 
 #: Failures that may pass if we try again: the broker is starting, restarting or unreachable.
 CONNECTION_EXCEPTIONS: tuple[type[BaseException], ...] = (

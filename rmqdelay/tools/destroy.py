@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from rmqdelay.connection import connect_once
-from rmqdelay.declare import delete_objects
+from rmqdelay.broker.connection import connect_once
+from rmqdelay.broker.declare import delete_objects
 from rmqdelay.settings import Settings
-from rmqdelay.status import management_get, vhost_path
+from rmqdelay.tools.status import management_get, vhost_path
 
 #: Without the management API, levels are deleted by name up to this many: more than any
 #: resolution and maximum delay the settings accept can need (1 ms for 10 years is 39).

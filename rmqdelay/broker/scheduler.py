@@ -15,11 +15,12 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.exceptions import ChannelNotFoundEntity
 from pamqp.commands import Basic
 
-from rmqdelay.cancelset import Stamps
-from rmqdelay.connection import connect
-from rmqdelay.declare import check_topology, declare_topology, resolve_backend
-from rmqdelay.delays import delay_to_us, describe_us
-from rmqdelay.errors import (
+from rmqdelay.broker.connection import connect
+from rmqdelay.broker.declare import check_topology, declare_topology, resolve_backend
+from rmqdelay.broker.publisher import Publisher, properties
+from rmqdelay.core.cancelset import Stamps
+from rmqdelay.core.delays import delay_to_us, describe_us
+from rmqdelay.core.errors import (
     BatchNotConfirmedError,
     InvalidDelayError,
     InvalidKeyError,
@@ -27,13 +28,11 @@ from rmqdelay.errors import (
     TopologyMismatchError,
     UnroutableError,
 )
-from rmqdelay.publisher import Publisher, properties
-from rmqdelay.retry import BACKOFF_BASE_MS, BACKOFF_CAP_MS, MAX_ATTEMPTS
-from rmqdelay.routes import Route
-from rmqdelay.settings import Settings
-from rmqdelay.task import Cancellation, ScheduledTask
-from rmqdelay.topology import build_topology, destination_topology
-from rmqdelay.wire import (
+from rmqdelay.core.retry import BACKOFF_BASE_MS, BACKOFF_CAP_MS, MAX_ATTEMPTS
+from rmqdelay.core.routes import Route
+from rmqdelay.core.task import Cancellation, ScheduledTask
+from rmqdelay.core.topology import build_topology, destination_topology
+from rmqdelay.core.wire import (
     PAST_DUE_TOLERANCE_MS,
     cancel_headers,
     check_key,
@@ -42,9 +41,10 @@ from rmqdelay.wire import (
     encode_payload,
     task_headers,
 )
-from rmqdelay.wiring import Wiring
+from rmqdelay.core.wiring import Wiring
+from rmqdelay.settings import Settings
 
-log = logging.getLogger("rmqdelay.scheduler")
+log = logging.getLogger("rmqdelay.broker.scheduler")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from rmqdelay.delays import DelayLimits
-from rmqdelay.names import Names
-from rmqdelay.routes import Backend, Route, route
-from rmqdelay.topology import Layout
+from rmqdelay.core.delays import DelayLimits
+from rmqdelay.core.names import Names
+from rmqdelay.core.routes import Backend, Route, route
+from rmqdelay.core.topology import Layout
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,1 @@
+"""The broker layer: connect, declare, publish (``Publisher``), schedule, follow cancels."""

@@ -1,0 +1,1 @@
+"""The ``rmqdelay`` command and the operator tools around it (status, parking, destroy)."""
