@@ -28,7 +28,8 @@ from rmqdelay.core.retry import Retry, RetryPolicy
 from rmqdelay.core.task import Cancellation, Handler, ScheduledTask, Task
 from rmqdelay.settings import Settings
 from rmqdelay.tools.webhook import WebhookHandler
-from rmqdelay.worker.consume import Worker, WorkerStats
+from rmqdelay.worker.consume import Worker
+from rmqdelay.worker.stats import WorkerStats
 
 __version__ = "0.1.0"
 

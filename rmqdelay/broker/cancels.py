@@ -29,7 +29,7 @@ from rmqdelay.core.errors import MessageDecodeError, TopologyMismatchError
 from rmqdelay.core.wire import MARKER, decode_cancel
 from rmqdelay.settings import Settings
 
-log = logging.getLogger("rmqdelay.broker.cancels")
+log = logging.getLogger(__name__)
 
 #: Stream records in flight to the follower; streams need a prefetch and acks.
 STREAM_PREFETCH = 1000

@@ -33,7 +33,7 @@ from tenacity import (
 from rmqdelay.core.errors import BrokerUnavailableError
 from rmqdelay.settings import Settings
 
-log = logging.getLogger("rmqdelay.broker.connection")
+log = logging.getLogger(__name__)
 
 #: Failures that may pass if we try again: the broker is starting, restarting or unreachable.
 CONNECTION_EXCEPTIONS: tuple[type[BaseException], ...] = (

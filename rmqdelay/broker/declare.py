@@ -24,7 +24,7 @@ from rmqdelay.core.errors import BrokerError, TopologyMismatchError
 from rmqdelay.core.topology import ExchangeSpec, QueueSpec, Topology, build_topology
 from rmqdelay.settings import Settings
 
-log = logging.getLogger("rmqdelay.broker.declare")
+log = logging.getLogger(__name__)
 
 
 def _mismatch(kind: str, name: str, arguments: Any, error: Exception) -> BrokerError:

@@ -39,7 +39,7 @@ from rmqdelay.core.errors import (
 )
 from rmqdelay.settings import Settings
 
-log = logging.getLogger("rmqdelay.broker.publisher")
+log = logging.getLogger(__name__)
 
 #: How long one publish attempt waits for its confirm (attempts repeat until the deadline).
 PUBLISH_TIMEOUT_S = 10.0

@@ -44,7 +44,7 @@ from rmqdelay.core.wire import (
 from rmqdelay.core.wiring import Wiring
 from rmqdelay.settings import Settings
 
-log = logging.getLogger("rmqdelay.broker.scheduler")
+log = logging.getLogger(__name__)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)

@@ -44,7 +44,7 @@ RET_USAGE = 2
 RET_ABANDONED = 3
 RET_INTERRUPTED = 130
 
-log = logging.getLogger("rmqdelay.tools.cli")
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ from rmqdelay.core.wire import (
     ms_to_datetime,
 )
 
-log = logging.getLogger("rmqdelay.tools.parking")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

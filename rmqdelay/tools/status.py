@@ -20,7 +20,7 @@ from rmqdelay.broker.connection import connect_once
 from rmqdelay.core.delays import level_ttl_ms
 from rmqdelay.settings import Settings
 
-log = logging.getLogger("rmqdelay.tools.status")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ import asyncio
 import importlib
 import inspect
 import logging
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, cast
 
@@ -46,28 +47,35 @@ def is_async(handler: Handler) -> bool:
     )
 
 
-async def call_handler(handler: Handler, task: Task, executor: Executor) -> None:
-    """Await an async handler; run a plain one in ``executor`` so it cannot block the loop.
+def prepare(handler: Handler, executor: Executor) -> Callable[[Task], Awaitable[None]]:
+    """``handler`` as a coroutine function: an async one awaited, a plain one run in
+    ``executor`` so it cannot block the loop (decided once, not per task).
 
-    Raises:
-        HandlerError: a plain handler returned a coroutine (or other awaitable): it would
-            never run, so the attempt has failed.
-        BaseException: whatever the handler raised, ``SystemExit`` included.
+    The returned function raises whatever the handler raised (``SystemExit`` included),
+    and HandlerError when a plain handler returned a coroutine (or other awaitable): it
+    would never run, so the attempt has failed.
     """
     if is_async(handler):
-        result = handler(task)
+
+        async def call_async(task: Task) -> None:
+            result = handler(task)
+            if inspect.isawaitable(result):
+                await result
+
+        return call_async
+
+    async def call_plain(task: Task) -> None:
+        result = await asyncio.get_running_loop().run_in_executor(executor, handler, task)
         if inspect.isawaitable(result):
-            await result
-        return
-    result = await asyncio.get_running_loop().run_in_executor(executor, handler, task)
-    if inspect.isawaitable(result):
-        close = getattr(result, "close", None)
-        if callable(close):
-            close()  # no "never awaited" warning on top of the error
-        raise HandlerError(
-            f"the plain (def) handler {_name(handler)} returned a {type(result).__name__} "
-            "instead of running it; make the handler 'async def' so the worker awaits it"
-        )
+            close = getattr(result, "close", None)
+            if callable(close):
+                close()  # no "never awaited" warning on top of the error
+            raise HandlerError(
+                f"the plain (def) handler {_name(handler)} returned a {type(result).__name__} "
+                "instead of running it; make the handler 'async def' so the worker awaits it"
+            )
+
+    return call_plain
 
 
 #: Longest exception text kept for logs and the parking lot.

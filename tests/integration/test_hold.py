@@ -197,7 +197,7 @@ async def test_a_task_far_ahead_of_its_due_time_goes_back_through_the_levels(
         "rmqdelay-published": now_ms,
         "rmqdelay-route-in": "work",
     }
-    with logged("rmqdelay.worker.consume", "sending it back through the levels") as sent_back:
+    with logged("rmqdelay.worker", "sending it back through the levels") as sent_back:
         async with running_worker(coarse, "dest", recorder):
             await asyncio.to_thread(_publish, coarse, headers, b"{}")
             await recorder.wait_for({task_id}, within=15)

@@ -152,8 +152,8 @@ async def test_a_deleted_work_queue_is_declared_again_and_consumed(
         running_worker(settings, destination, _handler(True, _base, ran)) as worker,
     ):
         with (
-            logged("rmqdelay.worker.consume", "cancelled the consumer") as lost,
-            logged("rmqdelay.worker.consume", "is back") as back,
+            logged("rmqdelay.worker", "cancelled the consumer") as lost,
+            logged("rmqdelay.worker", "is back") as back,
         ):
             await apply_topology(
                 settings, destination_topology(settings.layout, destination), delete=True

@@ -6,7 +6,7 @@ import pytest
 
 from rmqdelay import ConfigError, Task
 from rmqdelay.tools.cli import RET_ERROR, build_parser, main
-from rmqdelay.worker.handler import call_handler, is_async, load_handler
+from rmqdelay.worker.handler import is_async, load_handler, prepare
 
 TASK = Task("i", "d", {}, datetime.now(UTC), datetime.now(UTC), 1, (), "application/json", {})
 
@@ -49,7 +49,7 @@ async def test_plain_handlers_run_in_the_pool_and_async_ones_are_awaited() -> No
     assert is_async(Callable())
     with ThreadPoolExecutor(1, thread_name_prefix="pool") as pool:
         for handler in (plain, coro, Callable()):
-            await call_handler(handler, TASK, pool)
+            await prepare(handler, pool)(TASK)
     assert seen[0].startswith("pool")
     assert seen[1:] == ["async", "callable"]
     assert asyncio.get_running_loop()

@@ -20,7 +20,7 @@ from rmqdelay.tools.cli import RET_ERROR, RET_OK, main
 from rmqdelay.tools.logs import THIRD_PARTY, TRACE, JsonFormatter, TextFormatter, configure_logging
 from rmqdelay.tools.status import headroom_warnings
 from rmqdelay.tools.webhook import WebhookHandler
-from rmqdelay.worker.handler import call_handler, describe_failure
+from rmqdelay.worker.handler import describe_failure, prepare
 from rmqdelay.worker.threads import DaemonThreadPool
 
 HOOK = "https://robot:hunter2pw@hooks.example.com/send/TOKENabc123?access_token=QUERYsecret9"
@@ -141,7 +141,7 @@ async def test_a_plain_handler_returning_a_coroutine_fails_without_running_it() 
 
     pool = DaemonThreadPool(1)
     with pytest.raises(HandlerError, match="make the handler 'async def'"):
-        await call_handler(plain, TASK, pool)
+        await prepare(plain, pool)(TASK)
     pool.shutdown()
     assert ran == []
 

@@ -1,0 +1,155 @@
+"""Executing one delivered task: decode it, check its cancellation, run the handler.
+
+Nothing here acks or publishes: the result says what happened, and ``settle.py`` acts on
+it. Nothing a handler does other than return (any exception, ``SystemExit``,
+``KeyboardInterrupt``, its own ``CancelledError``) escapes: it is a ``Failed`` result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import cast
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from rmqdelay.core.cancelset import CancelSet
+from rmqdelay.core.errors import HandlerTimeoutError, MessageDecodeError
+from rmqdelay.core.retry import Retry
+from rmqdelay.core.task import Handler, Task
+from rmqdelay.core.wire import DUE_MS, PAST_DUE_TOLERANCE_MS, PUBLISHED_MS, decode_task
+from rmqdelay.worker.handler import describe_failure, prepare
+from rmqdelay.worker.metrics import WorkerMetrics
+from rmqdelay.worker.threads import DaemonThreadPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Executed:
+    """The handler returned."""
+
+    #: Seconds from the due time (or, for a task scheduled past due, its publish time) to
+    #: the start of execution.
+    lateness_s: float
+    past_due: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    """A cancel published after the task covers it: not run."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """The message is not a task this worker can run."""
+
+    error: MessageDecodeError
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The handler did not return: ``error`` is its type name, ``delay`` a Retry's wish."""
+
+    task: Task
+    error: str
+    detail: str
+    delay: timedelta | float | None
+
+
+Result = Executed | Cancelled | Undecodable | Failed
+
+
+class Execution:
+    """Runs tasks with one handler; plain handlers run in ``threads``."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        accept: Collection[str],
+        timeout: timedelta | None,
+        cancels: CancelSet,
+        threads: DaemonThreadPool,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self._call = prepare(handler, threads)
+        self._accept = frozenset(accept)
+        self._timeout_s = timeout.total_seconds() if timeout is not None else None
+        self._cancels = cancels
+        self._metrics = metrics
+
+    async def run(self, message: AbstractIncomingMessage) -> Result:
+        """Decode, check cancellation and run ``message``'s task.
+
+        Raises:
+            asyncio.CancelledError: only when the worker itself cancels (it is stopping).
+        """
+        headers = message.headers
+        try:
+            task = decode_task(
+                headers=headers,
+                body=message.body,
+                content_type=message.content_type,
+                routing_key=message.routing_key or "",
+                redelivered=bool(message.redelivered),
+                accept=self._accept,
+            )
+        except MessageDecodeError as e:
+            return Undecodable(e)
+        # decode_task checked that both stamps are there, as integers.
+        assert headers is not None
+        due_ms, published_ms = cast(int, headers[DUE_MS]), cast(int, headers[PUBLISHED_MS])
+        cancelled_by = self._cancels.cancelled_by((task.id, *task.keys), published_ms)
+        if cancelled_by is not None:
+            return Cancelled(cancelled_by)
+        now_ms = time.time() * 1000
+        past_due = published_ms - due_ms > PAST_DUE_TOLERANCE_MS
+        # A task scheduled with a due time long gone counts from its publish time: that
+        # lateness is the user's choice, not the pipeline's.
+        lateness_s = (now_ms - (published_ms if past_due else due_ms)) / 1000
+        log.debug(
+            "executing %s (attempt %d, %.0f ms late)", task.id, task.attempt, lateness_s * 1e3
+        )
+        metrics = self._metrics
+        metrics.lateness.observe(lateness_s if lateness_s > 0 else 0.0)
+        metrics.in_flight.inc()
+        started = time.perf_counter()
+        try:
+            await self._within_timeout(task)
+        except Retry as e:
+            return Failed(task, "Retry", describe_failure(e)[1], e.delay)
+        except asyncio.CancelledError as e:
+            if _being_cancelled():
+                raise  # the worker is stopping: its task goes back to the queue
+            return Failed(task, *describe_failure(e), None)
+        except BaseException as e:  # no handler may stop the worker
+            return Failed(task, *describe_failure(e), None)
+        finally:
+            metrics.in_flight.dec()
+            metrics.duration.observe(time.perf_counter() - started)
+        return Executed(lateness_s, past_due)
+
+    async def _within_timeout(self, task: Task) -> None:
+        if self._timeout_s is None:
+            await self._call(task)
+            return
+        try:
+            async with asyncio.timeout(self._timeout_s) as deadline:
+                await self._call(task)
+        except TimeoutError as e:
+            if not deadline.expired():
+                raise  # the handler's own TimeoutError
+            raise HandlerTimeoutError(f"handler ran longer than {self._timeout_s:g}s") from e
+
+
+def _being_cancelled() -> bool:
+    """Whether the current task was cancelled (rather than handed a CancelledError)."""
+    current = asyncio.current_task()
+    return current is not None and current.cancelling() > 0

@@ -1,0 +1,194 @@
+"""Settling a delivery: ack it, requeue it, or replace it by a confirmed copy (a retry, a
+task sent back through the levels, a parked task) and then ack it.
+
+Every replacement goes through the one ``Publisher``; a replacement that cannot be
+published returns the delivery to the queue, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from datetime import timedelta
+
+from aio_pika.abc import AbstractIncomingMessage
+from pamqp.commands import Basic
+
+from rmqdelay.broker.publisher import Publisher, properties
+from rmqdelay.core.errors import InvalidDelayError, PublishNotConfirmedError
+from rmqdelay.core.retry import RetryPolicy, decide
+from rmqdelay.core.task import Task
+from rmqdelay.core.wire import ATTEMPT, TASK_ID, parked_headers, rescheduled_headers
+from rmqdelay.core.wiring import Wiring
+from rmqdelay.worker.stats import Tally
+
+log = logging.getLogger(__name__)
+
+
+class Settler:
+    """Settles the deliveries of one destination's consumer."""
+
+    def __init__(
+        self,
+        wiring: Wiring,
+        destination: str,
+        publisher: Publisher,
+        retry: RetryPolicy,
+        tally: Tally,
+    ) -> None:
+        self._wiring = wiring
+        self._destination = destination
+        self._publisher = publisher
+        self._retry = retry
+        self._tally = tally
+
+    async def ack(self, message: AbstractIncomingMessage) -> None:
+        """The task is done (executed, or cancelled)."""
+        await message.ack()
+
+    async def requeue(self, message: AbstractIncomingMessage) -> None:
+        """Return the delivery to the queue (the worker is stopping, or a publish failed)."""
+        self._tally.count("requeued")
+        if not message.channel.is_closed:
+            await message.nack(requeue=True)
+
+    async def retry_or_park(
+        self,
+        message: AbstractIncomingMessage,
+        task: Task,
+        error: str,
+        detail: str,
+        delay: timedelta | float | None,
+    ) -> None:
+        """After a failed attempt: retry through the delay levels, or park the task after
+        its last attempt (the decision is ``core.retry.decide``)."""
+        self._tally.count("failed")
+        policy = self._retry.for_task(task.headers)
+        decision = decide(
+            policy, task.attempt, error, detail, delay, self._wiring.limits, random.random()
+        )
+        if decision.park:
+            log.warning(
+                "task %s failed on its last attempt (%d): %s: %s; parking it",
+                task.id, task.attempt, decision.error, decision.detail,
+            )  # fmt: skip
+            reason = decision.reason(task.attempt, policy.max_attempts)
+            await self.park(message, reason, error=decision.error, attempts=task.attempt)
+            return
+        wait_us = decision.wait_us
+        log.info(
+            "task %s failed (attempt %d of %d): %s: %s; retrying in %.3fs",
+            task.id, task.attempt, policy.max_attempts, decision.error, decision.detail,
+            wait_us / 1e6,
+        )  # fmt: skip
+        now_us = time.time_ns() // 1000
+        if await self._republish(
+            message,
+            attempt=task.attempt + 1,
+            due_ms=-(-(now_us + wait_us) // 1000),
+            wait_us=wait_us,
+            what="retry",
+        ):
+            self._tally.count("retried")
+
+    async def send_back(self, message: AbstractIncomingMessage, due_s: float) -> None:
+        """A task that arrived far before its due time goes through the levels again."""
+        headers = message.headers or {}
+        attempt = headers.get(ATTEMPT, 1)
+        wait_us = int((due_s - time.time()) * 1e6)
+        log.info(
+            "task %s arrived %.1fs before it is due; sending it back through the levels",
+            headers.get(TASK_ID), wait_us / 1e6,
+        )  # fmt: skip
+        await self._republish(
+            message,
+            attempt=attempt if isinstance(attempt, int) else 1,
+            due_ms=round(due_s * 1000),
+            wait_us=wait_us,
+            what="send back",
+        )
+
+    async def park(
+        self, message: AbstractIncomingMessage, reason: str, *, error: str, attempts: int
+    ) -> None:
+        """Move a delivery to the parking lot with ``reason``; requeue it if that fails."""
+        parked = properties(
+            parked_headers(
+                message.headers,
+                reason=reason,
+                error=error,
+                attempts=attempts,
+                destination=self._destination,
+                now_ms=time.time_ns() // 1_000_000,
+                source=self._wiring.names.work_queue(self._destination),
+            ),
+            content_type=message.content_type,
+            message_id=message.message_id,
+        )
+        await self._replace(
+            message, parked, self._wiring.names.parked, message.routing_key or "",
+            what=f"parking of {message.message_id}",
+        )  # fmt: skip
+        self._tally.count("parked")
+
+    async def _republish(
+        self,
+        message: AbstractIncomingMessage,
+        *,
+        attempt: int,
+        due_ms: int,
+        wait_us: int,
+        what: str,
+    ) -> bool:
+        """Send the task through the delay levels again, confirmed, then ack this copy.
+
+        A wait the backend cannot hold (over the plugin's limit, or a due time past the
+        maximum delay) parks the task with the reason rather than leaving it unsettled.
+        """
+        original = message.headers or {}
+        task_id = original.get(TASK_ID)
+        try:
+            way = self._wiring.route(wait_us)
+        except InvalidDelayError as e:
+            await self.park(
+                message, f"InvalidDelayError: cannot {what}: {e}", error="InvalidDelayError",
+                attempts=attempt - 1,
+            )  # fmt: skip
+            return False
+        headers = rescheduled_headers(original, attempt=attempt, due_ms=due_ms, route=way.headers)
+        # The task id, also for tasks other clients published without a message id.
+        message_id = task_id if isinstance(task_id, str) else message.message_id
+        again = properties(headers, content_type=message.content_type, message_id=message_id)
+        routing_key = message.routing_key or self._destination
+        await self._replace(
+            message, again, way.exchange, routing_key, mandatory=way.mandatory,
+            what=f"{what} of {message_id}",
+        )  # fmt: skip
+        return True
+
+    async def _replace(
+        self,
+        message: AbstractIncomingMessage,
+        new: Basic.Properties,
+        exchange: str,
+        routing_key: str,
+        *,
+        mandatory: bool = True,
+        what: str,
+    ) -> None:
+        """Publish ``message``'s body with properties ``new`` in its place (confirmed,
+        through outages), then ack ``message``; if that fails, return it to the queue."""
+        try:
+            await self._publisher.publish(
+                message.body, new, exchange, routing_key, mandatory=mandatory, what=what
+            )
+        except Exception as e:
+            log.error("could not publish the %s (%s); returning it to the queue", what, e)
+            await self.requeue(message)
+            raise PublishNotConfirmedError(f"the {what} failed: {e}") from e
+        if message.channel.is_closed:
+            # The link dropped while publishing: the broker redelivers the original, which
+            # may then run twice (delivery is at least once).
+            return
+        await message.ack()
