@@ -9,6 +9,7 @@ it. Then each backend is loaded with ``--pending`` long-delay tasks to measure t
 memory per pending task (management API), and its namespace is deleted.
 
     .venv/bin/python bench/compare.py --rate 1000 --count 6000
+    .venv/bin/python bench/compare.py --rate 500,1000,1500,2000 --count 6000 --pending 0
 
 Timings on a shared machine are noisy: compare the rows of one run, not runs.
 """
@@ -81,11 +82,14 @@ async def _broker_memory(settings: Settings) -> int | None:
 
 
 async def run_backend(
-    url: str, backend: str, delays: list[float], rate: float, pending: int
+    url: str, pipeline: tuple[str, int | None], delays: list[float], rate: float, pending: int
 ) -> tuple[Result, float | None]:
+    backend, resolution_ms = pipeline
     settings = Settings(
         _env_file=None, url=url, namespace=f"bench-{uuid.uuid4().hex[:6]}", backend=backend
     )
+    if resolution_ms is not None:
+        settings = settings.model_copy(update={"resolution_ms": resolution_ms})
     layout_settings = await resolve_backend(settings)
     await apply_topology(layout_settings, build_topology(layout_settings.layout, (DESTINATION,)))
     env = {
@@ -93,6 +97,7 @@ async def run_backend(
         "RMQDELAY_URL": url,
         "RMQDELAY_NAMESPACE": settings.namespace,
         "RMQDELAY_BACKEND": backend,
+        "RMQDELAY_RESOLUTION_MS": str(settings.resolution_ms),
     }
     worker = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "rmqdelay", "--log-level", "WARNING", "consume", DESTINATION,
@@ -146,6 +151,22 @@ async def _memory_per_pending(
     await asyncio.sleep(12)  # the management API samples memory every few seconds
     after = await _broker_memory(settings)
     return None if after is None else (after - before) / pending
+
+
+def broker_cpu_s() -> float | None:
+    """CPU seconds used so far by a RabbitMQ node on this machine (None when there is none
+    to see): what each pipeline costs the broker, per task."""
+    total, seen = 0.0, False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        if fields[0].endswith("(beam.smp"):
+            parts = fields[1].split()
+            total += (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+            seen = True
+    return total if seen else None
 
 
 async def run_baseline(url: str, delays: list[float], rate: float) -> Result:
@@ -219,8 +240,13 @@ async def raw_consumer(url: str, queue: str) -> None:
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=os.environ.get("RMQDELAY_URL", Settings().url))
-    parser.add_argument("--rate", type=float, default=1000.0, help="tasks per second")
+    parser.add_argument(
+        "--rate", default="1000", help="tasks per second; several (500,1000,2000) for a sweep"
+    )
     parser.add_argument("--count", type=int, default=6000)
+    parser.add_argument(
+        "--resolution-ms", default="", help="levels resolution(s), e.g. 256,1024 (default: ours)"
+    )
     parser.add_argument("--min-delay", type=float, default=0.05, help="seconds")
     parser.add_argument("--max-delay", type=float, default=5.0, help="seconds")
     parser.add_argument("--pending", type=int, default=20000, help="for memory per task; 0: skip")
@@ -230,36 +256,85 @@ async def main() -> int:
     if args.raw_consumer:
         await raw_consumer(args.url, args.raw_consumer)
         return 0
+    rates = [float(r) for r in str(args.rate).split(",")]
     rng = random.Random(args.seed)
     delays = [rng.uniform(args.min_delay, args.max_delay) for _ in range(args.count)]
     print(
-        f"{args.count} tasks at {args.rate:.0f}/s, delays {args.min_delay}-{args.max_delay} s, "
-        f"each pipeline's worker in its own process; {os.cpu_count()} cores; broker "
+        f"{args.count} tasks per rate, delays {args.min_delay}-{args.max_delay} s, each "
+        f"pipeline's worker in its own process; {os.cpu_count()} cores; broker "
         f"{Settings(_env_file=None, url=args.url).safe_url}"
     )
-    backends = ["levels"]
+    backends: list[tuple[str, int | None]] = [
+        ("levels", int(ms) if ms else None) for ms in str(args.resolution_ms).split(",")
+    ]
     probe = Settings(_env_file=None, url=args.url, namespace=f"probe-{uuid.uuid4().hex[:6]}")
     if (await resolve_backend(probe.model_copy(update={"backend": "auto"}))).backend == "plugin":
-        backends.append("plugin")
+        backends.append(("plugin", None))
         await apply_topology(probe, build_topology(probe.layout), delete=True)
     else:
         print("plugin: skipped (the broker has no x-delayed-message exchange type)")
-    results, memory = [], {}
-    for backend in backends:
-        result, per_pending = await run_backend(args.url, backend, delays, args.rate, args.pending)
-        results.append(result)
-        memory[result.name] = per_pending
-    results.append(await run_baseline(args.url, delays, args.rate))
-    print(HEADER)
-    for result in results:
-        print(result.row())
+    results: list[tuple[float, Result]] = []
+    memory: dict[str, float | None] = {}
+    cpu: dict[tuple[float, str], float] = {}
+    for rate in rates:
+        for backend in backends:
+            pending = args.pending if rate == rates[0] else 0  # memory: measured once
+            before = broker_cpu_s()
+            result, per_pending = await run_backend(args.url, backend, delays, rate, pending)
+            _charge(cpu, (rate, result.name), before, len(delays), pending)
+            results.append((rate, result))
+            if pending:
+                memory[result.name] = per_pending
+        before = broker_cpu_s()
+        results.append((rate, await run_baseline(args.url, delays, rate)))
+        _charge(cpu, (rate, results[-1][1].name), before, len(delays), 0)
+        print(f"{'offered':>8} {HEADER} {'broker CPU/task':>16}")
+        for offered, result in results:
+            if offered == rate:
+                used = cpu.get((offered, result.name))
+                shown = f"{used * 1000:.2f} ms" if used is not None else "n/a"
+                print(f"{offered:>6.0f}/s {result.row()} {shown:>16}")
+    return _summary(results, memory, sweep=len(rates) > 1)
+
+
+def _summary(
+    results: list[tuple[float, Result]], memory: dict[str, float | None], *, sweep: bool
+) -> int:
+    """Memory per pending task, the best rate of a sweep, and failures (exit status 1)."""
     for name, per_pending in memory.items():
         shown = "n/a (no management API)" if per_pending is None else f"{per_pending:.0f} B"
         print(f"broker memory per pending task, {name}: {shown}")
-    failed = [r for r in results if r.early or r.missing or r.duplicates]
+    if sweep:
+        for name in dict.fromkeys(r.name for _, r in results):
+            kept = [o for o, r in results if r.name == name and _on_time(r)]
+            best = f"{max(kept):.0f}/s" if kept else "none of the rates"
+            print(f"highest offered rate with p99 <= {ON_TIME_P99_MS} ms, {name}: {best}")
+    failed = [r for _, r in results if r.early or r.missing or r.duplicates]
     for r in failed:
         print(f"FAIL {r.name}: {r.early} early, {r.missing} lost, {r.duplicates} duplicates")
     return 1 if failed else 0
+
+
+def _charge(
+    cpu: dict[tuple[float, str], float],
+    key: tuple[float, str],
+    before: float | None,
+    tasks: int,
+    pending: int,
+) -> None:
+    after = broker_cpu_s()
+    if before is not None and after is not None and not pending:  # pending tasks cost too
+        cpu[key] = (after - before) / tasks
+
+
+#: The bar for "keeps up" in a rate sweep.
+ON_TIME_P99_MS = 100
+
+
+def _on_time(result: Result) -> bool:
+    return result.pct(0.99) <= ON_TIME_P99_MS and not (
+        result.early or result.missing or result.duplicates
+    )
 
 
 if __name__ == "__main__":
