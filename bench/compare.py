@@ -153,20 +153,33 @@ async def _memory_per_pending(
     return None if after is None else (after - before) / pending
 
 
+def process_cpu_s(stat: Path) -> float | None:
+    """CPU seconds (user + system) a process has used, from its /proc/<pid>/stat."""
+    try:
+        after_name = stat.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(after_name[11]) + int(after_name[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def broker_cpu_s() -> float | None:
     """CPU seconds used so far by a RabbitMQ node on this machine (None when there is none
     to see): what each pipeline costs the broker, per task."""
-    total, seen = 0.0, False
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)
-        except OSError:
-            continue
-        if fields[0].endswith("(beam.smp"):
-            parts = fields[1].split()
-            total += (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
-            seen = True
-    return total if seen else None
+    used = [
+        process_cpu_s(stat)
+        for stat in Path("/proc").glob("[0-9]*/comm")
+        if _read(stat) == "beam.smp"
+        for stat in [stat.with_name("stat")]
+    ]
+    found = [u for u in used if u is not None]
+    return sum(found) if found else None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
 
 
 async def run_baseline(url: str, delays: list[float], rate: float) -> Result:

@@ -94,16 +94,16 @@ class Settings(BaseSettings):
         default="quorum", description="Type of every queue; quorum replicates and never loses."
     )
     resolution_ms: int = Field(
-        # Measured side by side (docs/design.md): with the worker holding early tasks,
-        # 256 ms needs ~2 hops for delays up to 5 s against ~4.4 at 10 ms, and was 10-100x
-        # less late at p99 under load.
-        default=256,
+        # Measured side by side (docs/design.md, "Choosing the resolution"): with workers
+        # holding early tasks, precision no longer depends on it; 1024 ms needs ~1 hop for
+        # delays up to 5 s (2 at 256 ms, 4.4 at 10 ms) and the least broker CPU per task.
+        default=1024,
         ge=1,
         le=3_600_000,
         description="Level unit: tasks reach workers up to this early; workers hold them.",
     )
     max_delay: Duration = Field(
-        # Ten calendar years, leap days included: 31 levels at 256 ms.
+        # Ten calendar years, leap days included: 29 levels at 1024 ms.
         default=timedelta(days=3653),
         description="Longest delay accepted (e.g. 3653d).",
     )

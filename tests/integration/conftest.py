@@ -69,7 +69,9 @@ def make_settings(url: str, **overrides: object) -> Settings:
         "url": url,
         "namespace": f"rmqdelay-test-{uuid.uuid4().hex[:8]}",
         "queue_type": "quorum",
-        "resolution_ms": 256,  # the default: tasks arrive early and are held
+        # Coarse enough that tasks arrive early and are held (the default is 1,024 ms), fine
+        # enough that delays of a second or two still take hops through the levels.
+        "resolution_ms": 256,
         "max_delay": timedelta(days=3653),
         "declare": True,
         "prefetch": 32,

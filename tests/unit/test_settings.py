@@ -10,9 +10,9 @@ from rmqdelay.core.redact import redact_url
 
 def test_defaults() -> None:
     s = Settings(_env_file=None)
-    assert (s.namespace, s.queue_type, s.resolution_ms) == ("rmqdelay", "quorum", 256)
-    # room to run 16 handlers and hold one unit (256 ms) of early tasks at 4,000/s
-    assert s.prefetch_for(16) == 16 + 1024
+    assert (s.namespace, s.queue_type, s.resolution_ms) == ("rmqdelay", "quorum", 1024)
+    # room to run 16 handlers and hold one unit (1,024 ms) of early tasks at 4,000/s
+    assert s.prefetch_for(16) == 16 + 4096
     assert Settings(_env_file=None, prefetch=7).prefetch_for(16) == 7
     assert s.max_delay == timedelta(days=3653)
     assert s.declare is True

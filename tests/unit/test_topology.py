@@ -131,15 +131,15 @@ def test_binding_counts() -> None:
     assert by_source["t.work"] == 1
 
 
-def test_default_settings_make_31_levels_of_256ms_up_to_ten_years() -> None:
+def test_default_settings_make_29_levels_of_1024ms_up_to_ten_years() -> None:
     layout = Settings(_env_file=None).layout
-    assert (layout.resolution_ms, layout.levels) == (256, 31)
+    assert (layout.resolution_ms, layout.levels) == (1024, 29)
     topology = build_topology(layout)
     top = max(int(q.arguments.get("x-message-ttl", 0)) for q in topology.queues)
-    assert top == 256 * 2**30 <= 315_360_000_000
-    queue, waited = walk(topology, route_headers(hop_plan(2**31 - 1)), "x")
+    assert top == 1024 * 2**28 <= 315_360_000_000
+    queue, waited = walk(topology, route_headers(hop_plan(2**29 - 1)), "x")
     assert queue == "rmqdelay.unroutable"  # no work queue "x" declared: caught, not dropped
-    assert waited == (2**31 - 1) * 256
+    assert waited == (2**29 - 1) * 1024
 
 
 def test_cancels_live_in_a_stream_that_keeps_them_for_the_retention() -> None:
