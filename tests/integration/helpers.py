@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import pytest
 
 from rmqdelay import Settings, Task, Worker
 
@@ -31,6 +32,14 @@ def subprocess_env(settings: Settings) -> dict[str, str]:
         PYTHONPATH=str(Path(__file__).resolve().parents[2]),
     )
     return env
+
+
+def use_in_cli(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
+    """Make ``settings`` the ones an in-process ``main([...])`` reads (its layout above all:
+    a CLI with the default resolution would not fit a test namespace's topology)."""
+    for key, value in subprocess_env(settings).items():
+        if key.startswith("RMQDELAY_"):
+            monkeypatch.setenv(key, value)
 
 
 class Recorder:

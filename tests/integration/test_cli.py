@@ -14,7 +14,7 @@ from rmqdelay.tools.cli import RET_ERROR, RET_OK, main
 from rmqdelay.tools.demo import DESTINATION, run_demo
 
 from .conftest import apply
-from .helpers import Recorder, depth, running_worker, subprocess_env
+from .helpers import Recorder, depth, running_worker, subprocess_env, use_in_cli
 
 pytestmark = pytest.mark.integration
 
@@ -60,8 +60,12 @@ async def test_consume_executes_and_stops_cleanly_on_sigterm(
 
 
 def test_declare_creates_work_queues_and_schedule_reports_errors(
-    settings: Settings, destination: str, capsys: pytest.CaptureFixture[str]
+    settings: Settings,
+    destination: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    use_in_cli(monkeypatch, settings)
     common = ["--url", settings.url, "--namespace", settings.namespace]
     assert main([*common, "declare", destination]) == RET_OK
     assert f"destinations {destination}" in capsys.readouterr().out
@@ -88,8 +92,12 @@ async def test_demo_runs_and_reports_every_task_on_time(settings: Settings) -> N
 
 
 def test_cli_cancel_and_replace_take_effect(
-    settings: Settings, destination: str, capsys: pytest.CaptureFixture[str]
+    settings: Settings,
+    destination: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    use_in_cli(monkeypatch, settings)
     common = ["--url", settings.url, "--namespace", settings.namespace]
     schedule = [*common, "schedule", destination, "--delay", "300ms"]
     assert main([*common, "declare", destination]) == RET_OK

@@ -174,7 +174,8 @@ async def test_definitions_imported_through_the_management_api_serve_clients(
 ) -> None:
     user = urlsplit(settings.url).username or "guest"
     document = _render(tmp_path / "d.json", "--namespace", "api", "--vhost", vhost,
-                       "--max-delay", "1h", "--user", user, "reports")  # fmt: skip
+                       "--max-delay", "1h", "--resolution-ms", "256", "--user", user,
+                       "reports")  # fmt: skip
     with _management(settings) as api:
         response = api.post("/api/definitions", json=document)
         assert response.status_code in (200, 201, 204), response.text
@@ -194,7 +195,7 @@ async def test_a_restricted_user_is_limited_to_its_namespace(
     try:
         path = tmp_path / "definitions.json"
         _render(path, "--namespace", "svc", "--vhost", vhost, "--max-delay", "1h", "--user", user,
-                "x")  # fmt: skip
+                "--resolution-ms", "256", "x")  # fmt: skip
         await _import(path)
         parts = urlsplit(_with_vhost(settings.url, vhost))
         url = urlunsplit(parts._replace(netloc=f"{user}:{password}@{parts.netloc.split('@')[-1]}"))

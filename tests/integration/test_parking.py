@@ -10,7 +10,7 @@ import pytest
 from rmqdelay import RetryPolicy, Scheduler, Settings, Task
 from rmqdelay.tools.cli import RET_ERROR, RET_OK, main
 
-from .helpers import Recorder, depth, get_all, running_worker
+from .helpers import Recorder, depth, get_all, running_worker, use_in_cli
 
 pytestmark = pytest.mark.integration
 
@@ -35,8 +35,12 @@ async def _park(settings: Settings, destination: str, count: int) -> list[str]:
 
 
 def test_parked_lists_requeues_and_purges(
-    settings: Settings, destination: str, capsys: pytest.CaptureFixture[str]
+    settings: Settings,
+    destination: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    use_in_cli(monkeypatch, settings)
     ids = asyncio.run(_park(settings, destination, 3))
     common = ["--url", settings.url, "--namespace", settings.namespace]
 
