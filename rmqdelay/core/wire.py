@@ -203,7 +203,8 @@ def decode_task(
     headers = headers or {}
     if not content_type:
         raise MessageDecodeError("message has no content_type; rmqdelay sends application/json")
-    media_type = content_type.split(";")[0].strip().lower()
+    # The usual case, exactly "application/json", needs no parsing.
+    media_type = JSON if content_type == JSON else content_type.split(";")[0].strip().lower()
     if media_type not in accept:
         raise MessageDecodeError(
             f"content_type {content_type!r} is not one this worker accepts "
@@ -221,7 +222,7 @@ def decode_task(
     if attempt < 1:
         raise MessageDecodeError(f"header {ATTEMPT!r} must be >= 1, got {attempt}")
     keys = headers.get(KEYS, [])
-    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+    if not isinstance(keys, list) or (keys and not all(isinstance(k, str) for k in keys)):
         raise MessageDecodeError(f"header {KEYS!r} must be an array of strings, got {keys!r}")
     return Task(
         id=_str_header(headers, TASK_ID),

@@ -371,7 +371,7 @@ class Worker:
         assert self._execution is not None
         result = await self._execution.run(message)
         if isinstance(result, Executed):
-            await settler.ack(message)
+            await message.ack()
             self._tally.executed(result.lateness_s, result.past_due)
         elif isinstance(result, Failed):
             await settler.retry_or_park(

@@ -29,7 +29,7 @@ from rmqdelay.worker.threads import DaemonThreadPool
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Executed:
     """The handler returned."""
 
@@ -39,21 +39,21 @@ class Executed:
     past_due: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Cancelled:
     """A cancel published after the task covers it: not run."""
 
     key: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Undecodable:
     """The message is not a task this worker can run."""
 
     error: MessageDecodeError
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Failed:
     """The handler did not return: ``error`` is its type name, ``delay`` a Retry's wish."""
 
@@ -63,6 +63,7 @@ class Failed:
     delay: timedelta | float | None
 
 
+#: (Mutable dataclasses: a frozen one costs a setattr call per field, on every task.)
 Result = Executed | Cancelled | Undecodable | Failed
 
 
@@ -84,6 +85,9 @@ class Execution:
         self._timeout_s = timeout.total_seconds() if timeout is not None else None
         self._cancels = cancels
         self._metrics = metrics
+        #: Handlers running now (the in-flight gauge reads it when scraped).
+        self.running = 0
+        metrics.in_flight.set_function(lambda: self.running)
 
     async def run(self, message: AbstractIncomingMessage) -> Result:
         """Decode, check cancellation and run ``message``'s task.
@@ -119,10 +123,13 @@ class Execution:
         )
         metrics = self._metrics
         metrics.lateness.observe(lateness_s if lateness_s > 0 else 0.0)
-        metrics.in_flight.inc()
+        self.running += 1
         started = time.perf_counter()
         try:
-            await self._within_timeout(task)
+            if self._timeout_s is None:
+                await self._call(task)
+            else:
+                await self._within_timeout(task, self._timeout_s)
         except Retry as e:
             return Failed(task, "Retry", describe_failure(e)[1], e.delay)
         except asyncio.CancelledError as e:
@@ -132,21 +139,18 @@ class Execution:
         except BaseException as e:  # no handler may stop the worker
             return Failed(task, *describe_failure(e), None)
         finally:
-            metrics.in_flight.dec()
+            self.running -= 1
             metrics.duration.observe(time.perf_counter() - started)
         return Executed(lateness_s, past_due)
 
-    async def _within_timeout(self, task: Task) -> None:
-        if self._timeout_s is None:
-            await self._call(task)
-            return
+    async def _within_timeout(self, task: Task, limit_s: float) -> None:
         try:
-            async with asyncio.timeout(self._timeout_s) as deadline:
+            async with asyncio.timeout(limit_s) as deadline:
                 await self._call(task)
         except TimeoutError as e:
             if not deadline.expired():
                 raise  # the handler's own TimeoutError
-            raise HandlerTimeoutError(f"handler ran longer than {self._timeout_s:g}s") from e
+            raise HandlerTimeoutError(f"handler ran longer than {limit_s:g}s") from e
 
 
 def _being_cancelled() -> bool:

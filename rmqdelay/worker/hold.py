@@ -38,8 +38,9 @@ class Holder:
 
     def __init__(self, tally: Tally, metrics: WorkerMetrics) -> None:
         self._tally = tally
-        self._gauge = metrics.held
         self._holding: set[asyncio.Task[None]] = set()
+        # Read when scraped: nothing to update per task.
+        metrics.held.set_function(lambda: len(self._holding))
 
     def __len__(self) -> int:
         return len(self._holding)
@@ -50,7 +51,6 @@ class Holder:
         current = asyncio.current_task()
         assert current is not None
         self._holding.add(current)
-        self._gauge.inc()
         self._tally.held()
         log.debug("holding %s for %.0f ms until it is due", task_id, 1000 * (due - time.time()))
         try:
@@ -59,7 +59,6 @@ class Holder:
                 await asyncio.sleep(wait)
         finally:
             self._holding.discard(current)
-            self._gauge.dec()
 
     def release_all(self) -> None:
         """Stop holding: the held tasks go back to the queue at once, not after the grace."""

@@ -61,6 +61,7 @@ class Tally:
         self.stats = WorkerStats()
         self.metrics = metrics
         self._changed = asyncio.Event()
+        self._executed: Counter = metrics.executed
         self._counters: dict[str, Counter] = {
             outcome: getattr(metrics, outcome)
             for outcome in ("executed", "failed", "retried", "parked", "cancelled")
@@ -76,12 +77,16 @@ class Tally:
         self._changed.set()
 
     def executed(self, lateness_s: float, past_due: bool) -> None:
-        """A handler returned; its task started ``lateness_s`` after it was due."""
-        self.stats.record_lateness(lateness_s)
+        """A handler returned; its task started ``lateness_s`` after it was due (the
+        per-task path: no lookups by name)."""
+        stats = self.stats
+        stats.executed += 1
+        stats.record_lateness(lateness_s)
+        self._executed.inc()
         if past_due:
-            self.stats.past_due += 1
+            stats.past_due += 1
             self.metrics.past_due.inc()
-        self.count("executed")
+        self._changed.set()
 
     def held(self) -> None:
         """A task arrived early and is held until it is due."""
