@@ -84,7 +84,7 @@ class ParkingLot:
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
-        self.queue = scheduler.settings.names.parked
+        self.queue = scheduler.wiring.names.parked
 
     async def _take(self, limit: int | None = None) -> list[AbstractIncomingMessage]:
         """Get up to ``limit`` parked messages without acking them (on a channel of its own:
