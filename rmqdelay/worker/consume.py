@@ -10,16 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import astuple
 from datetime import timedelta
+from typing import Any
 
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractIncomingMessage,
-    AbstractQueue,
-    AbstractRobustConnection,
-)
+from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
+from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import AMQPError, ChannelNotFoundEntity
 from pamqp.commands import Basic
 
@@ -37,6 +34,7 @@ from rmqdelay.core.task import Handler
 from rmqdelay.core.topology import Topology, build_topology, destination_topology
 from rmqdelay.core.wire import DEFAULT_ACCEPT, TASK_ID
 from rmqdelay.settings import Settings
+from rmqdelay.worker.delivery import Delivery
 from rmqdelay.worker.execute import Cancelled, Executed, Execution, Failed, Undecodable
 from rmqdelay.worker.hold import Holder, due_s, max_hold_s
 from rmqdelay.worker.metrics import WorkerMetrics, serve
@@ -147,8 +145,8 @@ class Worker:
             await check_topology(
                 self.settings, build_topology(self.wiring.layout, (self.destination,)), channel
             )
-            queue = await self._work_queue(channel)
-            await self._watch_consumer(channel)
+            name = (await self._work_queue(channel)).name
+            await self._watch_consumer(channel, name)
             following = asyncio.create_task(self._follower.run(stop_following))
             # A dropped connection may have hidden cancels: vouch for nothing until a fresh
             # marker has come back through the stream.
@@ -157,7 +155,7 @@ class Worker:
             connection.reconnect_callbacks.add(lambda *_: self._gauge_connected(1))
             connection.reconnect_callbacks.add(lambda *_: self._follower.resync())
             await _until(following, self._follower.caught_up.wait())
-            await self._consume(queue, stop, following)
+            await self._consume(channel, name, stop, following)
         finally:
             self._stopping = True
             self.ready.clear()
@@ -176,16 +174,20 @@ class Worker:
         return self.stats
 
     async def _consume(
-        self, queue: AbstractQueue, stop: asyncio.Event, following: asyncio.Task[None]
+        self,
+        channel: AbstractChannel,
+        name: str,
+        stop: asyncio.Event,
+        following: asyncio.Task[None],
     ) -> None:
         """Consume until ``stop``; when the broker cancels the consumer, declare the queue
         again and resume, or raise ConsumerCancelledError."""
         while True:
             self._consumer_lost.clear()
-            self._consumer_tag = await queue.consume(self._on_message)
+            await self._subscribe(channel, name)
             log.info(
                 "consuming %s (concurrency %d, prefetch %d) on %s",
-                queue.name,
+                name,
                 self.concurrency,
                 self.prefetch,
                 self.settings.safe_url,
@@ -195,49 +197,68 @@ class Worker:
             await _until(following, stop.wait(), self._consumer_lost.wait())
             if stop.is_set():
                 self._stopping = True
-                await queue.cancel(self._consumer_tag)
+                await self._unsubscribe(channel)
                 return
             self.ready.clear()
             log.warning(
                 "the broker cancelled the consumer of %s (was the queue deleted?); "
                 "declaring it again",
-                queue.name,
+                name,
             )
-            # Forget the dead consumer, so that aio-pika stops trying to restore it.
-            await queue.cancel(self._consumer_tag)
-            queue = await self._declare_again(queue)
+            self._consumer_tag = None  # the broker has dropped it already
+            await self._declare_again(name)
 
-    async def _watch_consumer(self, channel: AbstractChannel) -> None:
-        """Hear of the broker cancelling our consumer, on this channel and after a reopen."""
+    async def _subscribe(self, channel: AbstractChannel, name: str) -> None:
+        # On aiormq's channel: see worker/delivery.py for why not aio-pika's consume.
+        raw = await channel.get_underlay_channel()
+        ok = await raw.basic_consume(name, self._on_delivery)
+        self._consumer_tag = ok.consumer_tag
 
-        async def watch(*_: object) -> None:
+    async def _unsubscribe(self, channel: AbstractChannel) -> None:
+        tag, self._consumer_tag = self._consumer_tag, None
+        if tag is not None and not channel.is_closed:
+            raw = await channel.get_underlay_channel()
+            await raw.basic_cancel(tag)
+
+    async def _watch_consumer(self, channel: AbstractChannel, name: str) -> None:
+        """Hear of the broker cancelling our consumer, and consume again on the channel
+        aio-pika reopens after a reconnect (it restores only consumers it made itself)."""
+
+        async def watch() -> None:
             raw = await channel.get_underlay_channel()
             raw.on_consumer_cancel_callbacks.add(self._on_consumer_cancel)
 
+        async def reopened(*_: object) -> None:
+            await watch()
+            if self._consumer_tag is not None and not self._stopping:
+                await self._subscribe(channel, name)
+
         await watch()
-        channel.reopen_callbacks.add(watch)  # type: ignore[attr-defined]
+        channel.reopen_callbacks.add(reopened)  # type: ignore[attr-defined]
 
     def _on_consumer_cancel(self, frame: Basic.Cancel) -> None:
         if frame.consumer_tag == self._consumer_tag:
             self._consumer_lost.set()
 
-    async def _declare_again(self, queue: AbstractQueue) -> AbstractQueue:
+    def _on_delivery(self, message: DeliveredMessage) -> Coroutine[Any, Any, None]:
+        return self._on_message(Delivery(message))
+
+    async def _declare_again(self, name: str) -> None:
         topology = destination_topology(self.wiring.layout, self.destination)
         # Right after a broker restart the queue's node may still be starting: wait for it
         # as long as a first connect would.
         give_up = time.monotonic() + self.settings.connect_timeout.total_seconds()
         while True:
             try:
-                await self._declare_on_a_probe(queue.name, topology)
+                await self._declare_on_a_probe(name, topology)
                 break
             except AMQPError as e:
                 if not (queue_starting(e) and time.monotonic() < give_up):
-                    raise self._cancelled_for_good(queue.name, e) from e
+                    raise self._cancelled_for_good(name, e) from e
             except RmqDelayError as e:
-                raise self._cancelled_for_good(queue.name, e) from e
+                raise self._cancelled_for_good(name, e) from e
             await asyncio.sleep(RECONNECT_FIRST_S)  # retry backoff, not synchronisation
-        log.info("work queue %s is back", queue.name)
-        return queue
+        log.info("work queue %s is back", name)
 
     async def _declare_on_a_probe(self, name: str, topology: Topology) -> None:
         """Declare (or, without declaring rights, check) the work queue on a channel of its
@@ -338,7 +359,7 @@ class Worker:
                 self.stats.abandoned,
             )
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, message: Delivery) -> None:
         current = asyncio.current_task()
         assert current is not None
         assert self._settler is not None
@@ -367,7 +388,7 @@ class Worker:
         finally:
             self._running.discard(current)
 
-    async def _execute(self, message: AbstractIncomingMessage, settler: Settler) -> None:
+    async def _execute(self, message: Delivery, settler: Settler) -> None:
         assert self._execution is not None
         result = await self._execution.run(message)
         if isinstance(result, Executed):

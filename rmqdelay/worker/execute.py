@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import cast
 
-from aio_pika.abc import AbstractIncomingMessage
-
 from rmqdelay.core.cancelset import CancelSet
 from rmqdelay.core.errors import HandlerTimeoutError, MessageDecodeError
 from rmqdelay.core.retry import Retry
 from rmqdelay.core.task import Handler, Task
 from rmqdelay.core.wire import DUE_MS, PAST_DUE_TOLERANCE_MS, PUBLISHED_MS, decode_task
+from rmqdelay.worker.delivery import Delivery
 from rmqdelay.worker.handler import describe_failure, prepare
 from rmqdelay.worker.metrics import WorkerMetrics
 from rmqdelay.worker.threads import DaemonThreadPool
@@ -89,7 +88,7 @@ class Execution:
         self.running = 0
         metrics.in_flight.set_function(lambda: self.running)
 
-    async def run(self, message: AbstractIncomingMessage) -> Result:
+    async def run(self, message: Delivery) -> Result:
         """Decode, check cancellation and run ``message``'s task.
 
         Raises:

@@ -12,7 +12,6 @@ import random
 import time
 from datetime import timedelta
 
-from aio_pika.abc import AbstractIncomingMessage
 from pamqp.commands import Basic
 
 from rmqdelay.broker.publisher import Publisher, properties
@@ -21,6 +20,7 @@ from rmqdelay.core.retry import RetryPolicy, decide
 from rmqdelay.core.task import Task
 from rmqdelay.core.wire import ATTEMPT, TASK_ID, parked_headers, rescheduled_headers
 from rmqdelay.core.wiring import Wiring
+from rmqdelay.worker.delivery import Delivery
 from rmqdelay.worker.stats import Tally
 
 log = logging.getLogger(__name__)
@@ -43,11 +43,11 @@ class Settler:
         self._retry = retry
         self._tally = tally
 
-    async def ack(self, message: AbstractIncomingMessage) -> None:
+    async def ack(self, message: Delivery) -> None:
         """The task is done (executed, or cancelled)."""
         await message.ack()
 
-    async def requeue(self, message: AbstractIncomingMessage) -> None:
+    async def requeue(self, message: Delivery) -> None:
         """Return the delivery to the queue (the worker is stopping, or a publish failed)."""
         self._tally.count("requeued")
         if not message.channel.is_closed:
@@ -55,7 +55,7 @@ class Settler:
 
     async def retry_or_park(
         self,
-        message: AbstractIncomingMessage,
+        message: Delivery,
         task: Task,
         error: str,
         detail: str,
@@ -92,7 +92,7 @@ class Settler:
         ):
             self._tally.count("retried")
 
-    async def send_back(self, message: AbstractIncomingMessage, due_s: float) -> None:
+    async def send_back(self, message: Delivery, due_s: float) -> None:
         """A task that arrived far before its due time goes through the levels again."""
         headers = message.headers or {}
         attempt = headers.get(ATTEMPT, 1)
@@ -109,9 +109,7 @@ class Settler:
             what="send back",
         )
 
-    async def park(
-        self, message: AbstractIncomingMessage, reason: str, *, error: str, attempts: int
-    ) -> None:
+    async def park(self, message: Delivery, reason: str, *, error: str, attempts: int) -> None:
         """Move a delivery to the parking lot with ``reason``; requeue it if that fails."""
         parked = properties(
             parked_headers(
@@ -134,7 +132,7 @@ class Settler:
 
     async def _republish(
         self,
-        message: AbstractIncomingMessage,
+        message: Delivery,
         *,
         attempt: int,
         due_ms: int,
@@ -169,7 +167,7 @@ class Settler:
 
     async def _replace(
         self,
-        message: AbstractIncomingMessage,
+        message: Delivery,
         new: Basic.Properties,
         exchange: str,
         routing_key: str,
