@@ -6,10 +6,13 @@ import asyncio
 import threading
 import time
 
+import aio_pika
 import pytest
+from aiormq.abc import DeliveredMessage
 
 from rmqdelay import RetryPolicy, Scheduler, Settings, Task, TopologyMismatchError, Worker
 from rmqdelay.core.wire import PARKED_FROM, PARKED_REASON, TASK_ID
+from rmqdelay.worker.delivery import Delivery
 
 from .conftest import make_settings
 from .helpers import Recorder, depth, get_all, running_worker
@@ -137,3 +140,35 @@ async def test_worker_without_declaring_names_the_missing_work_queue(
     worker = Worker(undeclared, destination, Recorder())
     with pytest.raises(TopologyMismatchError, match=f"'{destination}' does not exist"):
         await worker.run(asyncio.Event())
+
+
+async def test_a_delivery_is_settled_once_and_a_second_ack_leaves_the_channel_open(
+    settings: Settings, destination: str
+) -> None:
+    # A second ack of one delivery tag makes the broker close the channel (and every
+    # other delivery on it with it): the worker's Delivery must never send one.
+    async with Scheduler(settings) as scheduler:
+        await scheduler.declare_destination(destination)
+        first = await scheduler.schedule(destination, {"n": 1}, delay=0)
+        await scheduler.schedule(destination, {"n": 2}, delay=0)
+        connection = await aio_pika.connect(settings.url)
+        async with connection:
+            channel = await (await connection.channel()).get_underlay_channel()
+            got: asyncio.Queue[Delivery] = asyncio.Queue()
+
+            async def collect(message: DeliveredMessage) -> None:
+                await got.put(Delivery(message))
+
+            await channel.basic_qos(prefetch_count=10)
+            await channel.basic_consume(settings.names.work_queue(destination), collect)
+            async with asyncio.timeout(10):
+                one, two = await got.get(), await got.get()
+            assert one.headers is not None
+            assert one.headers[TASK_ID] == first.id
+            await one.ack()
+            await one.ack()  # no second frame
+            await one.nack(requeue=True)  # nor a nack after the ack
+            await two.ack()
+            await channel.basic_qos(prefetch_count=10)  # a round trip: an error would show
+            assert not channel.is_closed
+    assert await depth(settings, settings.names.work_queue(destination)) == 0
