@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
 from typing import Any
 
 from aio_pika.abc import AbstractChannel
@@ -50,9 +49,10 @@ PERSISTENT = 2
 
 
 def properties(
-    headers: Mapping[str, Any], *, content_type: str | None = None, message_id: str | None = None
+    headers: dict[str, Any], *, content_type: str | None = None, message_id: str | None = None
 ) -> Basic.Properties:
-    """The AMQP properties of a persistent message.
+    """The AMQP properties of a persistent message (``headers`` is taken as it is: pass a
+    dict of the message's own).
 
     Built directly rather than through ``aio_pika.Message``, which copies and re-checks
     every field: on the hot path that was a third of the client's time per task.
@@ -60,7 +60,7 @@ def properties(
     return Basic.Properties(
         content_type=content_type,
         delivery_mode=PERSISTENT,
-        headers=dict(headers),
+        headers=headers,
         message_id=message_id,
     )
 

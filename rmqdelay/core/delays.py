@@ -69,7 +69,9 @@ def delay_to_us(delay: timedelta | float | int) -> int:
     Floats and ints are seconds. Floats go through their shortest decimal form, so ``0.1``
     is exactly 100000 us rather than the binary float's 100000.00000000001.
     """
-    if isinstance(delay, timedelta):
+    if type(delay) is int:  # whole seconds: exact without Decimal (bool is not int here)
+        us = delay * 1_000_000
+    elif isinstance(delay, timedelta):
         us = delay // timedelta(microseconds=1)
     elif isinstance(delay, bool) or not isinstance(delay, int | float):
         raise InvalidDelayError(

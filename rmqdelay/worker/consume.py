@@ -1,8 +1,9 @@
 """The worker: consume a destination's work queue and see each delivery through.
 
-``Worker`` owns the connection and the consumer (and its loss), and the way from a
-delivery to its settlement: hold it until due (``hold.py``), take a concurrency slot, run
-it (``execute.py``) and settle it (``settle.py``).
+``Worker`` owns the connection, start and stop, and the way from a delivery to its
+settlement: hold it until due (``hold.py``), take a concurrency slot, run it
+(``execute.py``) and settle it (``settle.py``). The consumer itself, and its loss, is
+``subscription.py``.
 """
 
 from __future__ import annotations
@@ -15,23 +16,19 @@ from dataclasses import astuple
 from datetime import timedelta
 from typing import Any
 
-from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
-from aiormq.exceptions import AMQPError, ChannelNotFoundEntity
-from pamqp.commands import Basic
 
 from rmqdelay.broker.cancels import CancelFollower
-from rmqdelay.broker.connection import RECONNECT_FIRST_S, connect, queue_starting
-from rmqdelay.broker.declare import check_topology, declare_topology, resolve_backend
+from rmqdelay.broker.connection import connect
+from rmqdelay.broker.declare import check_topology, resolve_backend
 from rmqdelay.broker.publisher import Publisher
 from rmqdelay.core.errors import (
-    ConsumerCancelledError,
     RmqDelayError,
-    TopologyMismatchError,
 )
 from rmqdelay.core.retry import RetryPolicy
 from rmqdelay.core.task import Handler
-from rmqdelay.core.topology import Topology, build_topology, destination_topology
+from rmqdelay.core.topology import build_topology
 from rmqdelay.core.wire import DEFAULT_ACCEPT, TASK_ID
 from rmqdelay.settings import Settings
 from rmqdelay.worker.delivery import Delivery
@@ -40,6 +37,7 @@ from rmqdelay.worker.hold import Holder, due_s, max_hold_s
 from rmqdelay.worker.metrics import WorkerMetrics, serve
 from rmqdelay.worker.settle import Settler
 from rmqdelay.worker.stats import Tally, WorkerStats
+from rmqdelay.worker.subscription import Subscription
 from rmqdelay.worker.threads import DaemonThreadPool
 
 log = logging.getLogger(__name__)
@@ -103,8 +101,7 @@ class Worker:
         self.metrics_port = metrics_port
         self.metrics_address: tuple[str, int] | None = None
         self._connection: AbstractRobustConnection | None = None
-        self._consumer_tag: str | None = None
-        self._consumer_lost = asyncio.Event()
+        self._subscription: Subscription | None = None
 
     async def run(self, stop: asyncio.Event) -> WorkerStats:
         """Consume until ``stop`` is set, then shut down cleanly. Returns the counts.
@@ -140,13 +137,16 @@ class Worker:
                 self.retry,
                 self._tally,
             )
+            subscription = self._subscription = Subscription(
+                self.settings, self.destination, self._on_delivery
+            )
             if not self.settings.declare:
-                await self._work_queue(channel)  # the likeliest miss, with advice of its own
+                await subscription.check(channel)  # the likeliest miss, with advice of its own
             await check_topology(
                 self.settings, build_topology(self.wiring.layout, (self.destination,)), channel
             )
-            name = (await self._work_queue(channel)).name
-            await self._watch_consumer(channel, name)
+            await subscription.check(channel)
+            await subscription.watch(channel)
             following = asyncio.create_task(self._follower.run(stop_following))
             # A dropped connection may have hidden cancels: vouch for nothing until a fresh
             # marker has come back through the stream.
@@ -155,7 +155,7 @@ class Worker:
             connection.reconnect_callbacks.add(lambda *_: self._gauge_connected(1))
             connection.reconnect_callbacks.add(lambda *_: self._follower.resync())
             await _until(following, self._follower.caught_up.wait())
-            await self._consume(channel, name, stop, following)
+            await self._consume(channel, subscription, stop, following)
         finally:
             self._stopping = True
             self.ready.clear()
@@ -176,110 +176,36 @@ class Worker:
     async def _consume(
         self,
         channel: AbstractChannel,
-        name: str,
+        subscription: Subscription,
         stop: asyncio.Event,
         following: asyncio.Task[None],
     ) -> None:
         """Consume until ``stop``; when the broker cancels the consumer, declare the queue
         again and resume, or raise ConsumerCancelledError."""
         while True:
-            self._consumer_lost.clear()
-            await self._subscribe(channel, name)
+            await subscription.start(channel)
             log.info(
                 "consuming %s (concurrency %d, prefetch %d) on %s",
-                name,
+                subscription.name,
                 self.concurrency,
                 self.prefetch,
                 self.settings.safe_url,
             )
             self.ready.set()
             self._gauge_connected(1)
-            await _until(following, stop.wait(), self._consumer_lost.wait())
+            await _until(following, stop.wait(), subscription.lost.wait())
             if stop.is_set():
                 self._stopping = True
-                await self._unsubscribe(channel)
+                await subscription.stop(channel)
                 return
             self.ready.clear()
             log.warning(
                 "the broker cancelled the consumer of %s (was the queue deleted?); "
                 "declaring it again",
-                name,
+                subscription.name,
             )
-            self._consumer_tag = None  # the broker has dropped it already
-            await self._declare_again(name)
-
-    async def _subscribe(self, channel: AbstractChannel, name: str) -> None:
-        # On aiormq's channel: see worker/delivery.py for why not aio-pika's consume.
-        raw = await channel.get_underlay_channel()
-        ok = await raw.basic_consume(name, self._on_delivery)
-        self._consumer_tag = ok.consumer_tag
-
-    async def _unsubscribe(self, channel: AbstractChannel) -> None:
-        tag, self._consumer_tag = self._consumer_tag, None
-        if tag is not None and not channel.is_closed:
-            raw = await channel.get_underlay_channel()
-            await raw.basic_cancel(tag)
-
-    async def _watch_consumer(self, channel: AbstractChannel, name: str) -> None:
-        """Hear of the broker cancelling our consumer, and consume again on the channel
-        aio-pika reopens after a reconnect (it restores only consumers it made itself)."""
-
-        async def watch() -> None:
-            raw = await channel.get_underlay_channel()
-            raw.on_consumer_cancel_callbacks.add(self._on_consumer_cancel)
-
-        async def reopened(*_: object) -> None:
-            await watch()
-            if self._consumer_tag is not None and not self._stopping:
-                await self._subscribe(channel, name)
-
-        await watch()
-        channel.reopen_callbacks.add(reopened)  # type: ignore[attr-defined]
-
-    def _on_consumer_cancel(self, frame: Basic.Cancel) -> None:
-        if frame.consumer_tag == self._consumer_tag:
-            self._consumer_lost.set()
-
-    def _on_delivery(self, message: DeliveredMessage) -> Coroutine[Any, Any, None]:
-        return self._on_message(Delivery(message))
-
-    async def _declare_again(self, name: str) -> None:
-        topology = destination_topology(self.wiring.layout, self.destination)
-        # Right after a broker restart the queue's node may still be starting: wait for it
-        # as long as a first connect would.
-        give_up = time.monotonic() + self.settings.connect_timeout.total_seconds()
-        while True:
-            try:
-                await self._declare_on_a_probe(name, topology)
-                break
-            except AMQPError as e:
-                if not (queue_starting(e) and time.monotonic() < give_up):
-                    raise self._cancelled_for_good(name, e) from e
-            except RmqDelayError as e:
-                raise self._cancelled_for_good(name, e) from e
-            await asyncio.sleep(RECONNECT_FIRST_S)  # retry backoff, not synchronisation
-        log.info("work queue %s is back", name)
-
-    async def _declare_on_a_probe(self, name: str, topology: Topology) -> None:
-        """Declare (or, without declaring rights, check) the work queue on a channel of its
-        own: a failed declare closes its channel, which must not be the consuming one."""
-        assert self._connection is not None
-        async with self._connection.channel() as probe:
-            if self.settings.declare:
-                await declare_topology(probe, topology)
-            else:
-                await probe.declare_queue(name, passive=True)
-
-    def _cancelled_for_good(self, name: str, e: BaseException) -> ConsumerCancelledError:
-        advice = (
-            f"declare it ('rmqdelay declare {self.destination}') and restart the worker"
-            if not self.settings.declare
-            else "check the worker's permissions and the namespace's exchanges"
-        )
-        return ConsumerCancelledError(
-            f"work queue {name!r} was deleted under the worker (the broker cancelled its "
-            f"consumer) and could not be declared again ({type(e).__name__}: {e}); {advice}"
-        )
+            assert self._connection is not None
+            await subscription.declare_again(self._connection)
 
     def health(self) -> dict[str, bool]:
         """Whether the worker is connected, and consuming with its cancellation set current."""
@@ -288,7 +214,7 @@ class Worker:
             "connected": connection is not None and not connection.is_closed
             and connection.connected.is_set(),
             "consuming": self.ready.is_set() and self._follower.caught_up.is_set()
-            and not self._consumer_lost.is_set(),
+            and self._subscription is not None and not self._subscription.lost.is_set(),
         }  # fmt: skip
 
     async def _serve_metrics(self) -> asyncio.Server | None:
@@ -309,17 +235,6 @@ class Worker:
         ``asyncio.timeout``.
         """
         return await self._tally.wait_for(condition)
-
-    async def _work_queue(self, channel: AbstractChannel) -> AbstractQueue:
-        name = self.wiring.names.work_queue(self.destination)
-        try:
-            return await channel.get_queue(name, ensure=True)
-        except ChannelNotFoundEntity as e:
-            raise TopologyMismatchError(
-                f"work queue {name!r} for destination {self.destination!r} does not exist and "
-                "RMQDELAY_DECLARE is false: declare it ('rmqdelay declare "
-                f"{self.destination}') or let the worker declare (RMQDELAY_DECLARE=true)"
-            ) from e
 
     async def _report_periodically(self) -> None:
         """An info line every SUMMARY_INTERVAL_S while tasks come in: a worker runs for months."""
@@ -358,6 +273,9 @@ class Worker:
                 "cancellation); their tasks are back in the queue",
                 self.stats.abandoned,
             )
+
+    def _on_delivery(self, message: DeliveredMessage) -> Coroutine[Any, Any, None]:
+        return self._on_message(Delivery(message))
 
     async def _on_message(self, message: Delivery) -> None:
         current = asyncio.current_task()

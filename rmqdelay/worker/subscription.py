@@ -1,0 +1,133 @@
+"""The worker's consumer on its work queue: subscribed on aiormq's channel, heard when the
+broker cancels it, restored after a reconnect, and the queue declared again when it was
+deleted under the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aiormq.abc import DeliveredMessage
+from aiormq.exceptions import AMQPError, ChannelNotFoundEntity
+from pamqp.commands import Basic
+
+from rmqdelay.broker.connection import RECONNECT_FIRST_S, queue_starting
+from rmqdelay.broker.declare import declare_topology
+from rmqdelay.core.errors import ConsumerCancelledError, RmqDelayError, TopologyMismatchError
+from rmqdelay.core.topology import destination_topology
+from rmqdelay.settings import Settings
+
+log = logging.getLogger(__name__)
+
+OnDelivery = Callable[[DeliveredMessage], Coroutine[Any, Any, None]]
+
+
+class Subscription:
+    """One destination's consumer. aiormq's channel rather than aio-pika's consume:
+    see ``worker/delivery.py``."""
+
+    def __init__(self, settings: Settings, destination: str, on_delivery: OnDelivery) -> None:
+        self._settings = settings
+        self._destination = destination
+        self._on_delivery = on_delivery
+        self.name = settings.wiring.names.work_queue(destination)
+        #: Set when the broker cancels the consumer (its queue was deleted).
+        self.lost = asyncio.Event()
+        self._tag: str | None = None
+
+    async def check(self, channel: AbstractChannel) -> None:
+        """Make sure the work queue exists (passively: naming it when it does not).
+
+        Raises:
+            TopologyMismatchError: no work queue, and the worker may not declare it.
+        """
+        try:
+            await channel.get_queue(self.name, ensure=True)
+        except ChannelNotFoundEntity as e:
+            raise TopologyMismatchError(
+                f"work queue {self.name!r} for destination {self._destination!r} does not "
+                "exist and RMQDELAY_DECLARE is false: declare it ('rmqdelay declare "
+                f"{self._destination}') or let the worker declare (RMQDELAY_DECLARE=true)"
+            ) from e
+
+    async def watch(self, channel: AbstractChannel) -> None:
+        """Hear of the broker cancelling the consumer, and consume again on the channel
+        aio-pika reopens after a reconnect (it restores only consumers it made itself)."""
+
+        async def listen() -> None:
+            raw = await channel.get_underlay_channel()
+            raw.on_consumer_cancel_callbacks.add(self._on_cancel)
+
+        async def reopened(*_: object) -> None:
+            await listen()
+            if self._tag is not None:
+                await self.start(channel)
+
+        await listen()
+        channel.reopen_callbacks.add(reopened)  # type: ignore[attr-defined]
+
+    async def start(self, channel: AbstractChannel) -> None:
+        """Consume (again) on ``channel``."""
+        self.lost.clear()
+        raw = await channel.get_underlay_channel()
+        ok = await raw.basic_consume(self.name, self._on_delivery)
+        self._tag = ok.consumer_tag
+
+    async def stop(self, channel: AbstractChannel) -> None:
+        """Stop consuming; nothing is restored after this."""
+        tag, self._tag = self._tag, None
+        if tag is not None and not channel.is_closed:
+            raw = await channel.get_underlay_channel()
+            await raw.basic_cancel(tag)
+
+    def _on_cancel(self, frame: Basic.Cancel) -> None:
+        if frame.consumer_tag == self._tag:
+            self._tag = None  # the broker has dropped it already
+            self.lost.set()
+
+    async def declare_again(self, connection: AbstractRobustConnection) -> None:
+        """After a broker-side cancel: declare the work queue again (or, without declaring
+        rights, wait for it), as long as a first connect would wait.
+
+        Raises:
+            ConsumerCancelledError: it could not be declared again.
+        """
+        give_up = time.monotonic() + self._settings.connect_timeout.total_seconds()
+        while True:
+            try:
+                await self._declare_on_a_probe(connection)
+                break
+            except AMQPError as e:
+                # Right after a broker restart the queue's node may still be starting.
+                if not (queue_starting(e) and time.monotonic() < give_up):
+                    raise self._cancelled_for_good(e) from e
+            except RmqDelayError as e:
+                raise self._cancelled_for_good(e) from e
+            await asyncio.sleep(RECONNECT_FIRST_S)  # retry backoff, not synchronisation
+        log.info("work queue %s is back", self.name)
+
+    async def _declare_on_a_probe(self, connection: AbstractRobustConnection) -> None:
+        """Declare (or check) the work queue on a channel of its own: a failed declare
+        closes its channel, which must not be the consuming one."""
+        async with connection.channel() as probe:
+            if self._settings.declare:
+                layout = self._settings.wiring.layout
+                await declare_topology(probe, destination_topology(layout, self._destination))
+            else:
+                await probe.declare_queue(self.name, passive=True)
+
+    def _cancelled_for_good(self, e: BaseException) -> ConsumerCancelledError:
+        advice = (
+            f"declare it ('rmqdelay declare {self._destination}') and restart the worker"
+            if not self._settings.declare
+            else "check the worker's permissions and the namespace's exchanges"
+        )
+        return ConsumerCancelledError(
+            f"work queue {self.name!r} was deleted under the worker (the broker cancelled "
+            f"its consumer) and could not be declared again ({type(e).__name__}: {e}); "
+            f"{advice}"
+        )
