@@ -47,19 +47,44 @@ async def report(task: Task) -> None:
     sys.stdout.flush()
 
 
-async def _read_reports(
-    stream: asyncio.StreamReader,
-    lateness: dict[str, float],
-    seen: Counter[str],
-    done: asyncio.Event,
-    total: int,
-) -> None:
-    while line := await stream.readline():
-        task_id, _, late = line.decode().partition(" ")
-        lateness.setdefault(task_id, float(late))
-        seen[task_id] += 1
-        if len(seen) >= total:
-            done.set()
+class Reporter:
+    """A consumer process that prints one ``<id> <lateness ms>`` line per execution, and
+    what it has reported so far."""
+
+    def __init__(self, process: asyncio.subprocess.Process, total: int) -> None:
+        assert process.stdout is not None
+        self.process, self.total = process, total
+        self.lateness: dict[str, float] = {}
+        self.seen: Counter[str] = Counter()
+        #: Set once every task has been reported.
+        self.all_in = asyncio.Event()
+        self._reading = asyncio.create_task(self._read(process.stdout))
+
+    @classmethod
+    async def worker(cls, env: dict[str, str], total: int) -> Reporter:
+        """``rmqdelay consume`` with the ``report`` handler, configured by ``env``."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "rmqdelay", "--log-level", "WARNING", "consume", DESTINATION,
+            "--handler", "compare:report",
+            stdout=asyncio.subprocess.PIPE, cwd=HERE, env={**os.environ, **env},
+        )  # fmt: skip
+        return cls(process, total)
+
+    async def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(self.process.wait(), 60)
+        self._reading.cancel()
+
+    def result(self, name: str, publish_rate: float, hops: int) -> Result:
+        return Result.of(name, publish_rate, self.lateness, self.seen, self.total, hops)
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            task_id, _, late = line.decode().partition(" ")
+            self.lateness.setdefault(task_id, float(late))
+            self.seen[task_id] += 1
+            if len(self.seen) >= self.total:
+                self.all_in.set()
 
 
 async def _consumed(url: str, queue: str) -> None:
@@ -107,22 +132,12 @@ async def run_backend(
     layout_settings = await resolve_backend(settings)
     await apply_topology(layout_settings, build_topology(layout_settings.layout, (DESTINATION,)))
     env = {
-        **os.environ,
         "RMQDELAY_URL": url,
         "RMQDELAY_NAMESPACE": settings.namespace,
         "RMQDELAY_BACKEND": backend,
         "RMQDELAY_RESOLUTION_MS": str(settings.resolution_ms),
     }
-    worker = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "rmqdelay", "--log-level", "WARNING", "consume", DESTINATION,
-        "--handler", "compare:report",
-        stdout=asyncio.subprocess.PIPE, cwd=HERE, env=env,
-    )  # fmt: skip
-    assert worker.stdout is not None
-    lateness: dict[str, float] = {}
-    seen: Counter[str] = Counter()
-    all_in = asyncio.Event()
-    reading = asyncio.create_task(_read_reports(worker.stdout, lateness, seen, all_in, len(delays)))
+    reporter = await Reporter.worker(env, len(delays))
     hops = 0
     per_pending = ""
     try:
@@ -136,19 +151,17 @@ async def run_backend(
 
             publish_rate = await paced(len(delays), rate, publish)
             try:
-                await asyncio.wait_for(all_in.wait(), max(delays) + 60)
+                await asyncio.wait_for(reporter.all_in.wait(), max(delays) + 60)
             except TimeoutError:
                 pass
             per_pending = await _memory_per_pending(settings, scheduler, pending)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(worker.wait(), 60)
-        reading.cancel()
+        await reporter.stop()
         await apply_topology(
             layout_settings, build_topology(layout_settings.layout, (DESTINATION,)), delete=True
         )
     name = f"rmqdelay {backend} {settings.resolution_ms}ms" if backend == "levels" else backend
-    return Result.of(name, publish_rate, lateness, seen, len(delays), hops), per_pending
+    return reporter.result(name, publish_rate, hops), per_pending
 
 
 async def _memory_per_pending(settings: Settings, scheduler: Scheduler, pending: int) -> str:
@@ -208,13 +221,7 @@ async def run_baseline(url: str, delays: list[float], rate: float) -> Result:
             sys.executable, str(HERE / "compare.py"), "--raw-consumer", queue, "--url", url,
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        assert consumer.stdout is not None
-        lateness: dict[str, float] = {}
-        seen: Counter[str] = Counter()
-        all_in = asyncio.Event()
-        reading = asyncio.create_task(
-            _read_reports(consumer.stdout, lateness, seen, all_in, len(delays))
-        )
+        reporter = Reporter(consumer, len(delays))
         try:
             await _consumed(url, queue)
             loop = asyncio.get_running_loop()
@@ -233,15 +240,13 @@ async def run_baseline(url: str, delays: list[float], rate: float) -> Result:
             # Each publish waits for its due time first: the rate is over the publishing span.
             publish_rate = len(delays) / max(1e-9, loop.time() - started - max(delays))
             try:
-                await asyncio.wait_for(all_in.wait(), 60)
+                await asyncio.wait_for(reporter.all_in.wait(), 60)
             except TimeoutError:
                 pass
         finally:
-            consumer.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(consumer.wait(), 30)
-            reading.cancel()
+            await reporter.stop()
             await channel.queue_delete(queue)
-    return Result.of("raw: publisher timers", publish_rate, lateness, seen, len(delays), 0)
+    return reporter.result("raw: publisher timers", publish_rate, 0)
 
 
 async def raw_consumer(url: str, queue: str) -> None:

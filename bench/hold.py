@@ -17,15 +17,12 @@ import argparse
 import asyncio
 import os
 import random
-import signal
-import sys
 import time
 import uuid
-from collections import Counter
 from pathlib import Path
 
 import aio_pika
-from compare import DESTINATION, _consumed, _read_reports, process_cpu_s
+from compare import DESTINATION, Reporter, _consumed, process_cpu_s
 from lateness import HEADER, Result, paced
 
 from rmqdelay import Settings
@@ -40,17 +37,8 @@ async def run(url: str, rate: float, count: int, early: bool) -> tuple[Result, f
     settings = Settings(_env_file=None, url=url, namespace=f"hold-{uuid.uuid4().hex[:6]}")
     topology = build_topology(settings.layout, (DESTINATION,))
     await apply_topology(settings, topology)
-    env = {**os.environ, "RMQDELAY_URL": url, "RMQDELAY_NAMESPACE": settings.namespace}
-    worker = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "rmqdelay", "--log-level", "WARNING", "consume", DESTINATION,
-        "--handler", "compare:report",
-        stdout=asyncio.subprocess.PIPE, cwd=HERE, env=env,
-    )  # fmt: skip
-    assert worker.stdout is not None
-    lateness: dict[str, float] = {}
-    seen: Counter[str] = Counter()
-    all_in = asyncio.Event()
-    reading = asyncio.create_task(_read_reports(worker.stdout, lateness, seen, all_in, count))
+    env = {"RMQDELAY_URL": url, "RMQDELAY_NAMESPACE": settings.namespace}
+    reporter = await Reporter.worker(env, count)
     unit_ms = settings.resolution_ms
     try:
         await _consumed(url, settings.names.work_queue(DESTINATION))
@@ -74,20 +62,16 @@ async def run(url: str, rate: float, count: int, early: bool) -> tuple[Result, f
 
             publish_rate = await paced(count, rate, publish)
             try:
-                await asyncio.wait_for(all_in.wait(), 60)
+                await asyncio.wait_for(reporter.all_in.wait(), 60)
             except TimeoutError:
                 pass
         # The worker's CPU time per task, before it stops: what one worker can sustain.
-        used = process_cpu_s(Path(f"/proc/{worker.pid}/stat"))
+        used = process_cpu_s(Path(f"/proc/{reporter.process.pid}/stat"))
     finally:
-        worker.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(worker.wait(), 60)
-        reading.cancel()
+        await reporter.stop()
         await apply_topology(settings, topology, delete=True)
     name = f"held up to {unit_ms} ms" if early else "due on arrival"
-    return Result.of(name, publish_rate, lateness, seen, count, 0), (
-        None if used is None else used / count
-    )
+    return reporter.result(name, publish_rate, 0), (None if used is None else used / count)
 
 
 async def main() -> int:
