@@ -3,6 +3,8 @@
 Publishers call :class:`Scheduler`; workers run :class:`Worker` (or ``rmqdelay consume``).
 """
 
+from importlib import metadata as _metadata
+
 from rmqdelay.broker.scheduler import Scheduler, TaskSpec
 from rmqdelay.core.errors import (
     BatchNotConfirmedError,
@@ -31,7 +33,7 @@ from rmqdelay.tools.webhook import WebhookHandler
 from rmqdelay.worker.consume import Worker
 from rmqdelay.worker.stats import WorkerStats
 
-__version__ = "0.1.0"
+__version__ = _metadata.version("rmqdelay")  # one source: pyproject.toml
 
 __all__ = [
     "BatchNotConfirmedError",

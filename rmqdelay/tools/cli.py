@@ -16,10 +16,10 @@ import signal
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from importlib.metadata import version
 from typing import Any
 from urllib.parse import unquote
 
-from rmqdelay import __version__
 from rmqdelay.broker.scheduler import Scheduler, TaskSpec, check_task
 from rmqdelay.core.definitions import DEFAULT_DELIVERY_LIMIT, DefinitionOptions, render_definitions
 from rmqdelay.core.delays import parse_duration
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--url", help="AMQP URL (default: RMQDELAY_URL)")
     parser.add_argument("--namespace", help="object name prefix (default: RMQDELAY_NAMESPACE)")
-    parser.add_argument("--version", action="version", version=f"rmqdelay {__version__}")
+    parser.add_argument("--version", action="version", version=f"rmqdelay {version('rmqdelay')}")
     parser.add_argument(
         "--log-level",
         default="INFO",
