@@ -113,19 +113,13 @@ def check_task(wiring: Wiring, spec: TaskSpec) -> CheckedTask:
     body, content_type = encode_payload(spec.payload, spec.content_type)
     check_size(body, wiring.max_message_size)
     keys = spec.keys
-    if not (type(keys) is tuple and not keys):  # () is the usual case, with nothing to check
-        keys = check_keys(
-            tuple(keys)
-            if isinstance(keys, Iterable) and not isinstance(keys, str | bytes)
-            else keys
-        )
+    keys = check_keys(
+        tuple(keys) if isinstance(keys, Iterable) and not isinstance(keys, str | bytes) else keys
+    )
     if spec.replace and not keys:
         raise InvalidKeyError("replace=True needs keys: it cancels the tasks under them")
     task_id = new_task_id() if spec.task_id is None else check_key(spec.task_id, "a task id")
-    if spec.max_attempts is None and spec.backoff_base is None and spec.backoff_cap is None:
-        overrides = _NO_OVERRIDES
-    else:
-        overrides = _retry_overrides(spec.max_attempts, spec.backoff_base, spec.backoff_cap)
+    overrides = _retry_overrides(spec.max_attempts, spec.backoff_base, spec.backoff_cap)
     now_us = time.time_ns() // 1000
     way = wiring.route(_due_us(now_us, spec.delay, spec.at) - now_us)  # over the maximum
     return CheckedTask(
@@ -145,9 +139,6 @@ def check_task(wiring: Wiring, spec: TaskSpec) -> CheckedTask:
 def new_task_id() -> str:
     """A random 128-bit id as 32 hex digits (as ``uuid4().hex``, at a fraction of the cost)."""
     return os.urandom(16).hex()
-
-
-_NO_OVERRIDES: dict[str, int] = {}
 
 
 class Scheduler:

@@ -100,6 +100,8 @@ def check_keys(keys: object) -> tuple[str, ...]:
         raise InvalidKeyError(
             f"keys must be a list of strings, got {type(keys).__name__} ({_short(keys)})"
         )
+    if not keys:
+        return ()  # the usual case
     if len(keys) > MAX_KEYS:
         raise InvalidKeyError(f"a task may have at most {MAX_KEYS} keys, got {len(keys)}")
     return tuple(dict.fromkeys(check_key(k) for k in keys))
