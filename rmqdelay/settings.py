@@ -31,7 +31,7 @@ from rmqdelay.core.errors import ConfigError, InvalidDelayError
 from rmqdelay.core.names import Names
 from rmqdelay.core.redact import redact_url, userinfo
 from rmqdelay.core.retry import RetryPolicy
-from rmqdelay.core.routes import Backend, Route
+from rmqdelay.core.routes import Backend
 from rmqdelay.core.topology import Layout
 from rmqdelay.core.wiring import Wiring, wiring
 
@@ -296,11 +296,6 @@ class Settings(BaseSettings):
         """Layout, names and limits as one frozen object, for clients to keep once their
         backend is resolved (computed once per layout)."""
         return wiring(self.layout, self.limits, self.max_message_size)
-
-    def route(self, wait_us: int) -> Route:
-        """How to publish a task due ``wait_us`` from now on this backend (refusing what it
-        cannot hold)."""
-        return self.wiring.route(wait_us)
 
     @property
     def delay_backend(self) -> Backend:
