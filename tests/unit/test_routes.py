@@ -70,11 +70,21 @@ def test_plugin_topology_feeds_the_work_exchange_and_has_no_levels() -> None:
     }  # fmt: skip
 
 
-def test_settings_route_follows_the_backend() -> None:
-    plugin = Settings(_env_file=None, namespace="s", backend="plugin")
-    assert plugin.layout.backend == "plugin"
+def test_the_wiring_routes_by_the_backend() -> None:
+    plugin = Settings(_env_file=None, namespace="s", backend="plugin").wiring
+    assert plugin.backend == "plugin"
     assert plugin.route(1000).exchange == "s.delayed"
     # auto stands for the levels until a client has asked the broker
-    auto = Settings(_env_file=None, namespace="s", backend="auto")
-    assert auto.layout.backend == "levels"
+    auto = Settings(_env_file=None, namespace="s", backend="auto").wiring
+    assert auto.backend == "levels"
     assert auto.route(timedelta(seconds=1) // timedelta(microseconds=1)).exchange == "s.schedule"
+
+
+def test_the_wiring_is_derived_once_per_layout_and_routes_are_shared() -> None:
+    settings = Settings(_env_file=None, namespace="w")
+    assert settings.wiring is settings.wiring
+    assert settings.wiring is not Settings(_env_file=None, namespace="other").wiring
+    first, again = settings.wiring.route(5_000_000), settings.wiring.route(5_100_000)
+    assert first is again, "same whole units, same cached route"
+    with pytest.raises(TypeError):
+        first.headers["rmqdelay-route-in"] = "0"  # type: ignore[index]  # shared: read-only
