@@ -32,6 +32,11 @@ class Counts:
     unacked: int | None = None
     consumers: int | None = None
     exists: bool = True
+    #: Replicated queues (quorum, stream), from the management API: the node leading it,
+    #: every member, and the members online now.
+    leader: str | None = None
+    members: tuple[str, ...] = ()
+    online: tuple[str, ...] = ()
 
     @property
     def total(self) -> int | None:
@@ -49,6 +54,9 @@ class Level:
     ttl_ms: int
     pending: int | None
     exists: bool
+    leader: str | None = None
+    members: tuple[str, ...] = ()
+    online: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +125,7 @@ def vhost_path(settings: Settings) -> str:
 
 
 async def _from_management(settings: Settings) -> dict[str, Counts] | None:
-    columns = "name,messages_ready,messages_unacknowledged,consumers,messages"
+    columns = "name,messages_ready,messages_unacknowledged,consumers,messages,leader,members,online"
     queues = await management_get(settings, f"queues/{vhost_path(settings)}", columns)
     if queues is None:
         return None
@@ -128,6 +136,9 @@ async def _from_management(settings: Settings) -> dict[str, Counts] | None:
             ready=q.get("messages_ready", q.get("messages")),
             unacked=q.get("messages_unacknowledged"),
             consumers=q.get("consumers"),
+            leader=q.get("leader"),
+            members=tuple(q.get("members") or ()),
+            online=tuple(q.get("online") or ()),
         )
         for q in queues
         if q["name"].startswith(prefix)
@@ -236,12 +247,13 @@ async def collect(settings: Settings, destinations: list[str]) -> Status:
             "the management API samples counts every few seconds (5 s by default): they can "
             "lag the queues that much"
         )
+        replicas = replica_warnings(list(counts.values()))
         # Parked and unroutable counts as the parking-lot tools see them, live.
         counts.update(await _from_amqp(settings, [names.parked, names.unroutable]))
         nodes = await management_get(
             settings, "nodes", "name,fd_used,fd_total,proc_used,proc_total"
         )
-        warnings = headroom_warnings(nodes or [])
+        warnings = headroom_warnings(nodes or []) + replicas
     missing = Counts("", exists=False)
 
     def of(name: str) -> Counts:
@@ -253,7 +265,15 @@ async def collect(settings: Settings, destinations: list[str]) -> Status:
         backend=backend,
         source=source,
         levels=[
-            Level(k, level_ttl_ms(k, settings.resolution_ms), of(name).total, of(name).exists)
+            Level(
+                k,
+                level_ttl_ms(k, settings.resolution_ms),
+                of(name).total,
+                of(name).exists,
+                of(name).leader,
+                of(name).members,
+                of(name).online,
+            )
             for k, name in enumerate(levels)
         ],
         destinations=[replace(of(names.work_queue(d)), name=d) for d in wanted],
@@ -264,6 +284,33 @@ async def collect(settings: Settings, destinations: list[str]) -> Status:
         notes=notes,
         warnings=warnings,
     )
+
+
+def replica_warnings(queues: list[Counts]) -> list[str]:
+    """Replicated queues with members offline, one line per kind of trouble: below its
+    quorum a queue neither takes nor delivers messages, so the tasks in it are stuck (not
+    lost) until members come back."""
+    troubles: dict[str, list[str]] = {}
+    for q in queues:
+        if not q.members or len(q.online) >= len(q.members):
+            continue
+        need = len(q.members) // 2 + 1
+        if len(q.online) < need:
+            state = f"fewer than a quorum of {need}: they move nothing until the rest are back"
+        elif len(q.online) == need:
+            state = "just a quorum: one more loss and they stop"
+        else:
+            state = "above a quorum"
+        down = ", ".join(sorted(set(q.members) - set(q.online)))
+        trouble = f"{len(q.online)} of {len(q.members)} members online ({down} down), {state}"
+        troubles.setdefault(trouble, []).append(q.name)
+    return [f"{_listed(names)}: {trouble}" for trouble, names in troubles.items()]
+
+
+def _listed(names: list[str], most: int = 4) -> str:
+    shown = ", ".join(names[:most])
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return f"{'queue' if len(names) == 1 else f'{len(names)} queues'} {shown}{more}"
 
 
 def _n(value: int | None) -> str:
@@ -278,10 +325,18 @@ def render(status: Status) -> str:
         "",
     ]
     if status.levels:
-        lines.append(f"{'level':<7}{'ttl':>14}{'pending':>10}")
+        replicas = any(lv.members for lv in status.levels)
+        lines.append(
+            f"{'level':<7}{'ttl':>14}{'pending':>10}"
+            + (f"  {'leader':<24}{'online':>7}" if replicas else "")
+        )
         for lv in status.levels:
             pending = _n(lv.pending) if lv.exists else "MISSING"
-            lines.append(f"{lv.level:<7}{_ttl(lv.ttl_ms):>14}{pending:>10}")
+            line = f"{lv.level:<7}{_ttl(lv.ttl_ms):>14}{pending:>10}"
+            if replicas:
+                online = f"{len(lv.online)}/{len(lv.members)}" if lv.members else "-"
+                line += f"  {lv.leader or '-':<24}{online:>7}"
+            lines.append(line)
         total = sum(lv.pending or 0 for lv in status.levels)
         lines += [f"{'all':<7}{'':>14}{total:>10}", ""]
     lines.append(f"{'destination':<30}{'ready':>9}{'unacked':>9}{'consumers':>11}")

@@ -285,6 +285,9 @@ async def test_status_shows_levels_destinations_parked_and_cancels(small: Settin
     if document["source"] == "management":
         assert destinations["a"]["unacked"] == 0
         assert set(destinations) == {"a", "b"}  # listed without being named
+        # quorum levels: led by this (single) node, every member online, nothing to warn
+        assert all(lv["leader"] and lv["online"] == lv["members"] for lv in document["levels"])
+        assert not [w for w in document["warnings"] if "members online" in w]
     text = await asyncio.to_thread(_status, small, "a")
     assert f"namespace {small.namespace}" in text
     unacked = "0" if document["source"] == "management" else "-"
