@@ -137,11 +137,12 @@ class DelayLimits:
             )
         return units_for(delay_us, self.resolution_ms)
 
-    def plan(self, delay_us: int) -> tuple[int, ...]:
-        """The hop plan for ``delay_us`` (whole units, so at most one unit early: the
-        worker holds the rest), refusing a delay over the maximum."""
+    def whole_units(self, delay_us: int) -> int:
+        """The whole units a task spends in the levels for ``delay_us`` (so it arrives at
+        most one unit early: the worker holds the rest; its hop plan is ``hop_plan`` of
+        them), refusing a delay over the maximum."""
         self.units(delay_us)
-        return hop_plan(units_within(delay_us, self.resolution_ms))
+        return units_within(delay_us, self.resolution_ms)
 
 
 #: Units for describing a duration, largest first (weeks are left out: ``3653d`` reads

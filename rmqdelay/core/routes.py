@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal, TypeAlias
 
-from rmqdelay.core.delays import DelayLimits, describe_us, hop_plan, units_within
+from rmqdelay.core.delays import DelayLimits, describe_us, hop_plan
 from rmqdelay.core.errors import InvalidDelayError
 from rmqdelay.core.names import Names
 from rmqdelay.core.wire import route_headers
@@ -46,9 +46,9 @@ def route(backend: Backend, names: Names, limits: DelayLimits, wait_us: int) -> 
         InvalidDelayError: over the configured maximum, or over the plugin's.
     """
     wait_us = max(0, wait_us)
-    limits.units(wait_us)  # the configured maximum holds for both backends
     if backend == "levels":
-        return _levels_route(names.schedule_exchange, units_within(wait_us, limits.resolution_ms))
+        return _levels_route(names.schedule_exchange, limits.whole_units(wait_us))
+    limits.units(wait_us)  # the configured maximum holds for both backends
     ms = -(-wait_us // 1000)
     if ms > PLUGIN_MAX_DELAY_MS:
         raise InvalidDelayError(

@@ -164,7 +164,7 @@ def test_plans_arrive_at_most_one_unit_early_and_never_late(
     limits = DelayLimits(
         resolution_ms, level_count(resolution_ms, 3653 * 86_400_000_000), 3653 * 86_400_000_000
     )
-    plan = limits.plan(delay_us)
+    plan = hop_plan(limits.whole_units(delay_us))
     in_levels_us = sum(level_ttl_ms(level, resolution_ms) for level in plan) * 1000
     assert in_levels_us <= delay_us, "never late by the levels' own doing"
     assert delay_us - in_levels_us < resolution_ms * 1000, "at most one unit early: held"
