@@ -319,7 +319,7 @@ class Worker:
         elif isinstance(result, Cancelled):
             # Debug only: one cancel of a busy key can skip thousands (counted, summarised).
             log.debug("task %s cancelled by %r; not run", message.message_id, result.key)
-            await settler.ack(message)
+            await message.ack()
             self._tally.count("cancelled")
         else:
             assert isinstance(result, Undecodable)

@@ -1,5 +1,6 @@
-"""Settling a delivery: ack it, requeue it, or replace it by a confirmed copy (a retry, a
-task sent back through the levels, a parked task) and then ack it.
+"""Settling a failed or misplaced delivery: requeue it, or replace it by a confirmed copy
+(a retry, a task sent back through the levels, a parked task) and then ack it. (A task
+that ran, or was cancelled, is simply acked by the worker.)
 
 Every replacement goes through the one ``Publisher``; a replacement that cannot be
 published returns the delivery to the queue, so nothing is lost.
@@ -42,10 +43,6 @@ class Settler:
         self._publisher = publisher
         self._retry = retry
         self._tally = tally
-
-    async def ack(self, message: Delivery) -> None:
-        """The task is done (executed, or cancelled)."""
-        await message.ack()
 
     async def requeue(self, message: Delivery) -> None:
         """Return the delivery to the queue (the worker is stopping, or a publish failed)."""
