@@ -141,11 +141,11 @@ class Worker:
                 self.settings, self.destination, self._on_delivery
             )
             if not self.settings.declare:
-                await subscription.check(channel)  # the likeliest miss, with advice of its own
+                await subscription.check(connection)  # the likeliest miss, with its advice
             await check_topology(
                 self.settings, build_topology(self.wiring.layout, (self.destination,)), channel
             )
-            await subscription.check(channel)
+            await subscription.check(connection)
             await subscription.watch(channel)
             following = asyncio.create_task(self._follower.run(stop_following))
             # A dropped connection may have hidden cancels: vouch for nothing until a fresh

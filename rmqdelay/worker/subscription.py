@@ -39,14 +39,19 @@ class Subscription:
         self.lost = asyncio.Event()
         self._tag: str | None = None
 
-    async def check(self, channel: AbstractChannel) -> None:
+    async def check(self, connection: AbstractRobustConnection) -> None:
         """Make sure the work queue exists (passively: naming it when it does not).
+
+        On a throwaway channel: a queue declared on the consuming (robust) channel would be
+        declared again by aio-pika at every reconnect, and a queue deleted meanwhile would
+        then fail the reconnect itself, forever.
 
         Raises:
             TopologyMismatchError: no work queue, and the worker may not declare it.
         """
         try:
-            await channel.get_queue(self.name, ensure=True)
+            async with connection.channel() as probe:
+                await probe.declare_queue(self.name, passive=True)
         except ChannelNotFoundEntity as e:
             raise TopologyMismatchError(
                 f"work queue {self.name!r} for destination {self._destination!r} does not "
@@ -64,8 +69,16 @@ class Subscription:
 
         async def reopened(*_: object) -> None:
             await listen()
-            if self._tag is not None:
+            if self._tag is None:
+                return
+            try:
                 await self.start(channel)
+            except AMQPError as e:
+                # The queue went while we were away, say: treated as the broker cancelling
+                # the consumer (declare it again, or stop and say why), not left silent.
+                log.warning("could not consume %s again after reconnecting: %s", self.name, e)
+                self._tag = None
+                self.lost.set()
 
         await listen()
         channel.reopen_callbacks.add(reopened)  # type: ignore[attr-defined]

@@ -20,7 +20,8 @@ from rmqdelay.core.topology import destination_topology
 from rmqdelay.core.wire import PARKED_ERROR, PARKED_REASON, TASK_ID
 
 from .conftest import make_settings
-from .helpers import get_all, logged, running_worker
+from .helpers import Recorder, get_all, logged, running_worker
+from .proxy import Proxy
 
 pytestmark = pytest.mark.integration
 TWICE = RetryPolicy(max_attempts=2, base_ms=10, cap_ms=20)
@@ -190,3 +191,26 @@ async def test_a_deleted_work_queue_stops_a_worker_that_may_not_declare(
     assert settings.names.work_queue(destination) in message
     assert f"rmqdelay declare {destination}" in message
     assert not worker.health()["consuming"]
+
+
+async def test_a_work_queue_deleted_while_the_worker_is_cut_off_is_declared_again(
+    settings: Settings, destination: str
+) -> None:
+    # On reconnect the worker subscribes again itself (aio-pika restores only consumers it
+    # made): a queue gone meanwhile must lead to declaring it again, not a silent worker.
+    recorder = Recorder()
+    async with Proxy(settings.url) as proxy:
+        via_proxy = make_settings(proxy.url, namespace=settings.namespace)
+        async with running_worker(via_proxy, destination, recorder) as worker:
+            await proxy.down()
+            await apply_topology(
+                settings, destination_topology(settings.layout, destination), delete=True
+            )
+            with logged("rmqdelay.worker", "is back") as back:
+                await proxy.up()
+                async with asyncio.timeout(30):
+                    await back.wait()
+            async with Scheduler(settings) as scheduler:
+                s = await scheduler.schedule(destination, {}, delay=0)
+            await recorder.wait_for({s.id}, within=15)
+            assert worker.health()["consuming"]
