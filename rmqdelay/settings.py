@@ -29,7 +29,7 @@ from rmqdelay.core.delays import (
 )
 from rmqdelay.core.errors import ConfigError, InvalidDelayError
 from rmqdelay.core.names import Names
-from rmqdelay.core.redact import redact_url, userinfo
+from rmqdelay.core.redact import redact_url, split_urls, userinfo
 from rmqdelay.core.retry import RetryPolicy
 from rmqdelay.core.routes import Backend
 from rmqdelay.core.topology import Layout
@@ -73,6 +73,22 @@ def _check_userinfo(url: str) -> None:
         )
 
 
+def _check_one_url(url: str) -> None:
+    if not url.startswith(("amqp://", "amqps://")):
+        raise ValueError("must start with amqp:// or amqps://")
+    _check_userinfo(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ValueError(
+            "is not a valid URL (a bracket or port that does not parse); the form is "
+            "amqp://user:password@host:5672/vhost"
+        ) from None
+    if not parts.hostname:
+        raise ValueError("names no host; the form is amqp://user:password@host:5672/vhost")
+
+
 class Settings(BaseSettings):
     """Everything rmqdelay can be configured with; each field reads ``RMQDELAY_<FIELD>``.
 
@@ -85,7 +101,8 @@ class Settings(BaseSettings):
 
     url: str = Field(
         default="amqp://guest:guest@localhost:5672/%2F",
-        description="AMQP URL; its path names the vhost (%2F is '/').",
+        description="AMQP URL; its path names the vhost (%2F is '/'). On a cluster, the "
+        "nodes' URLs separated by commas: clients fail over between them.",
     )
     namespace: str = Field(
         default="rmqdelay", description="Prefix of every broker object this deployment uses."
@@ -167,7 +184,8 @@ class Settings(BaseSettings):
     )
     management_url: str | None = Field(
         default=None,
-        description="Management API for 'rmqdelay status' (default: http://<host>:15672).",
+        description="Management API for 'rmqdelay status' (default: http://<host>:15672 "
+        "for each host of RMQDELAY_URL); comma-separated URLs are tried in turn.",
     )
 
     def __init__(self, **values: Any) -> None:
@@ -190,19 +208,19 @@ class Settings(BaseSettings):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        if not value.startswith(("amqp://", "amqps://")):
-            raise ValueError("must start with amqp:// or amqps://")
-        _check_userinfo(value)
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises on a port that is not a number
-        except ValueError:
-            raise ValueError(
-                "is not a valid URL (a bracket or port that does not parse); the form is "
-                "amqp://user:password@host:5672/vhost"
-            ) from None
-        if not parts.hostname:
-            raise ValueError("names no host; the form is amqp://user:password@host:5672/vhost")
+        urls = split_urls(value)
+        if not urls:
+            raise ValueError("is empty; the form is amqp://user:password@host:5672/vhost")
+        for i, url in enumerate(urls):
+            where = f"URL {i + 1} of {len(urls)} " if len(urls) > 1 else ""
+            try:
+                _check_one_url(url)
+            except ValueError as e:
+                raise ValueError(f"{where}{e}") from None
+        if len({urlsplit(url).scheme for url in urls}) > 1:
+            raise ValueError("mixes amqp:// and amqps://; the nodes of one cluster use one")
+        if len({urlsplit(url).path or "/" for url in urls}) > 1:
+            raise ValueError("names different vhosts; the nodes of one cluster share one")
         return value
 
     @field_validator(
@@ -310,13 +328,18 @@ class Settings(BaseSettings):
         return Names(self.namespace)
 
     @property
+    def urls(self) -> tuple[str, ...]:
+        """The broker's URLs: one, or one per cluster node, in the order given."""
+        return tuple(split_urls(self.url))
+
+    @property
     def safe_url(self) -> str:
-        """The URL without its password."""
+        """The URL (or URLs) without passwords."""
         return redact_url(self.url)
 
     def __repr_args__(self) -> Any:
         for key, value in super().__repr_args__():
-            yield key, (redact_url(value) if key == "url" else value)
+            yield key, (redact_url(value) if key in _URLS and value else value)
 
 
 @functools.lru_cache(maxsize=64)
@@ -329,13 +352,17 @@ def _whole_ms(value: timedelta) -> int:
     return max(1, math.ceil(value / timedelta(milliseconds=1)))
 
 
+#: Fields that may carry a password.
+_URLS = ("url", "management_url")
+
+
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "settings"
         env = f"{ENV_PREFIX}{field.upper()}" if item["loc"] else "settings"
         shown = item.get("input")
-        if field == "url" and isinstance(shown, str):
+        if field in _URLS and isinstance(shown, str):
             shown = redact_url(shown)
         got = f" (got {shown!r})" if item["loc"] and "input" in item else ""
         lines.append(f"{env}: {item['msg']}{got}")

@@ -29,8 +29,10 @@ from tenacity import (
     wait_exponential,
     wait_random,
 )
+from yarl import URL
 
 from rmqdelay.core.errors import BrokerUnavailableError
+from rmqdelay.core.redact import redact_url
 from rmqdelay.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,7 @@ def _closed_on_open(error: BaseException) -> bool:
 def _hint(settings: Settings, error: BaseException) -> str:
     if isinstance(error, _FINAL):
         return "check the credentials and vhost in RMQDELAY_URL"
-    if urlsplit(settings.url).scheme == "amqps":
+    if urlsplit(settings.urls[0]).scheme == "amqps":
         return (
             "check the broker's TLS port and certificate, and RMQDELAY_TLS_CA_FILE / "
             "RMQDELAY_TLS_CERT_FILE / RMQDELAY_TLS_KEY_FILE"
@@ -89,21 +91,23 @@ def _hint(settings: Settings, error: BaseException) -> str:
 
 
 def _tcp_answers(settings: Settings) -> bool:
-    parts = urlsplit(settings.url)
-    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
-    try:
-        socket.create_connection((parts.hostname or "localhost", port), timeout=2).close()
-    except OSError:
-        return False
-    return True
+    for url in settings.urls:
+        parts = urlsplit(url)
+        port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+        try:
+            socket.create_connection((parts.hostname or "localhost", port), timeout=2).close()
+        except OSError:
+            continue
+        return True
+    return False
 
 
 async def unavailable(settings: Settings, error: BaseException) -> BrokerUnavailableError:
     """One line saying why no connection could be made, and what to do about it."""
     where = f"RabbitMQ at {settings.safe_url}"
     if _closed_on_open(error):
-        vhost = unquote(urlsplit(settings.url).path[1:] or "/")
-        user = unquote(urlsplit(settings.url).username or "guest")
+        vhost = unquote(urlsplit(settings.urls[0]).path[1:] or "/")
+        user = unquote(urlsplit(settings.urls[0]).username or "guest")
         return BrokerUnavailableError(
             f"{where} refused to open vhost {vhost!r}: it does not exist, or user {user!r} has "
             f"no permissions on it (rabbitmqctl add_vhost / set_permissions -p {vhost!r})"
@@ -122,9 +126,10 @@ async def unavailable(settings: Settings, error: BaseException) -> BrokerUnavail
 def _log_retry(settings: Settings) -> object:
     def before_sleep(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
+        urls = settings.urls
         log.warning(
             "cannot connect to %s (attempt %d): %s; retrying",
-            settings.safe_url,
+            redact_url(urls[(state.attempt_number - 1) % len(urls)]),
             state.attempt_number,
             error,
         )
@@ -142,10 +147,32 @@ def reconnect_wait(outage_s: float) -> float:
 
 
 class BackoffRobustConnection(aio_pika.RobustConnection):
-    """aio-pika's robust connection, waiting longer between attempts as an outage lasts."""
+    """aio-pika's robust connection, waiting longer between attempts as an outage lasts,
+    and trying the next node of a cluster after each drop or failed attempt."""
 
     _lost_at: float | None = None
     _closing = False
+    _urls: tuple[URL, ...] = ()
+
+    def fail_over(self, urls: tuple[str, ...]) -> None:
+        """Reconnect to these URLs in turn, starting after the one connected now."""
+        self._urls = tuple(URL(url) for url in urls)
+
+    def next_url(self) -> None:
+        """Point the next (re)connect attempt at the next node."""
+        if len(self._urls) > 1:
+            at = self._urls.index(self.url) if self.url in self._urls else -1
+            self.url = self._urls[(at + 1) % len(self._urls)]
+
+    async def _RobustConnection__connect_transport(self) -> None:
+        # aio-pika's reconnect loop calls this (name-mangled) method for every attempt and
+        # reads self.url inside it; there is no public hook. tests/unit/test_connection.py
+        # fails if an aio-pika upgrade renames it.
+        try:
+            await super()._RobustConnection__connect_transport()  # type: ignore[misc]
+        except BaseException:
+            self.next_url()
+            raise
 
     async def close(self, exc: Any = asyncio.CancelledError) -> None:
         """Close for good (the close callbacks then must not report a lost connection)."""
@@ -163,7 +190,7 @@ class BackoffRobustConnection(aio_pika.RobustConnection):
     def reconnect_interval(self, _: float) -> None:
         pass  # the base class sets a fixed value in __init__
 
-    def watch(self, settings: Settings) -> None:
+    def watch(self) -> None:
         """Track outages (for the backoff) and log when the link drops and comes back."""
 
         def lost(*_: object) -> None:
@@ -171,12 +198,13 @@ class BackoffRobustConnection(aio_pika.RobustConnection):
             # is_closed means a close we asked for.
             if not (self.is_closed or self._closing) and self._lost_at is None:
                 self._lost_at = time.monotonic()
-                log.warning("connection to %s lost; reconnecting with backoff", settings.safe_url)
+                log.warning("connection to %s lost; reconnecting with backoff", self)
+                self.next_url()
 
         def restored(*_: object) -> None:
             outage = time.monotonic() - self._lost_at if self._lost_at is not None else 0.0
             self._lost_at = None
-            log.info("reconnected to %s after %.1fs", settings.safe_url, outage)
+            log.info("reconnected to %s after %.1fs", self, outage)
 
         self.close_callbacks.add(lost)
         self.reconnect_callbacks.add(restored)
@@ -185,7 +213,7 @@ class BackoffRobustConnection(aio_pika.RobustConnection):
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
     """The TLS context for an ``amqps://`` URL: system CAs unless a CA file is given, and
     the client certificate when one is. None for plain ``amqp://``."""
-    if urlsplit(settings.url).scheme != "amqps":
+    if urlsplit(settings.urls[0]).scheme != "amqps":
         return None
     context = ssl.create_default_context(
         cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None
@@ -206,12 +234,20 @@ async def connect_once(settings: Settings) -> AbstractConnection:
         BrokerUnavailableError: for an unknown vhost (a refusal aiormq reports oddly);
             other errors are aiormq's, for callers that retry.
     """
-    try:
-        return await aio_pika.connect(
-            settings.url, timeout=_attempt_timeout(settings), ssl_context=tls_context(settings)
-        )
-    except InvalidFrameError as e:
-        raise await unavailable(settings, e) from e
+    error: BaseException | None = None
+    for url in settings.urls:
+        try:
+            return await aio_pika.connect(
+                url, timeout=_attempt_timeout(settings), ssl_context=tls_context(settings)
+            )
+        except InvalidFrameError as e:
+            raise await unavailable(settings, e) from e
+        except CONNECTION_EXCEPTIONS as e:
+            if isinstance(e, _FINAL):
+                raise
+            error = e  # the next node may answer
+    assert error is not None
+    raise error
 
 
 async def connect(settings: Settings) -> AbstractRobustConnection:
@@ -228,17 +264,21 @@ async def connect(settings: Settings) -> AbstractRobustConnection:
         before_sleep=_log_retry(settings),  # type: ignore[arg-type]
         reraise=True,
     )
+    urls = settings.urls
     try:
         async for attempt in retrying:
             with attempt:
+                # Attempt n tries node n (modulo the count): a dead node costs one attempt.
+                url = urls[(attempt.retry_state.attempt_number - 1) % len(urls)]
                 connection = await aio_pika.connect_robust(
-                    settings.url,
+                    url,
                     timeout=_attempt_timeout(settings),
                     connection_class=BackoffRobustConnection,
                     ssl_context=tls_context(settings),
                 )
                 assert isinstance(connection, BackoffRobustConnection)
-                connection.watch(settings)
+                connection.fail_over(urls)
+                connection.watch()
                 return connection
     except _CONNECT_FAILURES as e:
         raise await unavailable(settings, e) from e

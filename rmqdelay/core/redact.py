@@ -8,6 +8,7 @@ libraries' log lines.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import quote, unquote, urlsplit
 
 MASK = "******"
@@ -32,8 +33,23 @@ def _userinfo(url: str) -> tuple[str, str, str] | None:
     return scheme + sep, rest[:at], rest[at + 1 :]
 
 
+#: Where one URL of a comma-separated list ends: a comma before the next URL's scheme. Not
+#: every comma: RFC 3986 lets a password hold one unencoded.
+_NEXT_URL = re.compile(r"\s*,\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def split_urls(value: str) -> list[str]:
+    """The URLs of a comma-separated list (one URL is a list of one). A trailing comma is
+    a list's, not the vhost's (a vhost ending in ',' is written %2C)."""
+    return [part for part in _NEXT_URL.split(value.strip().rstrip(", ")) if part]
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced, whatever characters it holds."""
+    """The URL (or comma-separated URLs) with every password replaced, whatever
+    characters it holds."""
+    many = split_urls(url)
+    if len(many) > 1:
+        return ",".join(redact_url(one) for one in many)
     parts = _userinfo(url)
     if parts is None:
         return url

@@ -24,7 +24,7 @@ from rmqdelay.broker.scheduler import Scheduler, TaskSpec, check_task
 from rmqdelay.core.definitions import DEFAULT_DELIVERY_LIMIT, DefinitionOptions, render_definitions
 from rmqdelay.core.delays import parse_duration
 from rmqdelay.core.errors import ConfigError, RmqDelayError
-from rmqdelay.core.redact import Redactor, url_password
+from rmqdelay.core.redact import Redactor, split_urls, url_password
 from rmqdelay.core.task import Handler
 from rmqdelay.core.topology import build_topology
 from rmqdelay.settings import Settings
@@ -454,8 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format, _secrets)
     try:
         settings = _settings(args)
-        if password := url_password(settings.url):
-            _secrets.add(password, unquote(password))
+        for url in (*settings.urls, *split_urls(settings.management_url or "")):
+            if password := url_password(url):
+                _secrets.add(password, unquote(password))
         if args.command == "definitions":  # no broker, no event loop
             return _definitions(args, settings)
         return asyncio.run(_COMMANDS[args.command](args, settings))

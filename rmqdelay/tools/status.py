@@ -18,6 +18,7 @@ from aiormq.exceptions import ChannelNotFoundEntity
 
 from rmqdelay.broker.connection import connect_once
 from rmqdelay.core.delays import level_ttl_ms
+from rmqdelay.core.redact import redact_url, split_urls
 from rmqdelay.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -86,37 +87,60 @@ class Status:
         return document
 
 
-def management_url(settings: Settings) -> str:
-    """Where the management API is: the setting, else port 15672 (15671 with TLS) on the
-    AMQP host."""
+def management_urls(settings: Settings) -> list[str]:
+    """Where the management API may be, in the order to try: the setting (comma-separated
+    on a cluster), else port 15672 (15671 with TLS) on each AMQP host."""
+    return [base for base, _ in _management_candidates(settings)]
+
+
+def _management_candidates(settings: Settings) -> list[tuple[str, tuple[str, str]]]:
+    """Each management API with the credentials to use on it: its own user info, else
+    that of the AMQP URL it derives from (else the first)."""
+
+    def auth(url: str) -> tuple[str, str]:
+        parts = urlsplit(url)
+        return unquote(parts.username or "guest"), unquote(parts.password or "guest")
+
     if settings.management_url:
-        return settings.management_url.rstrip("/")
-    parts = urlsplit(settings.url)
-    scheme, port = ("https", 15671) if parts.scheme == "amqps" else ("http", 15672)
-    return f"{scheme}://{parts.hostname or 'localhost'}:{port}"
+        fallback = auth(settings.urls[0])
+        return [
+            (url.rstrip("/"), auth(url) if urlsplit(url).username else fallback)
+            for url in split_urls(settings.management_url)
+        ]
+    found: dict[str, tuple[str, str]] = {}
+    for url in settings.urls:
+        parts = urlsplit(url)
+        scheme, port = ("https", 15671) if parts.scheme == "amqps" else ("http", 15672)
+        found.setdefault(f"{scheme}://{parts.hostname or 'localhost'}:{port}", auth(url))
+    return list(found.items())
+
+
+def management_url(settings: Settings) -> str:
+    """The management API to name in messages: every candidate, passwords masked."""
+    return ", ".join(redact_url(url) for url in management_urls(settings))
 
 
 def vhost_of(url: str) -> str:
-    """The vhost an AMQP URL names (an empty path is ``/``)."""
-    path = urlsplit(url).path
+    """The vhost an AMQP URL (or the first of a list) names (an empty path is ``/``)."""
+    path = urlsplit(split_urls(url)[0]).path
     return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 async def management_get(settings: Settings, path: str, columns: str | None = None) -> Any:
-    """GET ``/api/<path>`` from the management API; None when it does not answer 200."""
-    parts = urlsplit(settings.url)
-    auth = (unquote(parts.username or "guest"), unquote(parts.password or "guest"))
+    """GET ``/api/<path>`` from the first management API that answers 200 (None when none
+    does): on a cluster, a dead node's API must not blind the tools."""
     params = {"columns": columns} if columns else None
-    try:
-        async with httpx.AsyncClient(auth=auth, timeout=5, verify=_verify(settings)) as client:
-            response = await client.get(f"{management_url(settings)}/api/{path}", params=params)
-    except httpx.HTTPError as e:
-        log.debug("management API at %s: %s", management_url(settings), e)
-        return None
-    if response.status_code != 200:
-        log.debug("management API at %s: HTTP %d", management_url(settings), response.status_code)
-        return None
-    return response.json()
+    async with httpx.AsyncClient(timeout=5, verify=_verify(settings)) as client:
+        for base, auth in _management_candidates(settings):
+            try:
+                response = await client.get(f"{base}/api/{path}", params=params, auth=auth)
+            except httpx.HTTPError as e:
+                log.debug("management API at %s: %s", redact_url(base), e)
+                continue
+            if response.status_code == 200:
+                return response.json()
+            log.debug("management API at %s: HTTP %d", redact_url(base), response.status_code)
+    return None
 
 
 def vhost_path(settings: Settings) -> str:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,9 +18,10 @@ from urllib.parse import urlsplit
 import pytest
 
 from rmqdelay import BrokerUnavailableError, Scheduler, Settings
+from rmqdelay.tools.cli import main as cli_main
 
 from .conftest import ROOT, make_settings
-from .helpers import Recorder, running_worker, subprocess_env
+from .helpers import Recorder, running_worker, subprocess_env, use_in_cli
 from .proxy import Proxy
 
 pytestmark = pytest.mark.integration
@@ -133,3 +137,54 @@ async def test_schedule_during_an_outage_retries_until_the_deadline_then_says_so
     recorder = Recorder()
     async with running_worker(settings, destination, recorder):
         await recorder.wait_for({s.id}, within=10)
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+async def test_every_client_skips_a_dead_node_of_a_url_list(
+    settings: Settings, destination: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = f"amqp://guest:s3cret-dead@127.0.0.1:{_closed_port()}/%2F"
+    listed = make_settings(f"{dead},{settings.url}", namespace=settings.namespace, declare=False)
+    assert listed.urls == (dead, settings.url)
+    assert "s3cret-dead" not in repr(listed)
+    assert "s3cret-dead" not in listed.safe_url
+    recorder = Recorder()
+    async with Scheduler(listed) as scheduler:
+        await scheduler.declare_destination(destination)
+        s = await scheduler.schedule(destination, {"via": "second node"}, delay=0.3)
+    async with running_worker(listed, destination, recorder):
+        await recorder.wait_for({s.id}, within=20)
+    use_in_cli(monkeypatch, listed)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert await asyncio.to_thread(cli_main, ["status", "--json"]) == 0
+    assert destination in out.getvalue()
+    assert "s3cret-dead" not in out.getvalue()
+
+
+async def test_a_dropped_node_fails_over_to_the_next_and_work_resumes(
+    settings: Settings, destination: str
+) -> None:
+    async with Proxy(settings.url) as first, Proxy(settings.url) as second:
+        listed = make_settings(
+            f"{first.url},{second.url}", namespace=settings.namespace, declare=False
+        )
+        recorder = Recorder()
+        async with Scheduler(listed) as scheduler:
+            await scheduler.declare_destination(destination)
+        async with Scheduler(listed) as scheduler, running_worker(listed, destination, recorder):
+            before = await scheduler.schedule(destination, {"n": 1}, delay=0)
+            await recorder.wait_for({before.id}, within=20)
+            assert first.connections > 0
+            assert second.connections == 0
+            await first.down()  # the node dies for good: only the second one is left
+            after = [await scheduler.schedule(destination, {"n": n}, delay=0.5) for n in range(5)]
+            await recorder.wait_for({s.id for s in after}, within=60)
+        assert second.connections >= 2, "both the scheduler and the worker moved over"

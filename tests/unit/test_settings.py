@@ -5,7 +5,7 @@ import pytest
 from rmqdelay import ConfigError, Settings
 from rmqdelay.core.errors import InvalidDestinationError
 from rmqdelay.core.names import Names
-from rmqdelay.core.redact import redact_url
+from rmqdelay.core.redact import redact_url, split_urls
 
 
 def test_defaults() -> None:
@@ -148,3 +148,38 @@ def test_reconnect_waits_grow_with_the_outage_up_to_a_cap() -> None:
     assert waits[0] == RECONNECT_FIRST_S
     assert waits == sorted(waits)
     assert waits[-1] == RECONNECT_MAX_S
+
+
+def test_a_comma_separated_url_lists_the_nodes_of_a_cluster() -> None:
+    s = Settings(
+        _env_file=None,
+        url="amqp://u:one,1@n1:5681/%2F , amqp://u:two@n2:5682/%2F,amqp://u:three@n3/%2F",
+    )
+    # A comma inside a password stays there: only a comma before a scheme separates URLs.
+    assert s.urls == (
+        "amqp://u:one,1@n1:5681/%2F",
+        "amqp://u:two@n2:5682/%2F",
+        "amqp://u:three@n3/%2F",
+    )
+    for secret in ("one,1", "two", "three"):
+        assert f":{secret}@" not in s.safe_url
+        assert f":{secret}@" not in repr(s)
+    assert s.safe_url.count(":******@") == 3
+    assert split_urls("amqp://h/") == ["amqp://h/"]
+    assert split_urls("amqp://h/%2F, ") == ["amqp://h/%2F"]
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("amqp://u:p@n1/%2F,http://u:s3cret@n2/", "URL 2 of 2 must start with amqp://"),
+        ("amqp://u:p@n1/%2F,amqp://u:s3cret@/%2F", "URL 2 of 2 names no host"),
+        ("amqp://n1/%2F,amqps://u:s3cret@n2/%2F", "mixes amqp:// and amqps://"),
+        ("amqp://n1/a,amqp://u:s3cret@n2/b", "names different vhosts"),
+        ("  ", "is empty"),
+    ],
+)
+def test_a_bad_url_list_names_the_bad_url_and_hides_passwords(url: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment) as info:
+        Settings(_env_file=None, url=url)
+    assert "s3cret" not in str(info.value)
