@@ -166,6 +166,20 @@ class Settings(BaseSettings):
         description="levels (TTL queues), plugin (x-delayed-message), or auto (plugin if the "
         "broker has it).",
     )
+    shards: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Independent level sets; tasks spread across them by id, their leaders "
+        "across the cluster's nodes, so more nodes carry more delayed tasks (levels backend).",
+    )
+    replicas: int = Field(
+        default=3,
+        ge=0,
+        le=99,
+        description="Members of each new quorum queue and of the cancel stream (capped at "
+        "the cluster's size; 0: the broker's default). Applies when a queue is created.",
+    )
     tls_ca_file: FilePath | None = Field(
         default=None, description="CA bundle to verify the broker with (amqps://)."
     )
@@ -301,6 +315,8 @@ class Settings(BaseSettings):
             self.levels,
             math.ceil(self.retention.total_seconds()),
             self.delay_backend,
+            self.shards,
+            self.replicas or None,
         )
 
     @property

@@ -48,8 +48,15 @@ def _kind(spec: Spec) -> str:
     return "exchange" if isinstance(spec, ExchangeSpec) else "queue"
 
 
-async def _declare(raw: aiormq.abc.AbstractChannel, spec: Spec, *, passive: bool = False) -> None:
-    """Declare one exchange or queue as ``spec`` says (``passive``: only that it exists)."""
+async def _declare(
+    raw: aiormq.abc.AbstractChannel,
+    spec: Spec,
+    *,
+    passive: bool = False,
+    placed: bool = True,
+) -> None:
+    """Declare one exchange or queue as ``spec`` says (``passive``: only that it exists;
+    ``placed``: with the queue's placement arguments)."""
     if isinstance(spec, ExchangeSpec):
         if passive:
             await raw.exchange_declare(spec.name, passive=True)
@@ -60,7 +67,76 @@ async def _declare(raw: aiormq.abc.AbstractChannel, spec: Spec, *, passive: bool
     elif passive:
         await raw.queue_declare(spec.name, passive=True)
     else:
-        await raw.queue_declare(spec.name, durable=True, arguments=dict(spec.arguments))
+        arguments = spec.creation_arguments if placed else spec.arguments
+        await raw.queue_declare(spec.name, durable=True, arguments=dict(arguments))
+
+
+def _about_placement(spec: Spec, error: Exception) -> bool:
+    """Whether the broker refused only over a placement argument (it names the first
+    argument that differs)."""
+    return isinstance(spec, QueueSpec) and any(
+        f"inequivalent arg '{key}'" in str(error) for key in spec.placement
+    )
+
+
+class _Probe:
+    """Throwaway channels on the caller's connection, for declares the broker may refuse:
+    a refusal closes the channel it came on, which must not be the caller's."""
+
+    def __init__(self, connection: aiormq.abc.AbstractConnection) -> None:
+        self._connection = connection
+        self._raw: aiormq.abc.AbstractChannel | None = None
+
+    async def channel(self) -> aiormq.abc.AbstractChannel:
+        if self._raw is None or self._raw.is_closed:
+            self._raw = await self._connection.channel()
+        return self._raw
+
+    async def exists(self, spec: QueueSpec) -> bool:
+        try:
+            await _declare(await self.channel(), spec, passive=True)
+        except ChannelNotFoundEntity:
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._raw is not None and not self._raw.is_closed:
+            await self._raw.close()
+
+
+async def _declare_existing(probe: _Probe, spec: QueueSpec) -> None:
+    """Check a queue that exists, whose placement may differ from ours.
+
+    Placement applies only when a queue is created (one created before these settings, or
+    with another RMQDELAY_REPLICAS, keeps its own). So: as we would create it; else without
+    placement (a queue created with none); else it holds placement arguments of its own,
+    and that it exists is what can be checked.
+
+    Raises:
+        ChannelPreconditionFailed: other arguments than placement differ.
+        ChannelAccessRefused: no configure permission.
+    """
+    for placed in (True, False):
+        try:
+            await _declare(await probe.channel(), spec, placed=placed)
+        except ChannelPreconditionFailed as e:
+            if not _about_placement(spec, e):
+                raise
+        else:
+            if not placed:
+                log.info(
+                    "queue %r was created without placement arguments; %s apply only to new "
+                    "queues ('rabbitmq-queues grow' adds members)",
+                    spec.name,
+                    spec.placement,
+                )
+            return
+    log.info(
+        "queue %r exists with placement other than %s, which applies only to new queues: "
+        "keeping it as it is",
+        spec.name,
+        spec.placement,
+    )
 
 
 async def declare_topology(channel: AbstractChannel, topology: Topology) -> None:
@@ -71,11 +147,20 @@ async def declare_topology(channel: AbstractChannel, topology: Topology) -> None
             channel on this; open a new one to go on.
     """
     raw = await channel.get_underlay_channel()
-    for spec in _objects(topology):
-        try:
-            await _declare(raw, spec)
-        except (ChannelPreconditionFailed, ChannelAccessRefused) as e:
-            raise _mismatch(_kind(spec), spec.name, spec.arguments, e) from e
+    probe = _Probe(raw.connection)
+    try:
+        for spec in _objects(topology):
+            # An existing queue may differ in placement alone, which is no mismatch: check
+            # it on the probe's channels. New queues are created on the caller's.
+            try:
+                if isinstance(spec, QueueSpec) and spec.placement and await probe.exists(spec):
+                    await _declare_existing(probe, spec)
+                else:
+                    await _declare(raw, spec)
+            except (ChannelPreconditionFailed, ChannelAccessRefused) as e:
+                raise _mismatch(_kind(spec), spec.name, spec.arguments, e) from e
+    finally:
+        await probe.close()
     for b in topology.bindings:
         if b.destination_type == "queue":
             await raw.queue_bind(
@@ -124,6 +209,7 @@ async def verify_topology(settings: Settings, topology: Topology) -> None:
     connection = await connect_once(settings)
     async with connection:
         raw: aiormq.abc.AbstractChannel = await (await connection.channel()).get_underlay_channel()
+        probe = _Probe(raw.connection)
         can_compare = True
         for spec in _objects(topology):
             try:
@@ -136,7 +222,10 @@ async def verify_topology(settings: Settings, topology: Topology) -> None:
             if not can_compare:
                 continue
             try:
-                await _declare(raw, spec)
+                if isinstance(spec, QueueSpec) and spec.placement:
+                    await _declare_existing(probe, spec)
+                else:
+                    await _declare(raw, spec)
             except ChannelPreconditionFailed as e:
                 raise TopologyMismatchError(
                     f"{_kind(spec)} {spec.name!r} exists with other arguments than these "
@@ -158,7 +247,8 @@ def _expected(settings: Settings) -> str:
         f"the broker's topology does not match namespace {settings.namespace!r}, "
         f"{settings.backend} backend, {settings.queue_type} queues, resolution "
         f"{settings.resolution_ms} ms and max delay "
-        f"{describe_us(delay_to_us(settings.max_delay))} ({settings.levels} levels). Import "
+        f"{describe_us(delay_to_us(settings.max_delay))} ({settings.levels} levels, "
+        f"{settings.shards} shard(s)). Import "
         "definitions rendered with the same settings ('rmqdelay definitions ...'), or set "
         "RMQDELAY_DECLARE=true to declare them, or fix these settings"
     )

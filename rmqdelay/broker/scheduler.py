@@ -121,7 +121,7 @@ def check_task(wiring: Wiring, spec: TaskSpec) -> CheckedTask:
     task_id = new_task_id() if spec.task_id is None else check_key(spec.task_id, "a task id")
     overrides = _retry_overrides(spec.max_attempts, spec.backoff_base, spec.backoff_cap)
     now_us = time.time_ns() // 1000
-    way = wiring.route(_due_us(now_us, spec.delay, spec.at) - now_us)  # over the maximum
+    way = wiring.route(_due_us(now_us, spec.delay, spec.at) - now_us, task_id)  # over the max?
     return CheckedTask(
         destination,
         body,
@@ -315,7 +315,7 @@ class Scheduler:
                 describe_us(now_us - due_us),
                 checked.at.isoformat() if checked.at else None,
             )
-        way = checked.route or self.wiring.route(due_us - now_us)
+        way = checked.route or self.wiring.route(due_us - now_us, checked.task_id)
         headers = task_headers(
             checked.task_id,
             due_ms=-(-due_us // 1000),

@@ -81,7 +81,7 @@ def render_definitions(
                 "vhost": vhost,
                 "durable": True,
                 "auto_delete": False,
-                "arguments": dict(q.arguments),
+                "arguments": q.creation_arguments,
             }
             for q in topology.queues
         ],

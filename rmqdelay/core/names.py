@@ -19,6 +19,12 @@ DESTINATION_CHARS = "letters A-Z a-z, digits, '-', '_', '.' and ':'"
 _DESTINATION = re.compile(r"[A-Za-z0-9_.:-]+")
 
 
+def _shard(shard: int) -> str:
+    # Shard 0 keeps the names of a deployment without shards, so that adding shards later
+    # leaves the tasks already waiting where they are.
+    return f".s{shard}" if shard else ""
+
+
 @dataclass(frozen=True, slots=True)
 class Names:
     """Names of one deployment's objects: ``<namespace>.<role>[.<detail>]``."""
@@ -30,13 +36,17 @@ class Names:
         """Headers exchange publishers send to; routes on ``rmqdelay-route-in``."""
         return f"{self.namespace}.schedule"
 
-    def level_queue(self, level: int) -> str:
-        """Queue holding messages exactly ``resolution * 2**level``."""
-        return f"{self.namespace}.level.{level:02d}"
+    def schedule_exchange_of(self, shard: int) -> str:
+        """The schedule exchange of one level set (shard 0 is ``schedule_exchange``)."""
+        return f"{self.namespace}.schedule{_shard(shard)}"
 
-    def after_exchange(self, level: int) -> str:
+    def level_queue(self, level: int, shard: int = 0) -> str:
+        """Queue holding messages exactly ``resolution * 2**level``."""
+        return f"{self.namespace}.level.{level:02d}{_shard(shard)}"
+
+    def after_exchange(self, level: int, shard: int = 0) -> str:
         """Headers exchange ``level`` dead-letters into; routes on ``rmqdelay-route-<level>``."""
-        return f"{self.namespace}.after.{level:02d}"
+        return f"{self.namespace}.after.{level:02d}{_shard(shard)}"
 
     @property
     def work_exchange(self) -> str:

@@ -7,6 +7,7 @@ so workers, cancels and the parking lot do not care which one carried a task.
 from __future__ import annotations
 
 import functools
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -39,15 +40,27 @@ class Route:
     hops: int
 
 
-def route(backend: Backend, names: Names, limits: DelayLimits, wait_us: int) -> Route:
-    """The route for a task due ``wait_us`` from now (0 or less: at once).
+def shard_of(task_id: str, shards: int) -> int:
+    """The level set a task waits in: CRC-32 of its id (UTF-8) modulo the shard count.
+
+    Any shard delivers a task correctly; hashing the id spreads the load evenly and puts a
+    rescheduled task where the first one went. CRC-32 so other languages compute the same.
+    """
+    return zlib.crc32(task_id.encode()) % shards if shards > 1 else 0
+
+
+def route(
+    backend: Backend, names: Names, limits: DelayLimits, wait_us: int, shard: int = 0
+) -> Route:
+    """The route for a task due ``wait_us`` from now (0 or less: at once), through the
+    levels of ``shard``.
 
     Raises:
         InvalidDelayError: over the configured maximum, or over the plugin's.
     """
     wait_us = max(0, wait_us)
     if backend == "levels":
-        return _levels_route(names.schedule_exchange, limits.whole_units(wait_us))
+        return _levels_route(names.schedule_exchange_of(shard), limits.whole_units(wait_us))
     limits.units(wait_us)  # the configured maximum holds for both backends
     ms = -(-wait_us // 1000)
     if ms > PLUGIN_MAX_DELAY_MS:

@@ -31,6 +31,11 @@ class Layout:
     cancel_retention_s: int = 3653 * 86400
     #: ``plugin``: one x-delayed-message exchange instead of the levels.
     backend: Backend = "levels"
+    #: Independent level sets; a task waits in the one its id picks (``routes.shard_of``).
+    shards: int = 1
+    #: Members of each quorum queue and of the stream when created (the broker caps this
+    #: at the cluster's size); None leaves it to the broker.
+    replicas: int | None = 3
 
     @property
     def names(self) -> Names:
@@ -53,6 +58,14 @@ class QueueSpec:
 
     name: str
     arguments: Arguments
+    #: Where the broker puts the queue's replicas and leader. Used only when the queue is
+    #: created: a queue that exists with other placement is not a mismatch (declare.py).
+    placement: Arguments = field(default_factory=dict)
+
+    @property
+    def creation_arguments(self) -> Arguments:
+        """Everything to create the queue with."""
+        return {**self.arguments, **self.placement}
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +102,31 @@ def _queue_arguments(
     return args
 
 
-def level_queue_spec(layout: Layout, level: int) -> QueueSpec:
-    """The queue for one delay level."""
+#: Placement arguments: replica count by queue type, and where leaders go. "balanced"
+#: puts each new leader on the node leading the fewest queues, so levels (and shards) are
+#: led by every node instead of all by the one that declared them (RabbitMQ 3.10+).
+_REPLICAS_ARG = {"quorum": "x-quorum-initial-group-size", "stream": "x-initial-cluster-size"}
+LEADER_LOCATOR = "x-queue-leader-locator"
+
+
+def placement(layout: Layout, queue_type: str) -> Arguments:
+    """Placement arguments for a new queue of ``queue_type`` (none for classic queues)."""
+    if queue_type not in _REPLICAS_ARG:
+        return {}
+    args: Arguments = {LEADER_LOCATOR: "balanced"}
+    if layout.replicas is not None:
+        args[_REPLICAS_ARG[queue_type]] = layout.replicas
+    return args
+
+
+def level_queue_spec(layout: Layout, level: int, shard: int = 0) -> QueueSpec:
+    """The queue for one delay level of one shard."""
     names = layout.names
-    args = _queue_arguments(layout.queue_type, dead_letter_exchange=names.after_exchange(level))
+    args = _queue_arguments(
+        layout.queue_type, dead_letter_exchange=names.after_exchange(level, shard)
+    )
     args["x-message-ttl"] = level_ttl_ms(level, layout.resolution_ms)
-    return QueueSpec(names.level_queue(level), args)
+    return QueueSpec(names.level_queue(level, shard), args, placement(layout, layout.queue_type))
 
 
 def work_queue_spec(layout: Layout, destination: str) -> QueueSpec:
@@ -103,6 +135,7 @@ def work_queue_spec(layout: Layout, destination: str) -> QueueSpec:
     return QueueSpec(
         names.work_queue(destination),
         _queue_arguments(layout.queue_type, dead_letter_exchange=names.parked),
+        placement(layout, layout.queue_type),
     )
 
 
@@ -114,12 +147,15 @@ def work_queue_binding(layout: Layout, destination: str) -> BindingSpec:
     )
 
 
-def _route_binding(source: str, header: str, stop: int | None, names: Names) -> BindingSpec:
-    """``source`` sends messages whose ``header`` names ``stop`` to that level (or work)."""
+def _route_binding(
+    source: str, header: str, stop: int | None, names: Names, shard: int
+) -> BindingSpec:
+    """``source`` sends messages whose ``header`` names ``stop`` to that level of the same
+    shard (or to work)."""
     arguments: Arguments = {"x-match": "all", header: DELIVER if stop is None else str(stop)}
     if stop is None:
         return BindingSpec(source, names.work_exchange, "exchange", arguments=arguments)
-    return BindingSpec(source, names.level_queue(stop), "queue", arguments=arguments)
+    return BindingSpec(source, names.level_queue(stop, shard), "queue", arguments=arguments)
 
 
 def build_topology(layout: Layout, destinations: tuple[str, ...] = ()) -> Topology:
@@ -132,7 +168,7 @@ def build_topology(layout: Layout, destinations: tuple[str, ...] = ()) -> Topolo
     if layout.backend == "plugin":
         return _plugin_topology(layout, destinations)
     names = layout.names
-    levels = range(layout.levels)
+    levels, shards = range(layout.levels), range(layout.shards)
     catch_all: Arguments = {"alternate-exchange": names.unroutable}
     exchanges = (
         ExchangeSpec(names.unroutable, "fanout"),
@@ -140,35 +176,43 @@ def build_topology(layout: Layout, destinations: tuple[str, ...] = ()) -> Topolo
         ExchangeSpec(names.work_exchange, "direct", dict(catch_all)),
         # No alternate here: a publisher with a malformed plan gets its message returned
         # (mandatory) instead of it vanishing into the unroutable queue.
-        ExchangeSpec(names.schedule_exchange, "headers"),
-        *(ExchangeSpec(names.after_exchange(k), "headers", dict(catch_all)) for k in levels),
+        *(ExchangeSpec(names.schedule_exchange_of(s), "headers") for s in shards),
+        *(
+            ExchangeSpec(names.after_exchange(k, s), "headers", dict(catch_all))
+            for s in shards
+            for k in levels
+        ),
     )
     queues = (
         *_common_queues(layout),
-        *(level_queue_spec(layout, k) for k in levels),
+        # Level by level, shard by shard: with balanced leader placement, the busy low
+        # levels of different shards get leaders on different nodes.
+        *(level_queue_spec(layout, k, s) for k in levels for s in shards),
         *(work_queue_spec(layout, d) for d in destinations),
     )
-    bindings = [
-        *_common_bindings(names),
-        _route_binding(names.schedule_exchange, ROUTE_IN, None, names),
-        *(_route_binding(names.schedule_exchange, ROUTE_IN, k, names) for k in levels),
-    ]
-    for k in levels:
-        after, header = names.after_exchange(k), route_header(k)
-        bindings.append(_route_binding(after, header, None, names))
-        bindings.extend(_route_binding(after, header, j, names) for j in range(k))
+    bindings = list(_common_bindings(names))
+    for s in shards:
+        schedule = names.schedule_exchange_of(s)
+        bindings.append(_route_binding(schedule, ROUTE_IN, None, names, s))
+        bindings.extend(_route_binding(schedule, ROUTE_IN, k, names, s) for k in levels)
+        for k in levels:
+            after, header = names.after_exchange(k, s), route_header(k)
+            bindings.append(_route_binding(after, header, None, names, s))
+            bindings.extend(_route_binding(after, header, j, names, s) for j in range(k))
     bindings.extend(work_queue_binding(layout, d) for d in destinations)
     return Topology(exchanges, queues, tuple(bindings))
 
 
 def _common_queues(layout: Layout) -> tuple[QueueSpec, ...]:
     names, plain = layout.names, _queue_arguments(layout.queue_type)
+    where = placement(layout, layout.queue_type)
     return (
-        QueueSpec(names.unroutable, dict(plain)),
-        QueueSpec(names.parked, dict(plain)),
+        QueueSpec(names.unroutable, dict(plain), dict(where)),
+        QueueSpec(names.parked, dict(plain), dict(where)),
         QueueSpec(
             names.cancels,
             {"x-queue-type": "stream", "x-max-age": f"{layout.cancel_retention_s}s"},
+            placement(layout, "stream"),
         ),
     )
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from rmqdelay.core.delays import DelayLimits
 from rmqdelay.core.names import Names
-from rmqdelay.core.routes import Backend, Route, route
+from rmqdelay.core.routes import Backend, Route, route, shard_of
 from rmqdelay.core.topology import Layout
 
 
@@ -32,10 +32,11 @@ class Wiring:
         """The resolved backend (never ``auto``)."""
         return self.layout.backend
 
-    def route(self, wait_us: int) -> Route:
-        """How to publish a task due ``wait_us`` from now (refusing what the backend
-        cannot hold)."""
-        return route(self.layout.backend, self.names, self.limits, wait_us)
+    def route(self, wait_us: int, task_id: str = "") -> Route:
+        """How to publish task ``task_id`` due ``wait_us`` from now (refusing what the
+        backend cannot hold)."""
+        shard = shard_of(task_id, self.layout.shards)
+        return route(self.layout.backend, self.names, self.limits, wait_us, shard)
 
 
 @functools.lru_cache(maxsize=64)

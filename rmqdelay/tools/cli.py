@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     definitions.add_argument("--resolution-ms", type=int, help="delay unit in milliseconds")
     definitions.add_argument("--max-delay", help="longest delay, e.g. 3653d or 30d")
     definitions.add_argument("--backend", choices=["levels", "plugin"])
+    definitions.add_argument("--shards", type=int, help="level sets (RMQDELAY_SHARDS)")
+    definitions.add_argument(
+        "--replicas", type=int, help="members of each new queue (RMQDELAY_REPLICAS; 0: broker's)"
+    )
     definitions.add_argument(
         "--user", help="grant this existing user access to the namespace's objects (no password)"
     )
@@ -197,6 +201,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         "resolution_ms",
         "max_delay",
         "backend",
+        "shards",
+        "replicas",
         "max_attempts",
         "backoff_base",
         "backoff_cap",

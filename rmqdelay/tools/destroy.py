@@ -48,16 +48,17 @@ class DestroyPlan:
 
 def _guessed_names(settings: Settings, destinations: list[str]) -> tuple[list[str], list[str]]:
     names = settings.names
+    shards = range(settings.shards)
     queues = [
-        *(names.level_queue(k) for k in range(MAX_LEVELS)),
+        *(names.level_queue(k, s) for s in shards for k in range(MAX_LEVELS)),
         names.parked,
         names.unroutable,
         names.cancels,
         *(names.work_queue(d) for d in destinations),
     ]
     exchanges = [
-        names.schedule_exchange,
-        *(names.after_exchange(k) for k in range(MAX_LEVELS)),
+        *(names.schedule_exchange_of(s) for s in shards),
+        *(names.after_exchange(k, s) for s in shards for k in range(MAX_LEVELS)),
         names.work_exchange,
         names.delayed_exchange,
         names.unroutable,

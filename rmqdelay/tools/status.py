@@ -8,6 +8,7 @@ messages and consumers of queues named in advance.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -58,6 +59,8 @@ class Level:
     leader: str | None = None
     members: tuple[str, ...] = ()
     online: tuple[str, ...] = ()
+    #: Which level set (RMQDELAY_SHARDS); 0 without shards.
+    shard: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,8 +248,16 @@ async def collect(settings: Settings, destinations: list[str]) -> Status:
     backend = settings.backend
     if backend == "auto":  # as a client would resolve it, but without declaring anything
         backend = "plugin" if await _plugin_exchange_exists(settings) else "levels"
-    levels = [] if backend == "plugin" else [names.level_queue(k) for k in range(settings.levels)]
-    fixed = [*levels, names.parked, names.unroutable, names.cancels]
+    levels = (
+        []
+        if backend == "plugin"
+        else [
+            (k, shard, names.level_queue(k, shard))
+            for shard in range(settings.shards)
+            for k in range(settings.levels)
+        ]
+    )
+    fixed = [*(name for _, _, name in levels), names.parked, names.unroutable, names.cancels]
     sampled_at = datetime.now(UTC).isoformat(timespec="seconds")
     counts = await _from_management(settings)
     notes: list[str] = []
@@ -297,8 +308,9 @@ async def collect(settings: Settings, destinations: list[str]) -> Status:
                 of(name).leader,
                 of(name).members,
                 of(name).online,
+                shard,
             )
-            for k, name in enumerate(levels)
+            for k, shard, name in levels
         ],
         destinations=[replace(of(names.work_queue(d)), name=d) for d in wanted],
         parked=of(names.parked).total,
@@ -356,13 +368,18 @@ def render(status: Status) -> str:
         )
         for lv in status.levels:
             pending = _n(lv.pending) if lv.exists else "MISSING"
-            line = f"{lv.level:<7}{_ttl(lv.ttl_ms):>14}{pending:>10}"
+            label = f"{lv.level}.s{lv.shard}" if lv.shard else str(lv.level)
+            line = f"{label:<7}{_ttl(lv.ttl_ms):>14}{pending:>10}"
             if replicas:
                 online = f"{len(lv.online)}/{len(lv.members)}" if lv.members else "-"
                 line += f"  {lv.leader or '-':<24}{online:>7}"
             lines.append(line)
         total = sum(lv.pending or 0 for lv in status.levels)
-        lines += [f"{'all':<7}{'':>14}{total:>10}", ""]
+        lines.append(f"{'all':<7}{'':>14}{total:>10}")
+        if replicas:
+            led = Counter(lv.leader for lv in status.levels if lv.leader)
+            lines.append("leaders: " + ", ".join(f"{n} {c}" for n, c in sorted(led.items())))
+        lines.append("")
     lines.append(f"{'destination':<30}{'ready':>9}{'unacked':>9}{'consumers':>11}")
     for d in status.destinations:
         if not d.exists:

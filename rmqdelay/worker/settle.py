@@ -144,7 +144,7 @@ class Settler:
         original = message.headers or {}
         task_id = original.get(TASK_ID)
         try:
-            way = self._wiring.route(wait_us)
+            way = self._wiring.route(wait_us, task_id if isinstance(task_id, str) else "")
         except InvalidDelayError as e:
             await self.park(
                 message, f"InvalidDelayError: cannot {what}: {e}", error="InvalidDelayError",

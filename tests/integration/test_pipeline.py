@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import aio_pika
@@ -19,10 +20,12 @@ from rmqdelay import (
     TopologyMismatchError,
     UnroutableError,
 )
+from rmqdelay.core.routes import shard_of
+from rmqdelay.core.topology import build_topology
 from rmqdelay.core.wire import ROUTE_IN, TASK_ID, route_header, route_headers, task_headers
 
 from .conftest import apply, make_settings
-from .helpers import Recorder, depth, get_all, running_worker
+from .helpers import Recorder, depth, get_all, logged, running_worker
 
 pytestmark = pytest.mark.integration
 
@@ -199,8 +202,6 @@ async def test_classic_queues_work_too(broker_url: str) -> None:
             await recorder.wait_for({x.id for x in s}, within=10)
         assert [t.id for t, _ in recorder.runs] == [x.id for x in reversed(s)]
     finally:
-        from rmqdelay.core.topology import build_topology
-
         await apply(settings, build_topology(settings.layout, ("c",)), delete=True)
 
 
@@ -232,3 +233,55 @@ async def test_schedule_many_refuses_the_whole_batch_for_one_bad_task(
             )
         assert await scheduler.schedule_many([]) == []
     assert await depth(settings, settings.names.work_queue(destination)) == 0
+
+
+async def test_queues_created_without_or_with_other_placement_are_kept_not_refused(
+    broker_url: str,
+) -> None:
+    # Queues from before placement arguments, and one created with 3 replicas: clients
+    # with 3 and 2 replicas work on both (declaring or verifying), as placement applies
+    # only to new queues; a difference that matters (another resolution's TTLs) is refused.
+    settings = make_settings(broker_url, max_delay=timedelta(hours=1))
+    topology = build_topology(settings.layout, ("d",))
+    unplaced = tuple(replace(q, placement={}) for q in topology.queues)
+    await apply(settings, replace(topology, queues=unplaced))
+    await apply(settings, build_topology(settings.layout, ("other",)))
+    recorder = Recorder()
+    try:
+        for replicas, destination, said in (
+            (3, "d", "created without placement"),
+            (2, "other", "exists with placement other than"),
+        ):
+            new = settings.model_copy(update={"replicas": replicas})
+            with logged("rmqdelay.broker.declare", said) as kept:
+                async with Scheduler(new) as scheduler, running_worker(new, destination, recorder):
+                    s = await scheduler.schedule(destination, {}, delay=0.2)
+                    await recorder.wait_for({s.id}, within=20)
+                verifying = new.model_copy(update={"declare": False})
+                async with Scheduler(verifying) as scheduler:
+                    await scheduler.schedule(destination, {}, delay=0)
+            assert kept.is_set(), said
+        other = settings.model_copy(update={"resolution_ms": 5})
+        with pytest.raises(TopologyMismatchError, match=r"x-message-ttl"):
+            async with Scheduler(other):
+                pass
+    finally:
+        await apply(settings, build_topology(settings.layout, ("d", "other")), delete=True)
+
+
+async def test_shards_each_deliver_their_tasks_on_time(broker_url: str) -> None:
+    settings = make_settings(broker_url, shards=3, max_delay=timedelta(hours=1))
+    topology = build_topology(settings.layout, ("d",))
+    recorder = Recorder()
+    try:
+        async with running_worker(settings, "d", recorder), Scheduler(settings) as scheduler:
+            scheduled = [
+                await scheduler.schedule("d", {"n": n}, delay=0.5 + (n % 7) * 0.25)
+                for n in range(30)
+            ]
+            await recorder.wait_for({s.id for s in scheduled}, within=30)
+        assert {shard_of(s.id, 3) for s in scheduled} == {0, 1, 2}
+        assert min(recorder.lateness_ms().values()) >= 0, "none early"
+        assert all(s.hops >= 1 for s in scheduled), "every task waited in its shard's levels"
+    finally:
+        await apply(settings, topology, delete=True)

@@ -28,7 +28,7 @@ def test_every_declared_object_is_rendered_with_the_same_arguments() -> None:
         (x.name, x.type, x.arguments) for x in topology.exchanges
     ]
     assert [(q["name"], q["arguments"]) for q in document["queues"]] == [
-        (q.name, q.arguments) for q in topology.queues
+        (q.name, q.creation_arguments) for q in topology.queues
     ]
     assert [
         (b["source"], b["destination"], b["destination_type"], b["routing_key"], b["arguments"])

@@ -1,13 +1,16 @@
 """Routes: the levels' hop plans or the plugin's x-delay, and what each refuses."""
 
+import zlib
+from collections import Counter
 from datetime import timedelta
 
 import pytest
 
+from rmqdelay.broker.scheduler import new_task_id
 from rmqdelay.core.delays import DelayLimits, hop_plan
 from rmqdelay.core.errors import InvalidDelayError
 from rmqdelay.core.names import Names
-from rmqdelay.core.routes import PLUGIN_MAX_DELAY_MS, X_DELAY, route
+from rmqdelay.core.routes import PLUGIN_MAX_DELAY_MS, X_DELAY, route, shard_of
 from rmqdelay.core.topology import Layout, build_topology
 from rmqdelay.core.wire import ROUTE_IN, route_headers
 from rmqdelay.settings import Settings
@@ -88,3 +91,19 @@ def test_the_wiring_is_derived_once_per_layout_and_routes_are_shared() -> None:
     assert first is again, "same whole units, same cached route"
     with pytest.raises(TypeError):
         first.headers["rmqdelay-route-in"] = "0"  # type: ignore[index]  # shared: read-only
+
+
+def test_tasks_spread_evenly_over_shards_by_a_crc32_of_their_id() -> None:
+    assert shard_of("anything", 1) == 0
+    assert shard_of("order-42", 5) == zlib.crc32(b"order-42") % 5
+    counts = Counter(shard_of(new_task_id(), 4) for _ in range(40_000))
+    assert set(counts) == {0, 1, 2, 3}
+    assert max(counts.values()) / min(counts.values()) < 1.1
+
+
+def test_the_wiring_routes_a_task_through_the_levels_of_its_shard() -> None:
+    settings = Settings(_env_file=None, namespace="t", shards=3)
+    wiring = settings.wiring
+    for task_id in ("a", "b", "c", "d"):
+        way = wiring.route(5_000_000, task_id)
+        assert way.exchange == Names("t").schedule_exchange_of(shard_of(task_id, 3))

@@ -50,10 +50,13 @@ def test_levels_show_their_leader_and_online_members_when_replicated() -> None:
         levels=[
             Level(0, 1024, 0, True, "rabbit@b", NODES, NODES),
             Level(1, 2048, 5, True, "rabbit@c", NODES, NODES[1:]),
+            Level(0, 1024, 0, True, "rabbit@c", NODES, NODES, shard=1),
         ],
     )
     lines = [line.split() for line in render(status).splitlines()]
     assert ["level", "ttl", "pending", "leader", "online"] in lines
     assert ["1", "2.048s", "5", "rabbit@c", "2/3"] in lines
+    assert ["0.s1", "1.024s", "0", "rabbit@c", "3/3"] in lines
+    assert ["leaders:", "rabbit@b", "1,", "rabbit@c", "2"] in lines
     single = Status("ns", "/", "levels", "amqp", levels=[Level(0, 1024, 0, True)])
     assert "leader" not in render(single)  # nothing to show without the management API

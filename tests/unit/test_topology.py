@@ -20,14 +20,21 @@ def _matches(binding_args: Mapping[str, object], headers: Mapping[str, object]) 
     return all(headers.get(k) == v for k, v in wanted.items())
 
 
-def walk(topology: Topology, headers: Mapping[str, object], routing_key: str) -> tuple[str, int]:
+def walk(
+    topology: Topology,
+    headers: Mapping[str, object],
+    routing_key: str,
+    start: str | None = None,
+    visited: list[str] | None = None,
+) -> tuple[str, int]:
     """Route like RabbitMQ: headers/fanout/direct exchanges, alternate exchanges, TTL + DLX.
 
-    Returns the queue the message ends in and the total TTL it spent in levels.
+    Returns the queue the message ends in and the total TTL it spent in levels (appending
+    each level it waited in to ``visited``).
     """
     exchanges = {x.name: x for x in topology.exchanges}
     queues = {q.name: q for q in topology.queues}
-    exchange, waited = topology.exchanges[3].name, 0  # the schedule exchange
+    exchange, waited = start or topology.exchanges[3].name, 0  # the schedule exchange
     for _ in range(200):
         x = exchanges[exchange]
         out = [b for b in topology.bindings if b.source == exchange]
@@ -48,6 +55,8 @@ def walk(topology: Topology, headers: Mapping[str, object], routing_key: str) ->
         if "x-message-ttl" not in queue.arguments:
             return queue.name, waited
         waited += int(queue.arguments["x-message-ttl"])
+        if visited is not None:
+            visited.append(queue.name)
         exchange = str(queue.arguments["x-dead-letter-exchange"])
     raise AssertionError("routing loop")
 
@@ -146,3 +155,49 @@ def test_cancels_live_in_a_stream_that_keeps_them_for_the_retention() -> None:
     topology = build_topology(Layout("t", "classic", 10, 3, cancel_retention_s=86400))
     stream = next(q for q in topology.queues if q.name == "t.cancels")
     assert stream.arguments == {"x-queue-type": "stream", "x-max-age": "86400s"}
+
+
+SHARDED = Layout("t", "quorum", 10, 8, shards=3)
+
+
+@pytest.mark.parametrize("shard", range(3))
+@pytest.mark.parametrize("units", [1, 2, 3, 100, 2**8 - 1])
+def test_each_shard_is_a_whole_level_set_that_keeps_its_tasks(shard: int, units: int) -> None:
+    topology = build_topology(SHARDED, ("alarms",))
+    visited: list[str] = []
+    start = SHARDED.names.schedule_exchange_of(shard)
+    queue, waited = walk(topology, route_headers(hop_plan(units)), "alarms", start, visited)
+    assert (queue, waited) == ("t.work.alarms", units * SHARDED.resolution_ms)
+    assert visited
+    assert all(SHARDED.names.level_queue(int(q.split(".")[2]), shard) == q for q in visited)
+
+
+def test_shard_zero_keeps_the_names_of_an_unsharded_deployment() -> None:
+    one = build_topology(LAYOUT)
+    three = build_topology(Layout("t", "quorum", 10, 12, shards=3))
+    assert {q.name for q in one.queues} < {q.name for q in three.queues}
+    assert {x.name for x in one.exchanges} < {x.name for x in three.exchanges}
+    assert len(three.queues) - len(one.queues) == 2 * LAYOUT.levels
+    assert Names("t").level_queue(3, 2) == "t.level.03.s2"
+    assert Names("t").schedule_exchange_of(0) == "t.schedule"
+
+
+def test_levels_are_declared_level_by_level_across_shards() -> None:
+    # With balanced leader placement, declaring in this order puts level k of each shard
+    # on a different node (the busy low levels above all).
+    names = [q.name for q in build_topology(SHARDED).queues if ".level." in q.name]
+    assert names[:4] == ["t.level.00", "t.level.00.s1", "t.level.00.s2", "t.level.01"]
+
+
+def test_replicated_queues_carry_placement_that_only_applies_at_creation() -> None:
+    queues = {q.name: q for q in build_topology(LAYOUT, ("alarms",)).queues}
+    quorum = {"x-queue-leader-locator": "balanced", "x-quorum-initial-group-size": 3}
+    for name in ("t.level.00", "t.work.alarms", "t.parked", "t.unroutable"):
+        assert queues[name].placement == quorum
+        assert not set(quorum) & set(queues[name].arguments), "not part of the identity"
+    stream = {"x-queue-leader-locator": "balanced", "x-initial-cluster-size": 3}
+    assert queues["t.cancels"].placement == stream
+    classic = build_topology(Layout("t", "classic", 10, 12), ("alarms",))
+    assert all(q.placement == {} for q in classic.queues if q.name != "t.cancels")
+    unset = build_topology(Layout("t", "quorum", 10, 12, replicas=None))
+    assert all(set(q.placement) == {"x-queue-leader-locator"} for q in unset.queues)
