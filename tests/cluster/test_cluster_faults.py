@@ -1,0 +1,187 @@
+"""A dead node loses nothing: kill -9 and rolling restarts of a three-node cluster under
+load. Bounded in time; each test uses a namespace of its own and deletes it."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import pytest
+
+from rmqdelay import BrokerUnavailableError, Scheduler, Settings
+from rmqdelay.broker.declare import apply_topology
+from rmqdelay.core.topology import build_topology
+from rmqdelay.tools.status import management_get, vhost_path
+from tests.integration.helpers import Recorder, eventually, running_worker
+
+from .conftest import NODES, Cluster
+
+pytestmark = pytest.mark.cluster
+
+#: Tasks per second while nodes die: at least the 200/s the issue asks for.
+RATE = 200
+DESTINATION = "jobs"
+
+
+def _settings(cluster: Cluster, first: int, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "url": cluster.url_list(first),
+        "management_url": cluster.management(first),
+        "namespace": f"rmqdelay-cluster-{uuid.uuid4().hex[:8]}",
+        "resolution_ms": 256,
+        "max_delay": timedelta(hours=1),
+        "concurrency": 32,
+        "prefetch": 512,
+        "connect_timeout": timedelta(seconds=60),
+        "publish_deadline": timedelta(seconds=60),
+        "shutdown_grace": timedelta(seconds=5),
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+@dataclass
+class Load:
+    """Schedules at RATE per second, each task 0.5-3 s ahead, and counts what returned."""
+
+    scheduler: Scheduler
+    returned: set[str] = field(default_factory=set)
+    refused: int = 0
+    _pending: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def _one(self, i: int, delay: float) -> None:
+        try:
+            s = await self.scheduler.schedule(DESTINATION, {"i": i}, delay=delay)
+        except BrokerUnavailableError:
+            self.refused += 1
+            return
+        self.returned.add(s.id)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until ``stop`` is set; then wait for the schedule() calls under way."""
+        rng, started, i = random.Random(11), time.monotonic(), 0
+        while not stop.is_set():
+            elapsed = time.monotonic() - started
+            # Paced by the clock, not by confirms: a stalled publish must not lower the rate.
+            for _ in range(int(elapsed * RATE) - i):
+                task = asyncio.create_task(self._one(i, rng.uniform(0.5, 3.0)))
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
+                i += 1
+            await asyncio.sleep(0.005)
+        if self._pending:
+            await asyncio.wait(self._pending, timeout=120)
+        assert not self._pending, f"{len(self._pending)} schedule() calls still hanging"
+
+
+async def _leaders(settings: Settings) -> Counter[str]:
+    queues = await management_get(settings, f"queues/{vhost_path(settings)}", "name,leader")
+    assert queues is not None, "no management API answered"
+    prefix = f"{settings.namespace}.level."
+    return Counter(q["leader"] for q in queues if q["name"].startswith(prefix) and q.get("leader"))
+
+
+async def _all_members_online(settings: Settings) -> bool:
+    queues = await management_get(settings, f"queues/{vhost_path(settings)}", "name,members,online")
+    mine = [q for q in queues or [] if q["name"].startswith(f"{settings.namespace}.")]
+    return bool(mine) and all(
+        len(q.get("online", [])) == len(q.get("members", [])) == NODES
+        for q in mine
+        if "members" in q
+    )
+
+
+@asynccontextmanager
+async def _namespace(settings: Settings) -> AsyncIterator[None]:
+    topology = build_topology(settings.layout, (DESTINATION,))
+    await apply_topology(settings, topology)
+    try:
+        yield
+    finally:
+        await apply_topology(settings, topology, delete=True)
+
+
+def _report(what: str, load: Load, recorder: Recorder) -> int:
+    duplicates = sum(n - 1 for n in recorder.counts.values())
+    early = [ms for ms in recorder.lateness_ms().values() if ms < 0]
+    print(
+        f"\n{what}: {len(load.returned)} schedules returned, {load.refused} refused, "
+        f"{len(recorder.ids)} executed, {duplicates} executed twice or more, "
+        f"{len(early)} early"
+    )
+    assert load.returned <= recorder.ids, "every task whose schedule() returned ran"
+    assert not early, f"tasks ran before they were due: {sorted(early)[:5]} ms"
+    assert duplicates <= max(20, len(load.returned) // 20), "duplicates must stay rare"
+    return duplicates
+
+
+async def _under_load(settings: Settings, fault: Callable[[], Awaitable[None]], what: str) -> None:
+    """Schedule and execute at RATE/s; once tasks flow, apply ``fault``; keep the load on
+    for 3 s more, then wait for every task whose schedule() returned."""
+    recorder = Recorder()
+    async with Scheduler(settings) as scheduler, running_worker(settings, DESTINATION, recorder):
+        load, stop = Load(scheduler), asyncio.Event()
+        loading = asyncio.create_task(load.run(stop))
+        await eventually(lambda: len(recorder.ids) >= RATE, 60, "tasks flowing before the fault")
+        await fault()
+        await asyncio.sleep(3)  # load after the fault too: the clients have moved over
+        stop.set()
+        await asyncio.wait_for(loading, 180)
+        await recorder.wait_for(load.returned, within=180)
+        assert len(load.returned) >= 3 * RATE
+    _report(what, load, recorder)
+
+
+@pytest.mark.timeout(600)
+async def test_killing_the_node_that_leads_most_levels_loses_no_task(cluster: Cluster) -> None:
+    probe = _settings(cluster, 1)
+    async with _namespace(probe):
+        leaders = await _leaders(probe)
+        victim_node = leaders.most_common(1)[0][0]
+        victim = int(victim_node.split("@")[0].removeprefix("rmqd-c"))
+        print(f"\nlevel leaders: {dict(leaders)}; killing node {victim}")
+        # Clients list the victim first: the worker and scheduler are connected to it.
+        settings = _settings(cluster, victim, namespace=probe.namespace)
+
+        async def kill() -> None:
+            await asyncio.to_thread(cluster.run, "kill", str(victim))
+
+        await _under_load(settings, kill, f"kill -9 node {victim}")
+        await asyncio.to_thread(cluster.run, "restart", str(victim))
+        assert cluster.running() == NODES, "the node rejoined the cluster"
+        await eventually_async(lambda: _all_members_online(settings), 120, "members back")
+
+
+@pytest.mark.timeout(900)
+async def test_a_rolling_restart_under_load_loses_no_task(cluster: Cluster) -> None:
+    settings = _settings(cluster, 2)
+    async with _namespace(settings):
+
+        async def roll() -> None:
+            for n in range(1, NODES + 1):
+                await asyncio.to_thread(cluster.run, "stop", str(n))
+                await asyncio.to_thread(cluster.run, "restart", str(n))
+                # The next node may go only once every queue has its members back.
+                await eventually_async(lambda: _all_members_online(settings), 120, "members back")
+
+        await _under_load(settings, roll, "rolling restart")
+        assert cluster.running() == NODES
+
+
+async def eventually_async(
+    condition: Callable[[], Awaitable[bool]], within: float, what: str
+) -> None:
+    """Poll an async ``condition`` (the management API) until true."""
+    try:
+        async with asyncio.timeout(within):
+            while not await condition():  # noqa: ASYNC110 - polling the management API
+                await asyncio.sleep(0.5)
+    except TimeoutError:
+        raise AssertionError(f"not within {within}s: {what}") from None
