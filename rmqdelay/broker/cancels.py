@@ -1,22 +1,32 @@
-"""Following the cancellation stream: replay on start, follow live, resume after a drop.
+"""Following the cancellation stream: load a snapshot and replay the rest on start, follow
+live, resume after a drop, and now and then write a snapshot for the next worker to start.
 
 A worker executes nothing while ``caught_up`` is clear. It is set only when a marker
 record this follower appended has come back through the stream, so every cancel
 confirmed before that moment is in the set: at start, and again after any reconnect.
+
+Start time must not grow with history: a worker loads the newest complete snapshot of
+the live cancel set (written by some worker into the snapshot stream, with the
+cancellation-stream offset it covers) and replays only the records after it. Snapshots
+are written when the records since the last one outnumber the live keys, or hourly; a
+record in the cancellation stream announces each, so a fleet writes about one at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
-from aiormq.exceptions import ChannelNotFoundEntity
+from aiormq.exceptions import ChannelInvalidStateError, ChannelNotFoundEntity
 
 from rmqdelay.broker.connection import (
     CONNECTION_EXCEPTIONS,
@@ -26,19 +36,63 @@ from rmqdelay.broker.connection import (
 )
 from rmqdelay.core.cancelset import CancelSet
 from rmqdelay.core.errors import MessageDecodeError, TopologyMismatchError
-from rmqdelay.core.wire import MARKER, decode_cancel
+from rmqdelay.core.wire import (
+    MARKER,
+    SNAPSHOT,
+    SNAPSHOT_COVERS,
+    SNAPSHOT_PART,
+    SNAPSHOT_PARTS,
+    SNAPSHOT_TAKEN_MS,
+    decode_cancel,
+    decode_snapshot_part,
+    encode_snapshot_part,
+)
 from rmqdelay.settings import Settings
 
 log = logging.getLogger(__name__)
 
 #: Stream records in flight to the follower; streams need a prefetch and acks.
 STREAM_PREFETCH = 1000
-#: How often cancels past the retention are forgotten.
-EXPIRE_EVERY_S = 60.0
+#: Records acknowledged together (a stream ack only returns credit; one per record was a
+#: large share of replay time).
+ACK_EVERY = STREAM_PREFETCH // 4
+#: How often expired cancels are forgotten and the need for a snapshot is checked.
+MAINTAIN_EVERY_S = 60.0
+#: A snapshot is due when the records since the last one reach max(this, live keys)...
+SNAPSHOT_MIN_RECORDS = 100_000
+#: ...or when the last one is older than this and records came since.
+SNAPSHOT_EVERY_S = 3600.0
+#: A starting worker reads the snapshots written this far back (a few SNAPSHOT_EVERY_S).
+SNAPSHOT_LOOKBACK_S = 3 * SNAPSHOT_EVERY_S
+#: Entries per snapshot message (~60 bytes each as JSON: a few MB a message).
+SNAPSHOT_PART_ENTRIES = 50_000
+#: How long reading the snapshot stream may take before a start falls back to replaying.
+SNAPSHOT_LOAD_TIMEOUT_S = 120.0
 
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+#: What writing a snapshot may raise when the link drops meanwhile (the next tick retries).
+_WRITE_FAILURES: tuple[type[BaseException], ...] = (
+    *CONNECTION_EXCEPTIONS,
+    ChannelInvalidStateError,
+)
+
+
+@dataclass
+class _Snapshot:
+    """A snapshot being read from the snapshot stream."""
+
+    covers: int
+    taken_ms: int
+    parts: int
+    bodies: dict[int, bytes] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.bodies) == self.parts
 
 
 class CancelFollower:
@@ -54,15 +108,23 @@ class CancelFollower:
         self._on_cancel = on_cancel
         #: Stream records received (cancels and markers), replays included.
         self.records_seen = 0
+        #: Keys loaded from a snapshot at start, and the offset it covered (None: none).
+        self.loaded_snapshot: tuple[int, int] | None = None
         self._offset: int | None = None
         self._marker: str | None = None
         self._channel: AbstractChannel | None = None
         self._connected = False
+        self._unacked: AbstractIncomingMessage | None = None
+        self._unacked_count = 0
+        #: The newest snapshot known: loaded, written, or announced in the stream.
+        self._snapshot_covers = -1
+        self._snapshot_taken_ms = 0
+        self._snapshots_exist = True
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follow the stream until ``stop`` is set, reconnecting after drops."""
         lost_at = time.monotonic()
-        expiring = asyncio.create_task(self._expire_periodically())
+        maintaining = asyncio.create_task(self._maintain_periodically())
         try:
             while not stop.is_set():
                 try:
@@ -75,7 +137,7 @@ class CancelFollower:
                     log.warning("cancellation stream lost (%s); reconnecting in %.1fs", e, wait)
                     await _sleep_or_stop(stop, wait)
         finally:
-            expiring.cancel()
+            maintaining.cancel()
             self.pause()
 
     def pause(self) -> None:
@@ -102,6 +164,8 @@ class CancelFollower:
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
         async with connection:
+            if self._offset is None:  # the first start, not a reconnect
+                await self._load_snapshot(connection)
             channel = await connection.channel(publisher_confirms=True)
             await channel.set_qos(prefetch_count=STREAM_PREFETCH)
             stream = await channel.get_queue(self.settings.names.cancels, ensure=False)
@@ -141,27 +205,171 @@ class CancelFollower:
             self._offset = offset
         marker = headers.get(MARKER)
         if marker is not None:
+            await self._ack(message, now=True)  # nothing may wait behind a marker
             if marker == self._marker:
                 log.info("cancellation set caught up: %d keys", len(self.cancels))
                 self.caught_up.set()
+            return
+        if SNAPSHOT in headers:
+            self._snapshot_announced(headers)
         else:
             self._add(headers)
-        await message.ack()
+        await self._ack(message)
+
+    async def _ack(self, message: AbstractIncomingMessage, *, now: bool = False) -> None:
+        self._unacked_count += 1
+        if now or self._unacked_count >= ACK_EVERY:
+            self._unacked_count = 0
+            await message.ack(multiple=True)
 
     def _add(self, headers: Mapping[str, Any]) -> None:
         try:
-            key, at_ms = decode_cancel(headers)
+            key, at_ms, until_ms = decode_cancel(headers)
         except MessageDecodeError as e:
             log.warning("ignoring a malformed cancel record: %s", e)
             return
-        if self.cancels.add(key, at_ms, _now_ms()) and self._on_cancel is not None:
+        if self.cancels.add(key, at_ms, _now_ms(), until_ms) and self._on_cancel is not None:
             self._on_cancel(key, at_ms)
 
-    async def _expire_periodically(self) -> None:
+    def _snapshot_announced(self, headers: Mapping[str, Any]) -> None:
+        covers, taken = headers.get(SNAPSHOT_COVERS), headers.get(SNAPSHOT_TAKEN_MS)
+        if isinstance(covers, int) and isinstance(taken, int) and covers > self._snapshot_covers:
+            self._snapshot_covers, self._snapshot_taken_ms = covers, taken
+
+    async def _load_snapshot(self, connection: Any) -> None:
+        """Load the newest complete snapshot written in the last SNAPSHOT_LOOKBACK_S, and
+        resume the cancellation stream after the offset it covers. Without one (a new
+        namespace, or no worker ran for hours), the whole stream is replayed instead."""
+        started = time.monotonic()
+        names = self.settings.names
+        # A channel of its own: a missing stream (a topology from before snapshots)
+        # closes the channel it is asked on.
+        async with await connection.channel() as channel:
+            try:
+                stream = await channel.declare_queue(names.cancel_snapshots, passive=True)
+            except ChannelNotFoundEntity:
+                self._snapshots_exist = False
+                log.warning(
+                    "no snapshot stream %r: workers replay the whole cancellation stream at "
+                    "start. Declare the topology again (or import definitions.json)",
+                    names.cancel_snapshots,
+                )
+                return
+            await channel.set_qos(prefetch_count=4)  # parts are megabytes each
+            snapshots: dict[str, _Snapshot] = {}
+            marker, done = uuid.uuid4().hex, asyncio.Event()
+
+            async def on_part(message: AbstractIncomingMessage) -> None:
+                headers = message.headers or {}
+                if headers.get(MARKER) == marker:
+                    done.set()
+                elif isinstance(sid := headers.get(SNAPSHOT), str):
+                    self._collect(snapshots, sid, headers, message.body)
+                await message.ack()
+
+            since = datetime.now(UTC) - timedelta(seconds=SNAPSHOT_LOOKBACK_S)
+            await stream.consume(on_part, arguments={"x-stream-offset": since})
+            # The end of a stream is where a marker we append now comes back.
+            await channel.default_exchange.publish(
+                aio_pika.Message(b"", headers={MARKER: marker}), routing_key=stream.name
+            )
+            try:
+                await asyncio.wait_for(done.wait(), SNAPSHOT_LOAD_TIMEOUT_S)
+            except TimeoutError:
+                log.warning(
+                    "reading snapshots took over %.0fs: replaying instead", SNAPSHOT_LOAD_TIMEOUT_S
+                )
+                return
+        complete = [s for s in snapshots.values() if s.complete]
+        if not complete:
+            log.info(
+                "no cancel snapshot in the last %.0fh: replaying the cancellation stream",
+                SNAPSHOT_LOOKBACK_S / 3600,
+            )
+            return
+        best = max(complete, key=lambda s: s.covers)
+        now = _now_ms()
+        for i in range(best.parts):
+            for key, at_ms, until_ms in decode_snapshot_part(best.bodies[i]):
+                self.cancels.add(key, at_ms, now, until_ms)
+        self._offset = best.covers
+        self._snapshot_covers, self._snapshot_taken_ms = best.covers, best.taken_ms
+        self.loaded_snapshot = (len(self.cancels), best.covers)
+        log.info(
+            "loaded a cancel snapshot of %d keys (to offset %d, %.0fs old) in %.1fs",
+            len(self.cancels),
+            best.covers,
+            (now - best.taken_ms) / 1000,
+            time.monotonic() - started,
+        )
+
+    @staticmethod
+    def _collect(
+        snapshots: dict[str, _Snapshot], sid: str, headers: Mapping[str, Any], body: bytes
+    ) -> None:
+        numbers = [headers.get(h) for h in (SNAPSHOT_PART, SNAPSHOT_PARTS, SNAPSHOT_COVERS)]
+        numbers.append(headers.get(SNAPSHOT_TAKEN_MS))
+        part, parts, covers, taken = (v if isinstance(v, int) else -1 for v in numbers)
+        if min(part, parts, covers, taken) < 0 or part >= parts:
+            log.warning("ignoring a malformed snapshot part of %s", sid)
+            return
+        snapshot = snapshots.setdefault(sid, _Snapshot(covers, taken, parts))
+        snapshot.bodies[part] = body
+        if snapshot.complete:  # older snapshots are of no more use: free their memory
+            for other in [k for k, s in snapshots.items() if s.covers < covers]:
+                del snapshots[other]
+
+    def snapshot_due(self) -> bool:
+        """Whether this follower should write a snapshot now (see the module docstring)."""
+        if not (self._snapshots_exist and self.caught_up.is_set()) or self._offset is None:
+            return False
+        since = self._offset - self._snapshot_covers
+        if since >= max(SNAPSHOT_MIN_RECORDS, len(self.cancels)):
+            return True
+        stale = _now_ms() - self._snapshot_taken_ms >= SNAPSHOT_EVERY_S * 1000
+        return stale and since > 2  # more than the last announcement and a marker
+
+    async def write_snapshot(self) -> int:
+        """Write the live cancel set to the snapshot stream and announce it; returns the
+        number of keys. Raises ConnectionError when not following the stream."""
+        channel, covers = self._channel, self._offset
+        if channel is None or channel.is_closed or covers is None:
+            raise ConnectionError("not following the cancellation stream")
+        entries = list(self.cancels.items())  # no await above: the set matches ``covers``
+        taken, sid, names = _now_ms(), uuid.uuid4().hex, self.settings.names
+        chunks = [
+            entries[i : i + SNAPSHOT_PART_ENTRIES]
+            for i in range(0, len(entries), SNAPSHOT_PART_ENTRIES)
+        ] or [[]]
+        about: dict[str, Any] = {SNAPSHOT: sid, SNAPSHOT_COVERS: covers, SNAPSHOT_TAKEN_MS: taken}
+        for i, chunk in enumerate(chunks):
+            body = await asyncio.to_thread(encode_snapshot_part, chunk)
+            headers: dict[str, Any] = {**about, SNAPSHOT_PART: i, SNAPSHOT_PARTS: len(chunks)}
+            await channel.default_exchange.publish(
+                aio_pika.Message(body, headers=headers, delivery_mode=2),
+                routing_key=names.cancel_snapshots,
+            )
+        # Every follower learns of it through the cancellation stream, and holds off its own.
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"", headers=about, delivery_mode=2), routing_key=names.cancels
+        )
+        self._snapshot_covers, self._snapshot_taken_ms = covers, taken
+        log.info("wrote a cancel snapshot of %d keys (to offset %d)", len(entries), covers)
+        return len(entries)
+
+    async def _maintain_periodically(self) -> None:
         while True:
-            await asyncio.sleep(EXPIRE_EVERY_S)
+            await asyncio.sleep(MAINTAIN_EVERY_S)
             if forgotten := self.cancels.expire(_now_ms()):
-                log.info("forgot %d cancels past the retention", forgotten)
+                log.info("forgot %d expired cancels", forgotten)
+            if self.snapshot_due():
+                # Spread a fleet's writers out: the first announcement holds off the rest.
+                await asyncio.sleep(random.uniform(0, MAINTAIN_EVERY_S / 2))
+                if self.snapshot_due():
+                    try:
+                        await self.write_snapshot()
+                    except _WRITE_FAILURES as e:
+                        log.warning("could not write a cancel snapshot: %s", e)
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

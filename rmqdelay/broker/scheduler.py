@@ -331,22 +331,44 @@ class Scheduler:
         )
         return checked.body, props, way, scheduled
 
-    async def cancel(self, key: str) -> Cancellation:
+    async def cancel(
+        self, key: str, *, until: datetime | timedelta | float | None = None
+    ) -> Cancellation:
         """Call off every task under ``key`` (or with id ``key``) published before now.
 
         Returns once the broker has confirmed the cancel record. Tasks scheduled under the
         same key afterwards run normally. Cancelling a key with nothing pending is fine.
 
+        Workers keep the cancel until ``until`` (a time, or a delay from now), then forget
+        it: pass the due time of the latest task being called off when you know it, so the
+        cancel set stays small. By default they keep it as long as any task can wait
+        (RMQDELAY_MAX_DELAY, or RMQDELAY_CANCEL_RETENTION); a later ``until`` is cut to that.
+
         Raises:
             InvalidKeyError: ``key`` is not a usable key; nothing was sent.
+            InvalidDelayError: ``until`` is in the past or not a time; nothing was sent.
             PublishNotConfirmedError: the broker did not confirm the record.
         """
         key = check_key(key)
-        at_ms = self._stamps.cancel(time.time_ns() // 1_000_000)
+        now_ms = time.time_ns() // 1_000_000
+        until_ms = None
+        if until is not None:
+            if isinstance(until, datetime):
+                until_us = _due_us(0, None, until)
+            else:
+                until_us = _due_us(now_ms * 1000, until, None)
+            if until_us < now_ms * 1000:
+                shown = until.isoformat() if isinstance(until, datetime) else repr(until)
+                raise InvalidDelayError(
+                    f"until={shown} is in the past: a cancel must last at least until the "
+                    "tasks it calls off are due"
+                )
+            until_ms = -(-until_us // 1000)
+        at_ms = self._stamps.cancel(now_ms)
         stream = self.wiring.names.cancels
         try:
             await self._require_publisher().publish(
-                b"", properties(cancel_headers(key, at_ms)), "", stream, what=repr(stream)
+                b"", properties(cancel_headers(key, at_ms, until_ms)), "", stream, what=repr(stream)
             )
         except UnroutableError as e:
             raise TopologyMismatchError(

@@ -78,6 +78,12 @@ class Names:
         return f"{self.namespace}.cancels"
 
     @property
+    def cancel_snapshots(self) -> str:
+        """Stream of snapshots of the live cancel set, so a starting worker need not
+        replay the whole cancellation stream."""
+        return f"{self.namespace}.cancels.snapshots"
+
+    @property
     def max_destination_bytes(self) -> int:
         """Longest destination (UTF-8 bytes) whose work queue name still fits."""
         return MAX_NAME_BYTES - len(self.work_queue("").encode())

@@ -107,6 +107,9 @@ def _queue_arguments(
 #: led by every node instead of all by the one that declared them (RabbitMQ 3.10+).
 _REPLICAS_ARG = {"quorum": "x-quorum-initial-group-size", "stream": "x-initial-cluster-size"}
 LEADER_LOCATOR = "x-queue-leader-locator"
+#: How long cancel-set snapshots are kept: a starting worker reads only the last hours of
+#: them (broker/cancels.py), the rest is slack for workers that were all down a while.
+SNAPSHOT_RETENTION_S = 2 * 86_400
 
 
 def placement(layout: Layout, queue_type: str) -> Arguments:
@@ -212,6 +215,11 @@ def _common_queues(layout: Layout) -> tuple[QueueSpec, ...]:
         QueueSpec(
             names.cancels,
             {"x-queue-type": "stream", "x-max-age": f"{layout.cancel_retention_s}s"},
+            placement(layout, "stream"),
+        ),
+        QueueSpec(
+            names.cancel_snapshots,
+            {"x-queue-type": "stream", "x-max-age": f"{SNAPSHOT_RETENTION_S}s"},
             placement(layout, "stream"),
         ),
     )

@@ -22,7 +22,17 @@ ATTEMPT = "rmqdelay-attempt"
 KEYS = "rmqdelay-keys"
 CANCEL_KEY = "rmqdelay-cancel-key"
 CANCEL_AT_MS = "rmqdelay-cancel-at"
+#: Optional: when the cancel stops mattering (ms); absent, the cancel lasts the retention.
+CANCEL_UNTIL_MS = "rmqdelay-cancel-until"
 MARKER = "rmqdelay-marker"
+#: Snapshot parts (in the snapshot stream) and the record announcing a complete snapshot
+#: (in the cancellation stream) carry these.
+SNAPSHOT = "rmqdelay-snapshot"
+SNAPSHOT_PART = "rmqdelay-snapshot-part"
+SNAPSHOT_PARTS = "rmqdelay-snapshot-parts"
+#: The last cancellation-stream offset the snapshot includes.
+SNAPSHOT_COVERS = "rmqdelay-snapshot-covers"
+SNAPSHOT_TAKEN_MS = "rmqdelay-snapshot-taken"
 #: Keys are AMQP strings in an array header; these bounds keep headers well under frame size.
 MAX_KEY_BYTES = 255
 MAX_KEYS = 32
@@ -107,15 +117,49 @@ def check_keys(keys: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(check_key(k) for k in keys))
 
 
-def cancel_headers(key: str, at_ms: int) -> dict[str, Any]:
+def cancel_headers(key: str, at_ms: int, until_ms: int | None = None) -> dict[str, Any]:
     """Headers of a cancel record in the cancellation stream."""
-    return {CANCEL_KEY: key, CANCEL_AT_MS: at_ms}
+    headers: dict[str, Any] = {CANCEL_KEY: key, CANCEL_AT_MS: at_ms}
+    if until_ms is not None:
+        headers[CANCEL_UNTIL_MS] = until_ms
+    return headers
 
 
-def decode_cancel(headers: Mapping[str, Any] | None) -> tuple[str, int]:
-    """The key and time of a cancel record."""
+def decode_cancel(headers: Mapping[str, Any] | None) -> tuple[str, int, int | None]:
+    """The key, time and expiry (None: the retention's) of a cancel record."""
     headers = headers or {}
-    return _str_header(headers, CANCEL_KEY), _int_header(headers, CANCEL_AT_MS)
+    until = headers.get(CANCEL_UNTIL_MS)
+    return (
+        _str_header(headers, CANCEL_KEY),
+        _int_header(headers, CANCEL_AT_MS),
+        None if until is None else _int_header(headers, CANCEL_UNTIL_MS),
+    )
+
+
+def encode_snapshot_part(entries: list[tuple[str, int, int]]) -> bytes:
+    """One part of a cancel-set snapshot: ``[[key, at_ms, until_ms], ...]`` as JSON."""
+    return _JSON_ENCODER.encode(entries).encode()
+
+
+def decode_snapshot_part(body: bytes) -> list[tuple[str, int, int]]:
+    """The entries of a snapshot part; raises MessageDecodeError on anything else."""
+    try:
+        entries = json.loads(body)
+    except ValueError as e:
+        raise MessageDecodeError(f"snapshot part is not JSON: {e}") from None
+    if not isinstance(entries, list):
+        raise MessageDecodeError("snapshot part is not a list")
+    out = []
+    for entry in entries:
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 3
+            or not isinstance(entry[0], str)
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in entry[1:])
+        ):
+            raise MessageDecodeError(f"snapshot entry is not [key, at_ms, until_ms]: {entry!r}")
+        out.append((entry[0], entry[1], entry[2]))
+    return out
 
 
 def published_ms(task: Task) -> int:

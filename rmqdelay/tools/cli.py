@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cancel = commands.add_parser("cancel", help="call off every pending task under a key or id")
     cancel.add_argument("keys", nargs="+", metavar="KEY")
+    cancel.add_argument(
+        "--until",
+        help="forget the cancel after this (a delay such as 2h, or ISO 8601 with a UTC "
+        "offset): the due time of the last task it calls off (default: the retention)",
+    )
 
     declare = commands.add_parser("declare", help="declare the topology (and work queues)")
     declare.add_argument("destinations", nargs="*", help="also declare these work queues")
@@ -296,9 +301,12 @@ async def _schedule(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _cancel(args: argparse.Namespace, settings: Settings) -> int:
+    until = None
+    if args.until is not None:
+        until = _at(args.until) if "T" in args.until else parse_duration(args.until)
     async with Scheduler(settings) as scheduler:
         for key in args.keys:
-            c = await scheduler.cancel(key)
+            c = await scheduler.cancel(key, until=until)
             print(
                 f"cancelled {c.key!r} at {c.at.isoformat()}: tasks under it published before "
                 "then will not run (workers log each one they skip; whether any was pending "

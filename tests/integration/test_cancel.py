@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from datetime import timedelta
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 
+import aio_pika
 import pytest
 
-from rmqdelay import Scheduler, Settings
+from rmqdelay import InvalidDelayError, Scheduler, Settings
+from rmqdelay.broker.cancels import CancelFollower
 
 from .conftest import make_settings
-from .helpers import Recorder, eventually, running_worker
+from .helpers import Recorder, eventually, logged, running_worker
 from .proxy import Proxy
 
 pytestmark = pytest.mark.integration
@@ -208,3 +212,74 @@ async def test_cancelling_a_key_with_nothing_pending_is_fine(settings: Settings)
         c = await scheduler.cancel(key())
     assert abs(c.at.timestamp() - time.time()) < 60
     assert timedelta(0) <= timedelta(seconds=time.time() - c.at.timestamp())
+
+
+@asynccontextmanager
+async def following(settings: Settings) -> AsyncIterator[CancelFollower]:
+    """A cancel follower running until the block ends, caught up when it starts."""
+    follower, stop = CancelFollower(settings), asyncio.Event()
+    task = asyncio.create_task(follower.run(stop))
+    try:
+        await asyncio.wait_for(follower.caught_up.wait(), 30)
+        yield follower
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def test_a_starting_worker_loads_the_newest_snapshot_and_replays_only_the_rest(
+    own_settings: Settings,
+) -> None:
+    async with Scheduler(own_settings) as scheduler:
+        before = [key() for _ in range(120)]
+        for k in before:
+            await scheduler.cancel(k)
+        async with following(own_settings) as first:
+            assert first.loaded_snapshot is None  # nothing written yet: a full replay
+            assert first.records_seen >= len(before)
+            assert await first.write_snapshot() == len(before)
+            await scheduler.cancel(after := key(), until=timedelta(hours=1))
+            # The announcement and the cancel after it reach the follower in stream order.
+            await eventually(lambda: first.cancels.cancelled_by([after], 0), 10, "cancel seen")
+            assert not first.snapshot_due(), "the snapshot it wrote counts as the newest"
+        async with following(own_settings) as second:
+            assert second.loaded_snapshot is not None
+            assert second.loaded_snapshot[0] == len(before)
+            # The tail only: the announcement, the cancel after it, markers.
+            assert second.records_seen < 10
+            assert all(second.cancels.cancelled_by([k], 0) == k for k in [*before, after])
+            until = {k: u for k, _, u in second.cancels.items()}[after]
+            assert 3_500_000 <= until - time.time() * 1000 <= 3_700_000
+
+
+async def test_a_cancel_until_a_time_is_kept_until_then_and_a_past_one_is_refused(
+    own_settings: Settings,
+) -> None:
+    async with Scheduler(own_settings) as scheduler, following(own_settings) as follower:
+        soon = key()
+        await scheduler.cancel(soon, until=datetime.now(UTC) + timedelta(seconds=2))
+        await eventually(lambda: follower.cancels.cancelled_by([soon], 0), 10, "cancel seen")
+        assert follower.cancels.expire(int(time.time() * 1000)) == 0
+        assert follower.cancels.expire(int(time.time() * 1000) + 3000) == 1
+        assert follower.cancels.cancelled_by([soon], 0) is None
+        with pytest.raises(InvalidDelayError, match="in the past"):
+            await scheduler.cancel(key(), until=datetime.now(UTC) - timedelta(seconds=1))
+        with pytest.raises(InvalidDelayError, match="naive"):
+            await scheduler.cancel(key(), until=datetime.now())
+
+
+async def test_without_a_snapshot_stream_a_worker_says_so_and_replays(
+    own_settings: Settings,
+) -> None:
+    # A topology declared before snapshots existed, with RMQDELAY_DECLARE=false clients.
+    async with Scheduler(own_settings) as scheduler:
+        await scheduler.cancel(k := key())
+    connection = await aio_pika.connect(own_settings.url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(own_settings.names.cancel_snapshots)
+    with logged("rmqdelay.broker.cancels", "no snapshot stream") as warned:
+        async with following(own_settings) as follower:
+            assert follower.cancels.cancelled_by([k], 0) == k
+            assert not follower.snapshot_due()
+    assert warned.is_set()
