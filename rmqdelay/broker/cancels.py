@@ -26,6 +26,7 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import ChannelInvalidStateError, ChannelNotFoundEntity
 
 from rmqdelay.broker.connection import (
@@ -114,7 +115,6 @@ class CancelFollower:
         self._marker: str | None = None
         self._channel: AbstractChannel | None = None
         self._connected = False
-        self._unacked: AbstractIncomingMessage | None = None
         self._unacked_count = 0
         #: The newest snapshot known: loaded, written, or announced in the stream.
         self._snapshot_covers = -1
@@ -168,22 +168,26 @@ class CancelFollower:
                 await self._load_snapshot(connection)
             channel = await connection.channel(publisher_confirms=True)
             await channel.set_qos(prefetch_count=STREAM_PREFETCH)
-            stream = await channel.get_queue(self.settings.names.cancels, ensure=False)
+            stream = self.settings.names.cancels
             # Resume after the last record seen: a reconnect must not replay from the start
             # (nor skip what came in while we were away).
             offset: int | str = "first" if self._offset is None else self._offset + 1
+            raw = await channel.get_underlay_channel()
             try:
-                await stream.consume(self._on_record, arguments={"x-stream-offset": offset})
+                # aiormq's consumer, not aio-pika's: a replay reads millions of records, and
+                # aio-pika's message objects cost more than the record's own work.
+                await raw.basic_consume(
+                    stream, self._on_record, arguments={"x-stream-offset": offset}
+                )
             except ChannelNotFoundEntity as e:
                 if queue_starting(e):  # right after a broker restart: try again shortly
                     raise ConnectionError(f"cancellation stream not available yet: {e}") from e
                 raise TopologyMismatchError(
-                    f"cancellation stream {stream.name!r} does not exist; declare the topology "
+                    f"cancellation stream {stream!r} does not exist; declare the topology "
                     "('rmqdelay declare') or set RMQDELAY_DECLARE=true"
                 ) from e
             # A consumer the broker cancels (the stream was deleted) looks like a lost link:
             # reconnecting finds the stream gone and says so, instead of following nothing.
-            raw = await channel.get_underlay_channel()
             raw.on_consumer_cancel_callbacks.add(lambda *_: lost.set())
             self._channel, self._connected = channel, True
             try:
@@ -197,9 +201,9 @@ class CancelFollower:
             if lost.is_set() and not stop.is_set():
                 raise ConnectionError("connection to the cancellation stream was lost")
 
-    async def _on_record(self, message: AbstractIncomingMessage) -> None:
+    async def _on_record(self, message: DeliveredMessage) -> None:
         self.records_seen += 1
-        headers = message.headers or {}
+        headers = message.header.properties.headers or {}
         offset = headers.get("x-stream-offset")
         if isinstance(offset, int):
             self._offset = offset
@@ -216,11 +220,13 @@ class CancelFollower:
             self._add(headers)
         await self._ack(message)
 
-    async def _ack(self, message: AbstractIncomingMessage, *, now: bool = False) -> None:
+    async def _ack(self, message: DeliveredMessage, *, now: bool = False) -> None:
         self._unacked_count += 1
         if now or self._unacked_count >= ACK_EVERY:
             self._unacked_count = 0
-            await message.ack(multiple=True)
+            tag = getattr(message.delivery, "delivery_tag", None)
+            if tag is not None and not message.channel.is_closed:
+                await message.channel.basic_ack(tag, multiple=True)
 
     def _add(self, headers: Mapping[str, Any]) -> None:
         try:
