@@ -33,11 +33,14 @@ from lateness import HEADER, Result, paced
 
 from rmqdelay import Scheduler, Settings, Task
 from rmqdelay.broker.declare import apply_topology, resolve_backend
+from rmqdelay.core.redact import split_urls
 from rmqdelay.core.topology import build_topology
 from rmqdelay.tools.status import management_get, vhost_path
 
 HERE = Path(__file__).resolve().parent
 DESTINATION = "bench"
+#: (backend, resolution in ms or None for the default, shards)
+Pipeline = tuple[str, int | None, int]
 
 
 async def report(task: Task) -> None:
@@ -89,7 +92,7 @@ class Reporter:
 
 async def _consumed(url: str, queue: str) -> None:
     """Return once another process consumes ``queue`` (nothing to await across processes)."""
-    connection = await aio_pika.connect(url)
+    connection = await aio_pika.connect(split_urls(url)[0])
     async with connection, asyncio.timeout(60):
         channel = await connection.channel()
         while not await _consumer_count(channel, queue):  # noqa: ASYNC110
@@ -101,7 +104,7 @@ async def _consumer_count(channel: aio_pika.abc.AbstractChannel, queue: str) -> 
     return declared.declaration_result.consumer_count or 0
 
 
-async def _broker_memory(settings: Settings) -> tuple[int, int] | None:
+async def broker_memory(settings: Settings) -> tuple[int, int] | None:
     """(the node's memory, the namespace's queue processes' memory), management API.
 
     The node's total is what an operator pays, but it drifts with garbage collection by
@@ -121,11 +124,15 @@ async def _broker_memory(settings: Settings) -> tuple[int, int] | None:
 
 
 async def run_backend(
-    url: str, pipeline: tuple[str, int | None], delays: list[float], rate: float, pending: int
+    url: str, pipeline: Pipeline, delays: list[float], rate: float, pending: int
 ) -> tuple[Result, str]:
-    backend, resolution_ms = pipeline
+    backend, resolution_ms, shards = pipeline
     settings = Settings(
-        _env_file=None, url=url, namespace=f"bench-{uuid.uuid4().hex[:6]}", backend=backend
+        _env_file=None,
+        url=url,
+        namespace=f"bench-{uuid.uuid4().hex[:6]}",
+        backend=backend,
+        shards=shards,
     )
     if resolution_ms is not None:
         settings = settings.model_copy(update={"resolution_ms": resolution_ms})
@@ -136,6 +143,7 @@ async def run_backend(
         "RMQDELAY_NAMESPACE": settings.namespace,
         "RMQDELAY_BACKEND": backend,
         "RMQDELAY_RESOLUTION_MS": str(settings.resolution_ms),
+        "RMQDELAY_SHARDS": str(shards),
     }
     reporter = await Reporter.worker(env, len(delays))
     hops = 0
@@ -161,11 +169,13 @@ async def run_backend(
             layout_settings, build_topology(layout_settings.layout, (DESTINATION,)), delete=True
         )
     name = f"rmqdelay {backend} {settings.resolution_ms}ms" if backend == "levels" else backend
+    if shards > 1:
+        name += f" x{shards} shards"
     return reporter.result(name, publish_rate, hops), per_pending
 
 
 async def _memory_per_pending(settings: Settings, scheduler: Scheduler, pending: int) -> str:
-    if pending <= 0 or (before := await _broker_memory(settings)) is None:
+    if pending <= 0 or (before := await broker_memory(settings)) is None:
         return "n/a (no management API)"
     batch = [
         scheduler.schedule(DESTINATION, {"pending": i}, delay=timedelta(hours=6))
@@ -174,7 +184,7 @@ async def _memory_per_pending(settings: Settings, scheduler: Scheduler, pending:
     for start in range(0, pending, 2000):
         await asyncio.gather(*batch[start : start + 2000])
     await asyncio.sleep(12)  # the management API samples memory every few seconds
-    after = await _broker_memory(settings)
+    after = await broker_memory(settings)
     if after is None:
         return "n/a (no management API)"
     node, queues = ((a - b) / pending for a, b in zip(after, before, strict=True))
@@ -213,7 +223,7 @@ def _read(path: Path) -> str:
 async def run_baseline(url: str, delays: list[float], rate: float) -> Result:
     """Publisher-held timers: publish at the due time to a plain quorum queue."""
     queue = f"bench-raw-{uuid.uuid4().hex[:6]}"
-    connection = await aio_pika.connect(url)
+    connection = await aio_pika.connect(split_urls(url)[0])
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
@@ -251,7 +261,7 @@ async def run_baseline(url: str, delays: list[float], rate: float) -> Result:
 
 async def raw_consumer(url: str, queue: str) -> None:
     """The baseline's consumer process: ack each message, report its lateness."""
-    connection = await aio_pika.connect(url)
+    connection = await aio_pika.connect(split_urls(url)[0])
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     async with connection:
@@ -280,6 +290,7 @@ async def main() -> int:
     parser.add_argument(
         "--resolution-ms", default="", help="levels resolution(s), e.g. 256,1024 (default: ours)"
     )
+    parser.add_argument("--shards", default="1", help="level sets, e.g. 1,3 (RMQDELAY_SHARDS)")
     parser.add_argument("--min-delay", type=float, default=0.05, help="seconds")
     parser.add_argument("--max-delay", type=float, default=5.0, help="seconds")
     parser.add_argument("--pending", type=int, default=20000, help="for memory per task; 0: skip")
@@ -297,12 +308,14 @@ async def main() -> int:
         f"pipeline's worker in its own process; {os.cpu_count()} cores; broker "
         f"{Settings(_env_file=None, url=args.url).safe_url}"
     )
-    backends: list[tuple[str, int | None]] = [
-        ("levels", int(ms) if ms else None) for ms in str(args.resolution_ms).split(",")
+    backends: list[Pipeline] = [
+        ("levels", int(ms) if ms else None, int(shards))
+        for ms in str(args.resolution_ms).split(",")
+        for shards in str(args.shards).split(",")
     ]
     probe = Settings(_env_file=None, url=args.url, namespace=f"probe-{uuid.uuid4().hex[:6]}")
     if (await resolve_backend(probe.model_copy(update={"backend": "auto"}))).backend == "plugin":
-        backends.append(("plugin", None))
+        backends.append(("plugin", None, 1))
         await apply_topology(probe, build_topology(probe.layout), delete=True)
     else:
         print("plugin: skipped (the broker has no x-delayed-message exchange type)")
