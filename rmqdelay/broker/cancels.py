@@ -376,6 +376,8 @@ class CancelFollower:
                         await self.write_snapshot()
                     except _WRITE_FAILURES as e:
                         log.warning("could not write a cancel snapshot: %s", e)
+                    except Exception:  # expiry must go on whatever a snapshot ran into
+                        log.exception("could not write a cancel snapshot")
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

@@ -204,9 +204,9 @@ async def _plugin_exchange_exists(settings: Settings) -> bool:
     return True
 
 
-#: Quorum queues of one namespace (29 levels at the default 1,024 ms, 3 more, and a few
-#: work queues), about 3 file handles each.
-QUEUES_PER_NAMESPACE = 36
+#: Queues of one namespace (29 levels at the default 1,024 ms, parking lot, unroutable,
+#: two streams, and a few work queues; more with shards), about 3 file handles each.
+QUEUES_PER_NAMESPACE = 37
 HANDLES_PER_NAMESPACE = 3 * QUEUES_PER_NAMESPACE
 #: Warn above this share of a broker limit in use.
 HEADROOM_WARN = 0.8
