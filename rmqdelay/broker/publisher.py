@@ -96,13 +96,13 @@ class Publisher:
         try:
             await self._publish_once(body, props, exchange, routing_key, mandatory, what)
             return  # the usual case: no retry machinery on the hot path
-        except PUBLISH_RETRYABLE as e:
+        except _RETRYABLE as e:
             _log_failure(1, e)
         deadline = self.settings.publish_deadline.total_seconds()
         retrying = AsyncRetrying(
             stop=stop_after_delay(max(0.0, deadline - (time.monotonic() - started))),
             wait=wait_exponential(multiplier=0.1, max=2) + wait_random(0, 0.2),
-            retry=retry_if_exception_type(PUBLISH_RETRYABLE),
+            retry=retry_if_exception_type(_RETRYABLE),
             before_sleep=lambda state: _log_failure(
                 state.attempt_number + 1, state.outcome.exception() if state.outcome else None
             ),
@@ -112,6 +112,11 @@ class Publisher:
             async for attempt in retrying:
                 with attempt:
                     await self._publish_once(body, props, exchange, routing_key, mandatory, what)
+        except _Nacked as e:
+            raise PublishNotConfirmedError(
+                f"the broker refused {what} (nack) until RMQDELAY_PUBLISH_DEADLINE "
+                f"({deadline:g}s) ran out: {e}; a queue on its way has no leader or is full"
+            ) from e
         except PUBLISH_RETRYABLE as e:
             raise BrokerUnavailableError(
                 f"could not publish {what} within RMQDELAY_PUBLISH_DEADLINE ({deadline:g}s): "
@@ -147,6 +152,8 @@ class Publisher:
                 destination=routing_key,
             ) from e
         except DeliveryError as e:
+            if isinstance(e.frame, Basic.Nack):
+                raise _Nacked(f"the broker nacked {what}") from e
             raise PublishNotConfirmedError(f"the broker did not confirm {what}: {e!r}") from e
         except ChannelPreconditionFailed as e:
             # The broker refused the message (over its max_message_size) by closing the
@@ -161,6 +168,15 @@ class Publisher:
             raise PublishNotConfirmedError(
                 f"the broker answered {confirm!r} instead of an ack for {what}"
             )
+
+
+class _Nacked(Exception):
+    """The broker refused a message (basic.nack): a quorum queue it routes to has no leader
+    for the moment (an election after a node died) or refuses more. Nothing was enqueued
+    (a task routes to one queue), so publishing again is safe until the deadline."""
+
+
+_RETRYABLE: tuple[type[BaseException], ...] = (*PUBLISH_RETRYABLE, _Nacked)
 
 
 async def _reopened(channel: AbstractChannel) -> None:
