@@ -121,7 +121,8 @@ def check_task(wiring: Wiring, spec: TaskSpec) -> CheckedTask:
     task_id = new_task_id() if spec.task_id is None else check_key(spec.task_id, "a task id")
     overrides = _retry_overrides(spec.max_attempts, spec.backoff_base, spec.backoff_cap)
     now_us = time.time_ns() // 1000
-    way = wiring.route(_due_us(now_us, spec.delay, spec.at) - now_us, task_id)  # over the max?
+    # Routing now refuses a delay over the maximum before anything is sent.
+    way = wiring.route(_due_us(now_us, spec.delay, spec.at) - now_us, task_id)
     return CheckedTask(
         destination,
         body,
