@@ -12,7 +12,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
-from aiormq.exceptions import AMQPError, ChannelNotFoundEntity
+from aiormq.exceptions import AMQPError, ChannelInvalidStateError, ChannelNotFoundEntity
 from pamqp.commands import Basic
 
 from rmqdelay.broker.connection import RECONNECT_FIRST_S, queue_starting
@@ -84,10 +84,20 @@ class Subscription:
         channel.reopen_callbacks.add(reopened)  # type: ignore[attr-defined]
 
     async def start(self, channel: AbstractChannel) -> None:
-        """Consume (again) on ``channel``."""
+        """Consume (again) on ``channel``.
+
+        A consume the broker refused while aio-pika restored the channel (the queue was
+        deleted meanwhile) leaves the channel closed for good: aio-pika does not restore a
+        channel that closes during its own restore. Reopen it then.
+        """
         self.lost.clear()
-        raw = await channel.get_underlay_channel()
-        ok = await raw.basic_consume(self.name, self._on_delivery)
+        try:
+            raw = await channel.get_underlay_channel()
+            ok = await raw.basic_consume(self.name, self._on_delivery)
+        except ChannelInvalidStateError:
+            await channel.reopen()
+            raw = await channel.get_underlay_channel()
+            ok = await raw.basic_consume(self.name, self._on_delivery)
         self._tag = ok.consumer_tag
 
     async def stop(self, channel: AbstractChannel) -> None:
