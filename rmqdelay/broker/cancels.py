@@ -238,8 +238,8 @@ class CancelFollower:
             self._on_cancel(key, at_ms)
 
     def _snapshot_announced(self, headers: Mapping[str, Any]) -> None:
-        covers, taken = headers.get(SNAPSHOT_COVERS), headers.get(SNAPSHOT_TAKEN_MS)
-        if isinstance(covers, int) and isinstance(taken, int) and covers > self._snapshot_covers:
+        covers, taken = _counts(headers, SNAPSHOT_COVERS, SNAPSHOT_TAKEN_MS)
+        if taken >= 0 and covers > self._snapshot_covers:
             self._snapshot_covers, self._snapshot_taken_ms = covers, taken
 
     async def _load_snapshot(self, connection: Any) -> None:
@@ -313,9 +313,9 @@ class CancelFollower:
     def _collect(
         snapshots: dict[str, _Snapshot], sid: str, headers: Mapping[str, Any], body: bytes
     ) -> None:
-        numbers = [headers.get(h) for h in (SNAPSHOT_PART, SNAPSHOT_PARTS, SNAPSHOT_COVERS)]
-        numbers.append(headers.get(SNAPSHOT_TAKEN_MS))
-        part, parts, covers, taken = (v if isinstance(v, int) else -1 for v in numbers)
+        part, parts, covers, taken = _counts(
+            headers, SNAPSHOT_PART, SNAPSHOT_PARTS, SNAPSHOT_COVERS, SNAPSHOT_TAKEN_MS
+        )
         if min(part, parts, covers, taken) < 0 or part >= parts:
             log.warning("ignoring a malformed snapshot part of %s", sid)
             return
@@ -378,6 +378,13 @@ class CancelFollower:
                         log.warning("could not write a cancel snapshot: %s", e)
                     except Exception:  # expiry must go on whatever a snapshot ran into
                         log.exception("could not write a cancel snapshot")
+
+
+def _counts(headers: Mapping[str, Any], *names: str) -> list[int]:
+    """These integer headers, -1 for any missing or not an integer (records from other
+    clients are not trusted to be well formed)."""
+    values = [headers.get(name) for name in names]
+    return [v if isinstance(v, int) and not isinstance(v, bool) else -1 for v in values]
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
