@@ -1,11 +1,13 @@
 """rmqdelay: delayed and scheduled tasks on RabbitMQ.
 
-Publishers call :class:`Scheduler`; workers run :class:`Worker` (or ``rmqdelay consume``).
+Publishers call :class:`Scheduler` (:class:`SyncScheduler` from synchronous code); workers
+run :class:`Worker` (or ``rmqdelay consume``).
 """
 
 from importlib import metadata as _metadata
 
 from rmqdelay.broker.scheduler import Scheduler, TaskSpec
+from rmqdelay.broker.sync import SyncScheduler
 from rmqdelay.core.errors import (
     BatchNotConfirmedError,
     BrokerError,
@@ -58,6 +60,7 @@ __all__ = [
     "ScheduledTask",
     "Scheduler",
     "Settings",
+    "SyncScheduler",
     "Task",
     "TaskSpec",
     "TopologyMismatchError",
