@@ -65,6 +65,29 @@ def properties(
     )
 
 
+def carried(
+    original: Basic.Properties, headers: dict[str, Any], *, message_id: str | None = None
+) -> Basic.Properties:
+    """``original``'s properties with new ``headers``, for a message rmqdelay publishes again
+    (a retry, a send-back, the parking lot): a correlation id, reply-to, timestamp and the
+    like survive the trip. Always persistent; without a per-message TTL, which in a delay
+    level would dead-letter the message before its time, and without a user id, which the
+    broker refuses from any other user than the one that set it."""
+    return Basic.Properties(
+        content_type=original.content_type,
+        content_encoding=original.content_encoding,
+        headers=headers,
+        delivery_mode=PERSISTENT,
+        priority=original.priority,
+        correlation_id=original.correlation_id,
+        reply_to=original.reply_to,
+        message_id=message_id or original.message_id,
+        timestamp=original.timestamp,
+        message_type=original.message_type,
+        app_id=original.app_id,
+    )
+
+
 class Publisher:
     """Publishes on one confirming channel (aio-pika's robust channel reopens it)."""
 
@@ -158,7 +181,7 @@ class Publisher:
         except ChannelPreconditionFailed as e:
             # The broker refused the message (over its max_message_size) by closing the
             # channel: wait for it to be reopened, so the next publish need not retry.
-            await _reopened(self.channel)
+            await reopened(self.channel)
             raise InvalidPayloadError(
                 f"the broker refused {what}: {e}; lower the payload size, and set "
                 "RMQDELAY_MAX_MESSAGE_SIZE to the broker's max_message_size so that such "
@@ -179,7 +202,7 @@ class _Nacked(Exception):
 _RETRYABLE: tuple[type[BaseException], ...] = (*PUBLISH_RETRYABLE, _Nacked)
 
 
-async def _reopened(channel: AbstractChannel) -> None:
+async def reopened(channel: AbstractChannel) -> None:
     """Wait (briefly) until aio-pika has reopened a channel the broker closed."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(PUBLISH_TIMEOUT_S):

@@ -206,6 +206,11 @@ class Scheduler:
             raise _not_started()
         return self._connection
 
+    @property
+    def publisher(self) -> Publisher:
+        """The scheduler's confirmed publishing (for tools that send messages of their own)."""
+        return self._require_publisher()
+
     async def declare_destination(self, destination: str) -> None:
         """Create ``destination``'s work queue, so tasks can be scheduled before a worker runs."""
         self.wiring.names.check_destination(destination)

@@ -23,6 +23,10 @@ class Task:
         content_type: Content type of the body.
         headers: Every AMQP header of the delivered message.
         redelivered: True when the broker delivered it before (a worker stopped mid-task).
+        body: The body exactly as published (``payload`` is its decoded form).
+        properties: The AMQP properties the publisher set other than ``headers`` and
+            ``content_type`` (``message_id``, ``correlation_id``, ``reply_to``,
+            ``timestamp``, ...; named as pamqp names them), only those set.
     """
 
     id: str
@@ -35,6 +39,8 @@ class Task:
     content_type: str
     headers: Mapping[str, Any] = field(repr=False)
     redelivered: bool = False
+    body: bytes = field(default=b"", repr=False)
+    properties: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -244,26 +244,35 @@ def decode_task(
     routing_key: str,
     redelivered: bool = False,
     accept: frozenset[str] = DEFAULT_ACCEPT,
+    raw: bool = False,
+    properties: Mapping[str, Any] | None = None,
 ) -> Task:
-    """Build the Task a handler sees, or say exactly what is wrong with the message."""
+    """Build the Task a handler sees, or say exactly what is wrong with the message.
+
+    ``raw``: any content type (or none) is fine and the payload is the body as it is, for
+    handlers that pass messages on rather than read them.
+    """
     headers = headers or {}
-    if not content_type:
-        raise MessageDecodeError("message has no content_type; rmqdelay sends application/json")
-    # The usual case, exactly "application/json", needs no parsing.
-    media_type = JSON if content_type == JSON else content_type.split(";")[0].strip().lower()
-    if media_type not in accept:
-        raise MessageDecodeError(
-            f"content_type {content_type!r} is not one this worker accepts "
-            f"({', '.join(sorted(accept))}); see 'rmqdelay consume --accept'"
-        )
     payload: Any = body
-    if media_type == JSON:
-        try:
-            payload = json.loads(body)
-        except ValueError as e:
-            raise MessageDecodeError(f"body is not valid JSON: {e}") from e
-        except RecursionError as e:
-            raise MessageDecodeError("body is JSON nested too deeply to decode") from e
+    if raw:
+        content_type = content_type or ""
+    elif not content_type:
+        raise MessageDecodeError("message has no content_type; rmqdelay sends application/json")
+    else:
+        # The usual case, exactly "application/json", needs no parsing.
+        media_type = JSON if content_type == JSON else content_type.split(";")[0].strip().lower()
+        if media_type not in accept:
+            raise MessageDecodeError(
+                f"content_type {content_type!r} is not one this worker accepts "
+                f"({', '.join(sorted(accept))}); see 'rmqdelay consume --accept'"
+            )
+        if media_type == JSON:
+            try:
+                payload = json.loads(body)
+            except ValueError as e:
+                raise MessageDecodeError(f"body is not valid JSON: {e}") from e
+            except RecursionError as e:
+                raise MessageDecodeError("body is JSON nested too deeply to decode") from e
     attempt = _int_header(headers, ATTEMPT, 1)
     if attempt < 1:
         raise MessageDecodeError(f"header {ATTEMPT!r} must be >= 1, got {attempt}")
@@ -281,6 +290,8 @@ def decode_task(
         content_type=content_type,
         headers=dict(headers),
         redelivered=redelivered,
+        body=body,
+        properties=properties or {},
     )
 
 

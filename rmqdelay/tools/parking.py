@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -10,9 +11,9 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from rmqdelay.broker.publisher import carried
 from rmqdelay.broker.scheduler import Scheduler
 from rmqdelay.core.errors import MessageDecodeError, RmqDelayError
-from rmqdelay.core.retry import BACKOFF_BASE_MS, BACKOFF_CAP_MS, MAX_ATTEMPTS
 from rmqdelay.core.wire import (
     PARKED_AT,
     PARKED_ATTEMPTS,
@@ -22,6 +23,7 @@ from rmqdelay.core.wire import (
     TASK_ID,
     decode_task,
     ms_to_datetime,
+    rescheduled_headers,
 )
 
 log = logging.getLogger(__name__)
@@ -133,24 +135,32 @@ class ParkingLot:
         return sent, stayed
 
     async def _send_back(self, message: AbstractIncomingMessage, parked: ParkedTask) -> None:
-        task = decode_task(
-            headers=message.headers,
+        """Publish the parked message to its destination, due now, attempt 1: its body,
+        properties and headers as they were (a forwarded message's routing key, a reply-to),
+        less the parking lot's."""
+        headers = message.headers or {}
+        # Its headers must still make a task (the body is the worker's business: a message
+        # parked as undecodable is parked again, with the reason).
+        decode_task(
+            headers=headers,
             body=message.body,
             content_type=message.content_type,
             routing_key=parked.destination,
-            accept=frozenset({message.content_type or ""}),
+            raw=True,
         )
-        headers = task.headers
-        await self.scheduler.schedule(
-            parked.destination,
-            task.payload,
-            delay=0,
-            content_type=task.content_type if isinstance(task.payload, bytes) else None,
-            task_id=task.id,
-            keys=task.keys,
-            max_attempts=_int_or_none(headers.get(MAX_ATTEMPTS)),
-            backoff_base=_ms_or_none(headers.get(BACKOFF_BASE_MS)),
-            backoff_cap=_ms_or_none(headers.get(BACKOFF_CAP_MS)),
+        wiring = self.scheduler.wiring
+        destination = wiring.names.check_destination(parked.destination)
+        way = wiring.route(0, parked.id)
+        again = rescheduled_headers(
+            headers, attempt=1, due_ms=time.time_ns() // 1_000_000, route=way.headers
+        )
+        await self.scheduler.publisher.publish(
+            message.body,
+            carried(message.properties, again),
+            way.exchange,
+            destination,
+            mandatory=way.mandatory,
+            what=f"the parked task {parked.id} for {destination!r}",
         )
 
     async def purge(self) -> int:
@@ -168,11 +178,3 @@ class ParkingLot:
             queue = await channel.declare_queue(self.queue, passive=True)
         return int(queue.declaration_result.message_count or 0)
 
-
-def _int_or_none(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _ms_or_none(value: object) -> float | None:
-    ms = _int_or_none(value)
-    return ms / 1000 if ms is not None else None

@@ -70,6 +70,7 @@ class Worker:
         retry: RetryPolicy | None = None,
         handler_timeout: timedelta | None = None,
         accept: Collection[str] | None = None,
+        raw: bool = False,
         metrics_port: int | None = None,
     ) -> None:
         self.settings = settings
@@ -81,6 +82,9 @@ class Worker:
         self.retry = retry or settings.retry_policy
         self.handler_timeout = handler_timeout or settings.handler_timeout
         self.accept = frozenset(accept) if accept else DEFAULT_ACCEPT
+        #: Hand every message over as its raw body, whatever its content type (or none):
+        #: for handlers that pass messages on (``--forward``) rather than read them.
+        self.raw = raw
         self.metrics = WorkerMetrics(self.destination)
         self._tally = Tally(self.metrics)
         #: Counts since the worker started (``wait_for`` waits on them).
@@ -119,6 +123,7 @@ class Worker:
         self._execution = Execution(
             self.handler,
             accept=self.accept,
+            raw=self.raw,
             timeout=self.handler_timeout,
             cancels=self._follower.cancels,
             threads=threads,

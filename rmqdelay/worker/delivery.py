@@ -13,8 +13,23 @@ import logging
 from typing import Any
 
 from aiormq.abc import AbstractChannel, DeliveredMessage
+from pamqp.commands import Basic
 
 log = logging.getLogger(__name__)
+
+_PUBLISHER_PROPERTIES = (
+    "content_encoding",
+    "delivery_mode",
+    "priority",
+    "correlation_id",
+    "reply_to",
+    "expiration",
+    "message_id",
+    "timestamp",
+    "message_type",
+    "user_id",
+    "app_id",
+)
 
 
 class Delivery:
@@ -29,12 +44,15 @@ class Delivery:
         "content_type",
         "headers",
         "message_id",
+        "properties",
         "redelivered",
         "routing_key",
     )
 
     def __init__(self, message: DeliveredMessage) -> None:
         properties = message.header.properties
+        #: All of them, for republishing the message as it came (a retry, the parking lot).
+        self.properties: Basic.Properties = properties
         self.body: bytes = message.body
         self.headers: dict[str, Any] | None = properties.headers
         self.content_type: str | None = properties.content_type
@@ -45,6 +63,13 @@ class Delivery:
         self.channel: AbstractChannel = message.channel
         self._tag: int | None = message.delivery_tag
         self._settled = False
+
+    def publisher_properties(self) -> dict[str, Any]:
+        """The properties the publisher set, other than headers and content type (what
+        ``Task.properties`` holds)."""
+        p = self.properties
+        values = {name: getattr(p, name) for name in _PUBLISHER_PROPERTIES}
+        return {name: value for name, value in values.items() if value is not None}
 
     async def ack(self) -> None:
         """Done with it: the broker forgets it."""

@@ -74,6 +74,7 @@ class Execution:
         handler: Handler,
         *,
         accept: Collection[str],
+        raw: bool = False,
         timeout: timedelta | None,
         cancels: CancelSet,
         threads: DaemonThreadPool,
@@ -81,6 +82,7 @@ class Execution:
     ) -> None:
         self._call = prepare(handler, threads)
         self._accept = frozenset(accept)
+        self._raw = raw
         self._timeout_s = timeout.total_seconds() if timeout is not None else None
         self._cancels = cancels
         self._metrics = metrics
@@ -103,6 +105,8 @@ class Execution:
                 routing_key=message.routing_key or "",
                 redelivered=bool(message.redelivered),
                 accept=self._accept,
+                raw=self._raw,
+                properties=message.publisher_properties(),
             )
         except MessageDecodeError as e:
             return Undecodable(e)

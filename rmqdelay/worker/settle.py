@@ -15,7 +15,7 @@ from datetime import timedelta
 
 from pamqp.commands import Basic
 
-from rmqdelay.broker.publisher import Publisher, properties
+from rmqdelay.broker.publisher import Publisher, carried
 from rmqdelay.core.errors import InvalidDelayError, PublishNotConfirmedError
 from rmqdelay.core.retry import RetryPolicy, decide
 from rmqdelay.core.task import Task
@@ -108,7 +108,8 @@ class Settler:
 
     async def park(self, message: Delivery, reason: str, *, error: str, attempts: int) -> None:
         """Move a delivery to the parking lot with ``reason``; requeue it if that fails."""
-        parked = properties(
+        parked = carried(
+            message.properties,
             parked_headers(
                 message.headers,
                 reason=reason,
@@ -118,8 +119,6 @@ class Settler:
                 now_ms=time.time_ns() // 1_000_000,
                 source=self._wiring.names.work_queue(self._destination),
             ),
-            content_type=message.content_type,
-            message_id=message.message_id,
         )
         await self._replace(
             message, parked, self._wiring.names.parked, message.routing_key or "",
@@ -153,8 +152,8 @@ class Settler:
             return False
         headers = rescheduled_headers(original, attempt=attempt, due_ms=due_ms, route=way.headers)
         # The task id, also for tasks other clients published without a message id.
-        message_id = task_id if isinstance(task_id, str) else message.message_id
-        again = properties(headers, content_type=message.content_type, message_id=message_id)
+        message_id = message.message_id or (task_id if isinstance(task_id, str) else None)
+        again = carried(message.properties, headers, message_id=message_id)
         routing_key = message.routing_key or self._destination
         await self._replace(
             message, again, way.exchange, routing_key, mandatory=way.mandatory,
