@@ -31,6 +31,7 @@ from rmqdelay.settings import Settings
 from rmqdelay.tools.demo import run_demo
 from rmqdelay.tools.destroy import destroy as destroy_namespace
 from rmqdelay.tools.destroy import plan_destroy
+from rmqdelay.tools.forward import Forwarder, parse_target
 from rmqdelay.tools.logs import LOG_LEVELS, configure_logging
 from rmqdelay.tools.parking import ParkingLot
 from rmqdelay.tools.status import collect, render, vhost_of
@@ -71,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     handler = consume.add_mutually_exclusive_group(required=True)
     handler.add_argument("--handler", help="package.module:function")
     handler.add_argument("--webhook", metavar="URL", help="POST each task as JSON to URL")
+    handler.add_argument(
+        "--forward",
+        metavar="EXCHANGE[:ROUTING_KEY]",
+        help="publish each task's original message to EXCHANGE (split at the first colon; "
+        "routing key default: the destination)",
+    )
     consume.add_argument("--concurrency", type=int, help="handlers at once")
     consume.add_argument("--prefetch", type=int, help="unacked deliveries")
     consume.add_argument(
@@ -218,6 +225,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _consume(args: argparse.Namespace, settings: Settings) -> int:
+    if args.forward:
+        exchange, routing_key = parse_target(args.forward)
+        async with Forwarder(settings, exchange, routing_key) as forwarder:
+            return await _run_worker(args, settings, forwarder, raw=True)
     if args.webhook:
         async with WebhookHandler(args.webhook) as webhook:
             _secrets.add(*webhook.redact.secrets)
@@ -228,7 +239,9 @@ async def _consume(args: argparse.Namespace, settings: Settings) -> int:
     return await _run_worker(args, settings, load_handler(args.handler))
 
 
-async def _run_worker(args: argparse.Namespace, settings: Settings, handler: Handler) -> int:
+async def _run_worker(
+    args: argparse.Namespace, settings: Settings, handler: Handler, *, raw: bool = False
+) -> int:
     worker = Worker(
         settings,
         args.destination,
@@ -236,6 +249,7 @@ async def _run_worker(args: argparse.Namespace, settings: Settings, handler: Han
         concurrency=args.concurrency,
         prefetch=args.prefetch,
         accept=args.accept,
+        raw=raw,
         metrics_port=args.metrics_port,
     )
     stop = asyncio.Event()

@@ -177,4 +177,3 @@ class ParkingLot:
         async with channel:
             queue = await channel.declare_queue(self.queue, passive=True)
         return int(queue.declaration_result.message_count or 0)
-
