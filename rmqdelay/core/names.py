@@ -57,6 +57,10 @@ class Names:
         """The queue workers of ``destination`` consume."""
         return f"{self.namespace}.work.{destination}"
 
+    def bridge_intake(self, source: str) -> str:
+        """The queue ``rmqdelay bridge`` reads what publishers send to exchange ``source``."""
+        return f"{self.namespace}.bridge.{source}"
+
     @property
     def delayed_exchange(self) -> str:
         """``x-delayed-message`` exchange of the plugin backend; feeds the work exchange."""

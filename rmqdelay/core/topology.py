@@ -15,7 +15,11 @@ from rmqdelay.core.routes import Backend
 from rmqdelay.core.wire import DELIVER, ROUTE_IN, route_header
 
 QueueType: TypeAlias = Literal["quorum", "classic"]
-ExchangeType: TypeAlias = Literal["direct", "fanout", "headers", "x-delayed-message"]
+ExchangeType: TypeAlias = Literal["direct", "fanout", "topic", "headers", "x-delayed-message"]
+#: What a bridge's target exchange may be (the plugin's x-delayed-type choices).
+TARGET_TYPES: tuple[ExchangeType, ...] = ("direct", "fanout", "topic", "headers")
+#: Marks an exchange as a bridge's source, naming its target (``rmqdelay bridge``).
+BRIDGE_ARGUMENT = "x-rmqdelay-bridge-to"
 ArgValue: TypeAlias = str | int
 Arguments: TypeAlias = dict[str, ArgValue]
 
@@ -258,4 +262,27 @@ def destination_topology(layout: Layout, destination: str) -> Topology:
     """Just a destination's work queue and its binding (the rest is declared elsewhere)."""
     return Topology(
         (), (work_queue_spec(layout, destination),), (work_queue_binding(layout, destination),)
+    )
+
+
+def bridge_topology(
+    layout: Layout, source: str, target: str, target_type: ExchangeType, destination: str
+) -> Topology:
+    """What ``rmqdelay bridge`` declares: ``source``, where publishers send as to the plugin,
+    as a fanout into the bridge's intake queue (every routing key, kept in the message);
+    ``target``, where consumers' queues are bound; and the work queue of ``destination``,
+    through which the bridged messages wait in the levels."""
+    intake = layout.names.bridge_intake(source)
+    return Topology(
+        (
+            ExchangeSpec(source, "fanout", {BRIDGE_ARGUMENT: target}),
+            ExchangeSpec(target, target_type),
+        ),
+        (
+            QueueSpec(
+                intake, _queue_arguments(layout.queue_type), placement(layout, layout.queue_type)
+            ),
+            work_queue_spec(layout, destination),
+        ),
+        (BindingSpec(source, intake, "queue"), work_queue_binding(layout, destination)),
     )

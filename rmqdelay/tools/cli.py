@@ -28,6 +28,7 @@ from rmqdelay.core.redact import Redactor, split_urls, url_password
 from rmqdelay.core.task import Handler
 from rmqdelay.core.topology import build_topology
 from rmqdelay.settings import Settings
+from rmqdelay.tools.bridge import Bridge, drain, plan_bridge
 from rmqdelay.tools.demo import run_demo
 from rmqdelay.tools.destroy import destroy as destroy_namespace
 from rmqdelay.tools.destroy import plan_destroy
@@ -98,6 +99,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="content types to hand to the handler (repeatable; default JSON, octet-stream, "
         "text/plain); others are parked",
     )
+
+    bridge = commands.add_parser(
+        "bridge",
+        help="take publishers of a delayed-message plugin exchange over (see the README)",
+        description="Publishers go on sending to exchange FROM with an x-delay header; each "
+        "message waits in the levels and is then published, as it was sent, to exchange TO, "
+        "where consumers' queues are bound.",
+    )
+    bridge.add_argument("--from", dest="source", required=True, metavar="EXCHANGE")
+    bridge.add_argument("--to", dest="target", metavar="EXCHANGE", help="default: FROM.due")
+    bridge.add_argument(
+        "--type",
+        dest="target_type",
+        default="direct",
+        help="the target's type when rmqdelay creates it (--switch takes the plugin's)",
+    )
+    bridge.add_argument("--destination", help="the bridge's own destination (bridge.FROM)")
+    bridge.add_argument(
+        "--switch", action="store_true", help="replace the plugin's exchange FROM (drain first)"
+    )
+    bridge.add_argument(
+        "--force", action="store_true", help="switch even though the plugin still holds messages"
+    )
+    bridge.add_argument(
+        "--drain",
+        action="store_true",
+        help="only wait until the plugin's exchange FROM holds no delayed messages",
+    )
+    bridge.add_argument("--timeout", type=_duration, metavar="SECONDS", help="--drain's limit")
+    bridge.add_argument(
+        "--declare-only", action="store_true", help="declare (or switch), then exit"
+    )
+    bridge.add_argument("--concurrency", type=int, help="forwards at once")
 
     schedule = commands.add_parser("schedule", help="schedule one task")
     schedule.add_argument("destination")
@@ -257,6 +291,36 @@ async def _run_worker(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _stopper(stop, sig))
     stats = await worker.run(stop)
+    return RET_ABANDONED if stats.abandoned else RET_OK
+
+
+async def _bridge(args: argparse.Namespace, settings: Settings) -> int:
+    if args.concurrency:
+        settings = settings.model_copy(update={"concurrency": args.concurrency})
+    if args.drain:
+        timeout = args.timeout.total_seconds() if args.timeout else 3600.0
+        held = await drain(settings, args.source, timeout_s=timeout)
+        if held:
+            print(f"{args.source!r} still holds {held} delayed message(s) after {timeout:g}s")
+            return RET_ERROR
+        print(f"{args.source!r} holds no delayed messages: switch now (--switch)")
+        return RET_OK
+    plan = plan_bridge(
+        settings,
+        args.source,
+        target=args.target,
+        target_type=args.target_type,
+        destination=args.destination,
+    )
+    bridge = Bridge(settings, plan)
+    print(await bridge.prepare(switch=args.switch, force=args.force))
+    if args.declare_only:
+        return RET_OK
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _stopper(stop, sig))
+    stats = await bridge.run(stop)
     return RET_ABANDONED if stats.abandoned else RET_OK
 
 
@@ -464,6 +528,7 @@ async def _confirm(prompt: str) -> bool:
 
 _COMMANDS = {
     "consume": _consume,
+    "bridge": _bridge,
     "schedule": _schedule,
     "cancel": _cancel,
     "declare": _declare,
