@@ -13,6 +13,7 @@ from pydantic import (
     BeforeValidator,
     Field,
     FilePath,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -200,6 +201,12 @@ class Settings(BaseSettings):
         default=None,
         description="Management API for 'rmqdelay status' (default: http://<host>:15672 "
         "for each host of RMQDELAY_URL); comma-separated URLs are tried in turn.",
+    )
+
+    http_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token 'rmqdelay serve' requires of every API call; it refuses "
+        "to listen beyond loopback without one.",
     )
 
     def __init__(self, **values: Any) -> None:

@@ -41,6 +41,7 @@ def parse_duration(text: str) -> timedelta:
     ``10ms5s`` is far likelier a typo than 5.01 seconds.
     """
     compact = text.strip().replace(" ", "")
+    shown = text if len(text) <= 60 else text[:57] + "..."
     if not compact:
         raise InvalidDelayError("empty duration; write it with a unit, e.g. 250ms, 90s, 30m, 2h")
     pos, total_us, last_unit_us = 0, Decimal(0), None
@@ -50,17 +51,22 @@ def parse_duration(text: str) -> timedelta:
         unit_us = _UNIT_US[match.group(2)]
         if last_unit_us is not None and unit_us >= last_unit_us:
             raise InvalidDelayError(
-                f"cannot read duration {text!r}: units must go from largest to smallest, each "
+                f"cannot read duration {shown!r}: units must go from largest to smallest, each "
                 f"once (e.g. 1h30m, 5s10ms); {match.group(2)!r} comes after a smaller or equal one"
             )
         total_us += Decimal(match.group(1)) * unit_us
         pos, last_unit_us = match.end(), unit_us
     if pos != len(compact):
         raise InvalidDelayError(
-            f"cannot read duration {text!r}; use a number with a unit (us, ms, s, m, h, d, w), "
+            f"cannot read duration {shown!r}; use a number with a unit (us, ms, s, m, h, d, w), "
             "e.g. 250ms, 90s, 30m, 2h, 1h30m"
         )
-    return timedelta(microseconds=math.ceil(total_us))
+    try:
+        return timedelta(microseconds=math.ceil(total_us))
+    except OverflowError:
+        raise InvalidDelayError(
+            f"duration {shown!r} is beyond any delay rmqdelay can hold (~2.7 million years)"
+        ) from None
 
 
 def delay_to_us(delay: timedelta | float | int) -> int:

@@ -133,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bridge.add_argument("--concurrency", type=int, help="forwards at once")
 
+    serve = commands.add_parser(
+        "serve",
+        help="an HTTP API to schedule and cancel (needs rmqdelay[http])",
+        description="POST /v1/tasks, DELETE /v1/keys/{key}, GET /healthz, /openapi.json. "
+        "Set RMQDELAY_HTTP_TOKEN; without it only a loopback address is served.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on")
+
     schedule = commands.add_parser("schedule", help="schedule one task")
     schedule.add_argument("destination")
     schedule.add_argument("payload", help="JSON text ('-' reads stdin); raw with --content-type")
@@ -322,6 +331,20 @@ async def _bridge(args: argparse.Namespace, settings: Settings) -> int:
         loop.add_signal_handler(sig, _stopper(stop, sig))
     stats = await bridge.run(stop)
     return RET_ABANDONED if stats.abandoned else RET_OK
+
+
+async def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from rmqdelay.tools.http_api import serve
+    except ImportError as e:
+        raise ConfigError(
+            f"rmqdelay serve needs the http extra ({e.name} is missing): "
+            "pip install 'rmqdelay[http]'"
+        ) from None
+    if settings.http_token:
+        _secrets.add(settings.http_token.get_secret_value())
+    await serve(settings, args.host, args.port)
+    return RET_OK
 
 
 def _stopper(stop: asyncio.Event, sig: signal.Signals) -> Any:
@@ -529,6 +552,7 @@ async def _confirm(prompt: str) -> bool:
 _COMMANDS = {
     "consume": _consume,
     "bridge": _bridge,
+    "serve": _serve,
     "schedule": _schedule,
     "cancel": _cancel,
     "declare": _declare,

@@ -211,3 +211,10 @@ def test_describe_us_never_understates() -> None:
 def test_parse_duration_refuses_units_out_of_order(text: str) -> None:
     with pytest.raises(InvalidDelayError, match="largest to smallest"):
         parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["9" * 30 + "w", "999999999999d", "1" * 5000 + "s"])
+def test_parse_duration_refuses_what_no_timedelta_holds_naming_it_briefly(text: str) -> None:
+    with pytest.raises(InvalidDelayError, match="beyond any delay") as caught:
+        parse_duration(text)
+    assert len(str(caught.value)) < 200

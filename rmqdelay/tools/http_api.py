@@ -1,0 +1,496 @@
+"""``rmqdelay serve``: schedule and cancel over HTTP, for services that do not speak AMQP.
+
+FastAPI on uvicorn, one Scheduler (one connection) per process. Every call is checked by
+the library's own validation and answered with its message; a 201 means the broker has
+confirmed the task, exactly as ``schedule()`` returning does.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from starlette.convertors import Convertor, register_url_convertor
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rmqdelay.broker.scheduler import Scheduler
+from rmqdelay.core.delays import parse_duration
+from rmqdelay.core.errors import (
+    BrokerError,
+    BrokerUnavailableError,
+    ConfigError,
+    InvalidDelayError,
+    InvalidPayloadError,
+    InvalidTaskError,
+    PublishNotConfirmedError,
+    RmqDelayError,
+    UnroutableError,
+)
+from rmqdelay.settings import Settings
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("rmqdelay.http.access")
+
+#: Room for the JSON around a payload of the largest size the settings allow.
+ENVELOPE_BYTES = 64 * 1024
+
+
+class TaskRequest(BaseModel):
+    """``POST /v1/tasks``: give exactly one of ``delay``, ``delay_ms`` and ``at``.
+
+    The limits are in the OpenAPI document for clients to read, but checked by the
+    library, so that a refusal carries its message, naming the bad value.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [{"required": ["delay"]}, {"required": ["delay_ms"]}, {"required": ["at"]}]
+        },
+    )
+
+    destination: str = Field(
+        description="Work queue to deliver to; it must exist.",
+        json_schema_extra={"pattern": r"^[A-Za-z0-9_.:-]+$", "minLength": 1, "maxLength": 200},
+    )
+    payload: JsonValue = Field(description="Any JSON value; the handler receives it decoded.")
+    delay: str | None = Field(
+        default=None,
+        description="A duration: 250ms, 90s, 30m, 2h, 3d, 1h30m.",
+        examples=["30m"],
+        json_schema_extra={"pattern": r"^([0-9]+(\.[0-9]+)?(us|ms|s|m|h|d|w))+$"},
+    )
+    delay_ms: int | None = Field(
+        default=None, description="The delay in milliseconds.", json_schema_extra={"minimum": 0}
+    )
+    at: str | None = Field(
+        default=None,
+        description="Due time, RFC 3339 with a UTC offset.",
+        examples=["2026-12-01T08:00:00+01:00"],
+        json_schema_extra={"format": "date-time"},
+    )
+    id: str | None = Field(
+        default=None,
+        description="Your own task id (default: a new one); 1-255 bytes of UTF-8.",
+        json_schema_extra={"minLength": 1, "maxLength": 255},
+    )
+    keys: list[str] = Field(
+        default_factory=list,
+        description="Cancel keys, each 1-255 bytes of UTF-8.",
+        json_schema_extra={"maxItems": 32},
+    )
+    replace: bool = Field(
+        default=False, description="Cancel the tasks under `keys` first (reschedule)."
+    )
+
+
+class TaskCreated(BaseModel):
+    """A task the broker has confirmed."""
+
+    id: str
+    destination: str
+    due_at: datetime
+    hops: int
+    keys: list[str]
+
+
+class Cancelled(BaseModel):
+    """A cancel the broker has confirmed: tasks under ``key`` published up to ``at`` do
+    not run."""
+
+    key: str
+    at: datetime
+
+
+class Problem(BaseModel):
+    """Every error: the error's type and a message naming what to change."""
+
+    error: str
+    message: str
+
+
+class Health(BaseModel):
+    """Whether this process can reach the broker."""
+
+    status: str
+
+
+_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "No or a wrong bearer token."},
+    413: {"model": Problem, "description": "The request is larger than allowed."},
+    422: {"model": Problem, "description": "Refused; the message names the bad value."},
+    503: {"model": Problem, "description": "The broker did not confirm in time."},
+}
+
+
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": Problem, "description": "No work queue for the destination."}
+}
+
+
+def _status(error: RmqDelayError) -> int:
+    if isinstance(error, InvalidPayloadError) and "maximum message size" in str(error):
+        return 413
+    if isinstance(error, UnroutableError):
+        return 404
+    if isinstance(error, InvalidTaskError | ConfigError):
+        return 422
+    if isinstance(error, BrokerUnavailableError | PublishNotConfirmedError | BrokerError):
+        return 503
+    return 500
+
+
+def _problem(status: int, error: str, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": error, "message": message}, status, headers=headers or None)
+
+
+def _delay(request: TaskRequest) -> tuple[timedelta | None, datetime | None]:
+    given = [name for name in ("delay", "delay_ms", "at") if getattr(request, name) is not None]
+    if len(given) != 1:
+        raise InvalidDelayError(
+            f"give exactly one of delay, delay_ms and at (got {', '.join(given) or 'none'})"
+        )
+    if request.delay is not None:
+        return parse_duration(request.delay), None
+    if request.delay_ms is not None:
+        if request.delay_ms < 0:
+            raise InvalidDelayError(f"delay_ms must not be negative, got {request.delay_ms}")
+        try:
+            return timedelta(milliseconds=request.delay_ms), None
+        except OverflowError:
+            raise InvalidDelayError(
+                f"delay_ms={request.delay_ms} is beyond any delay rmqdelay can hold"
+            ) from None
+    assert request.at is not None
+    try:
+        return None, datetime.fromisoformat(request.at)
+    except ValueError:
+        raise InvalidDelayError(
+            f"at={request.at[:60]!r} is not an RFC 3339 time such as 2026-12-01T08:00:00+01:00"
+        ) from None
+
+
+class BodyLimit:
+    """Refuse (413) a request body over ``limit`` bytes, whether or not it says its length,
+    before the framework reads it into memory."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await self._refuse(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = _problem(413, "RequestTooLarge", f"the request body is over {self.limit} bytes")
+        await response(scope, receive, send)
+
+
+class _AnyText(Convertor[str]):
+    """A path segment of any text: a key may hold '/', newlines and any Unicode, and
+    Starlette's own ``path`` convertor stops at a newline."""
+
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anything", _AnyText())
+
+_bearer = HTTPBearer(auto_error=False, description="RMQDELAY_HTTP_TOKEN")
+
+
+async def _authorized(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    token: str | None = request.app.state.token
+    if token is None:
+        return
+    given = credentials.credentials if credentials is not None else ""
+    # Constant time: the comparison must not tell an attacker how much of a guess is right.
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise _UnauthorizedError
+
+
+def _scheduler(request: Request) -> Scheduler:
+    scheduler: Scheduler = request.app.state.scheduler
+    return scheduler
+
+
+router = APIRouter()
+
+
+@router.post(
+    "/v1/tasks",
+    status_code=201,
+    response_model=TaskCreated,
+    responses=_PROBLEMS | _NOT_FOUND,
+    dependencies=[Depends(_authorized)],
+    summary="Schedule a task",
+)
+async def _schedule(
+    request: TaskRequest, scheduler: Annotated[Scheduler, Depends(_scheduler)]
+) -> TaskCreated:
+    delay, at = _delay(request)
+    scheduled = await scheduler.schedule(
+        request.destination,
+        request.payload,
+        delay=delay,
+        at=at,
+        task_id=request.id,
+        keys=request.keys,
+        replace=request.replace,
+    )
+    return TaskCreated(
+        id=scheduled.id,
+        destination=scheduled.destination,
+        due_at=scheduled.due_at,
+        hops=scheduled.hops,
+        keys=list(scheduled.keys),
+    )
+
+
+@router.delete(
+    "/v1/keys/{key:anything}",
+    response_model=Cancelled,
+    responses=_PROBLEMS
+    | {404: {"model": Problem, "description": "No key in the path (an empty key)."}},
+    dependencies=[Depends(_authorized)],
+    summary="Cancel every pending task under a key (or with that id)",
+)
+async def _cancel(
+    key: Annotated[str, Path(description="The cancel key or task id (URL-encoded).")],
+    scheduler: Annotated[Scheduler, Depends(_scheduler)],
+    until: Annotated[
+        str | None, Query(description="Forget the cancel after this duration (e.g. 2h).")
+    ] = None,
+) -> Cancelled:
+    cancellation = await scheduler.cancel(
+        key, until=parse_duration(until) if until is not None else None
+    )
+    return Cancelled(key=cancellation.key, at=cancellation.at)
+
+
+@router.get(
+    "/healthz",
+    response_model=Health,
+    responses={503: {"model": Problem, "description": "The broker is out of reach."}},
+    summary="Liveness: the broker connection is open",
+)
+async def _healthz(scheduler: Annotated[Scheduler, Depends(_scheduler)]) -> Any:
+    if scheduler.connection.is_closed:
+        return _problem(503, "BrokerUnavailable", "the connection to the broker is down")
+    return Health(status="ok")
+
+
+async def _on_unauthorized(_: Request, __: Exception) -> JSONResponse:
+    return _problem(
+        401,
+        "Unauthorized",
+        "send 'Authorization: Bearer <RMQDELAY_HTTP_TOKEN>'",
+        **{"WWW-Authenticate": "Bearer"},
+    )
+
+
+async def _on_refused(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RmqDelayError)
+    status = _status(error)
+    if status >= 500:
+        log.error("%s: %s", type(error).__name__, error)
+    return _problem(status, type(error).__name__, str(error))
+
+
+async def _on_http(_: Request, error: Exception) -> JSONResponse:
+    """Routing's own answers (no such path, wrong method) in the shape of every other."""
+    assert isinstance(error, StarletteHTTPException)
+    return _problem(error.status_code, "HTTPError", str(error.detail))
+
+
+async def _on_invalid(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    return _problem(422, "InvalidRequest", _describe(error))
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The API, with one Scheduler that the app's lifespan starts and closes."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scheduler = Scheduler(settings)
+        await scheduler.start()
+        app.state.scheduler = scheduler
+        try:
+            yield
+        finally:
+            await scheduler.close()
+
+    app = FastAPI(
+        title="rmqdelay",
+        summary="Delayed and scheduled tasks on RabbitMQ.",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.token = settings.http_token.get_secret_value() if settings.http_token else None
+    app.include_router(router)
+    app.add_exception_handler(_UnauthorizedError, _on_unauthorized)
+    app.add_exception_handler(RmqDelayError, _on_refused)
+    app.add_exception_handler(RequestValidationError, _on_invalid)
+    app.add_exception_handler(StarletteHTTPException, _on_http)
+    # Added last, so outermost: the access log sees the 413s too.
+    app.add_middleware(BodyLimit, limit=settings.max_message_size + ENVELOPE_BYTES)
+    app.add_middleware(AccessLog)
+    return app
+
+
+class _UnauthorizedError(Exception):
+    pass
+
+
+def _describe(error: RequestValidationError) -> str:
+    """Pydantic's complaints, one clause each, without echoing the input (it may be big,
+    or a secret pasted into the wrong field)."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {item.get('msg', 'invalid')}")
+    return "; ".join(parts[:10]) or "the request is not valid"
+
+
+class AccessLog:
+    """One line per request (method, path, status, duration, client, request id); never
+    headers, query or body, where tokens and payloads live."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex[:16]
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            client = scope.get("client")
+            access_log.info(
+                "%s %s %d",
+                scope["method"],
+                scope["path"],
+                status,
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    "client": client[0] if client else None,
+                    "request_id": request_id,
+                },
+            )
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse to serve beyond loopback without a token.
+
+    Raises:
+        ConfigError: ``host`` is not a loopback address and no token is set.
+    """
+    if token:
+        return
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(
+            f"refusing to serve on {host!r} without RMQDELAY_HTTP_TOKEN: anyone who can "
+            "reach it could schedule and cancel; set a token, or listen on 127.0.0.1"
+        )
+
+
+def server_config(settings: Settings, host: str, port: int) -> Any:
+    """uvicorn's configuration for the API: our access log and logging, not uvicorn's."""
+    import uvicorn
+
+    # uvicorn's access log carries the query string and the client's port; ours does not.
+    logging.getLogger("uvicorn.access").disabled = True
+    return uvicorn.Config(
+        create_app(settings),
+        host=host,
+        port=port,
+        access_log=False,
+        log_config=None,  # the CLI's logging, with its secret masking
+        server_header=False,
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace.total_seconds())),
+    )
+
+
+async def serve(settings: Settings, host: str, port: int) -> None:
+    """Serve the API until interrupted (uvicorn handles SIGINT and SIGTERM).
+
+    Raises:
+        ConfigError: a non-loopback ``host`` without RMQDELAY_HTTP_TOKEN.
+    """
+    import uvicorn
+
+    token = settings.http_token.get_secret_value() if settings.http_token else None
+    check_bind(host, token)
+    await uvicorn.Server(server_config(settings, host, port)).serve()

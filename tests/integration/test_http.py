@@ -1,0 +1,281 @@
+"""``rmqdelay serve``: the HTTP API over real HTTP, against the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timedelta
+
+import httpx
+import pytest
+import schemathesis
+import uvicorn
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from pydantic import SecretStr
+from schemathesis.checks import positive_data_acceptance
+
+from rmqdelay import ConfigError, Scheduler, Settings
+from rmqdelay.tools.cli import main
+from rmqdelay.tools.http_api import check_bind, server_config
+
+from .helpers import Recorder, logged, running_worker
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "s3cret-token-for-the-api"
+
+
+class Server:
+    """The API on a free loopback port, its event loop in a thread of its own (as uvicorn
+    runs it in production), so that tests of any kind can call it over HTTP."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.server = uvicorn.Server(server_config(settings, "127.0.0.1", 0))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        for _ in range(600):
+            if self.server.started:
+                break
+            self.thread.join(0.05)
+            assert self.thread.is_alive(), "the server stopped while starting"
+        assert self.server.started, "the server did not start within 30 s"
+        [server] = self.server.servers
+        port = server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *_: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def api_settings(settings: Settings) -> Settings:
+    # A small size limit, so that the 413 path is cheap to reach.
+    return settings.model_copy(update={"http_token": SecretStr(TOKEN), "max_message_size": 4096})
+
+
+@pytest.fixture(scope="module")
+def base_url(api_settings: Settings) -> Iterator[str]:
+    with Server(api_settings) as url:
+        yield url
+
+
+@pytest.fixture
+async def client(base_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30) as client:
+        yield client
+
+
+async def test_post_schedules_a_task_that_a_worker_runs(
+    api_settings: Settings, destination: str, client: httpx.AsyncClient
+) -> None:
+    recorder = Recorder()
+    async with Scheduler(api_settings) as scheduler:
+        await scheduler.declare_destination(destination)
+    replies = [
+        await client.post(
+            "/v1/tasks", json={"destination": destination, "payload": {"n": 1}, "delay": "300ms"}
+        ),
+        await client.post(
+            "/v1/tasks", json={"destination": destination, "payload": [2], "delay_ms": 200}
+        ),
+        await client.post(
+            "/v1/tasks",
+            json={
+                "destination": destination,
+                "payload": "three",
+                "at": (datetime.now().astimezone() + timedelta(seconds=0.4)).isoformat(),
+                "id": "my-own-id",
+                "keys": ["k:3"],
+            },
+        ),
+    ]
+    assert [r.status_code for r in replies] == [201, 201, 201], [r.text for r in replies]
+    created = [r.json() for r in replies]
+    assert created[2]["id"] == "my-own-id"
+    assert created[2]["keys"] == ["k:3"]
+    assert datetime.fromisoformat(created[0]["due_at"]).tzinfo is not None
+    async with running_worker(api_settings, destination, recorder):
+        await recorder.wait_for({c["id"] for c in created}, within=30)
+    payloads = sorted(repr(task.payload) for task, _ in recorder.runs)
+    assert payloads == sorted(["{'n': 1}", "[2]", "'three'"])
+    assert min(recorder.lateness_ms().values()) >= 0
+
+
+async def test_delete_cancels_the_tasks_under_a_key(
+    api_settings: Settings, destination: str, client: httpx.AsyncClient
+) -> None:
+    recorder = Recorder()
+    key = "user/42 é"  # a slash and non-ASCII: URL-encoded in the path
+    async with Scheduler(api_settings) as scheduler:
+        await scheduler.declare_destination(destination)
+    doomed = await client.post(
+        "/v1/tasks",
+        json={"destination": destination, "payload": 1, "delay": "500ms", "keys": [key]},
+    )
+    cancelled = await client.delete(f"/v1/keys/{httpx.URL(path=key).raw_path.decode()}")
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["key"] == key
+    kept = await client.post(
+        "/v1/tasks", json={"destination": destination, "payload": 2, "delay": "600ms"}
+    )
+    async with running_worker(api_settings, destination, recorder) as worker:
+        await recorder.wait_for({kept.json()["id"]}, within=30)
+        await worker.wait_for(lambda s: s.cancelled >= 1)
+    assert doomed.json()["id"] not in recorder.ids
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        ({"destination": "x", "payload": 1}, 422, "exactly one of delay, delay_ms and at"),
+        ({"destination": "x", "payload": 1, "delay": "5s", "delay_ms": 5}, 422, "exactly one"),
+        ({"destination": "x", "payload": 1, "delay": "soon"}, 422, "'soon'"),
+        ({"destination": "x", "payload": 1, "delay_ms": -5}, 422, "-5"),
+        ({"destination": "x", "payload": 1, "delay_ms": 10**30}, 422, "delay"),
+        ({"destination": "x", "payload": 1, "at": "2026-12-01T08:00:00"}, 422, "naive"),
+        ({"destination": "x", "payload": 1, "at": "tomorrow"}, 422, "RFC 3339"),
+        ({"destination": "a*b", "payload": 1, "delay": "1s"}, 422, "'*'"),
+        ({"destination": "x", "payload": 1, "delay": "1s", "keys": "k"}, 422, "keys"),
+        ({"destination": "x", "payload": 1, "delay": "1s", "colour": "red"}, 422, "colour"),
+        ({"destination": "no-queue-here", "payload": 1, "delay": "1s"}, 404, "no-queue-here"),
+    ],
+)
+async def test_refusals_carry_the_librarys_message_and_no_traceback(
+    client: httpx.AsyncClient, body: dict[str, object], status: int, says: str
+) -> None:
+    reply = await client.post("/v1/tasks", json=body)
+    assert reply.status_code == status, reply.text
+    problem = reply.json()
+    assert set(problem) == {"error", "message"}
+    assert says in problem["message"]
+    assert "Traceback" not in reply.text
+
+
+async def test_malformed_and_deeply_nested_json_are_refused(client: httpx.AsyncClient) -> None:
+    broken = await client.post(
+        "/v1/tasks", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert broken.status_code == 422
+    deep = '{"destination": "x", "delay": "1s", "payload": ' + "[" * 3000 + "]" * 3000 + "}"
+    nested = await client.post(
+        "/v1/tasks", content=deep, headers={"Content-Type": "application/json"}
+    )
+    assert nested.status_code in (400, 422), nested.text
+    assert "Traceback" not in nested.text
+
+
+async def test_the_token_is_required_and_compared_whole(base_url: str) -> None:
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as anonymous:
+        body = {"destination": "x", "payload": 1, "delay": "1s"}
+        missing = await anonymous.post("/v1/tasks", json=body)
+        wrong = await anonymous.post(
+            "/v1/tasks", json=body, headers={"Authorization": f"Bearer {TOKEN[:-1]}"}
+        )
+        basic = await anonymous.delete("/v1/keys/k", headers={"Authorization": f"Basic {TOKEN}"})
+        health = await anonymous.get("/healthz")
+        schema = await anonymous.get("/openapi.json")
+    assert [missing.status_code, wrong.status_code, basic.status_code] == [401, 401, 401]
+    assert missing.headers["WWW-Authenticate"] == "Bearer"
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok"}
+    assert schema.status_code == 200
+    assert "/v1/tasks" in schema.json()["paths"]
+
+
+async def test_bodies_over_the_limit_are_refused_with_or_without_a_length(
+    client: httpx.AsyncClient,
+) -> None:
+    big = b'{"destination": "x", "delay": "1s", "payload": "' + b"a" * 200_000 + b'"}'
+    declared = await client.post(
+        "/v1/tasks", content=big, headers={"Content-Type": "application/json"}
+    )
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(big), 8192):
+            yield big[i : i + 8192]
+
+    streamed = await client.post(
+        "/v1/tasks", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert declared.status_code == 413
+    assert streamed.status_code == 413
+    assert "over" in streamed.json()["message"]
+    fits_http_not_broker = await client.post(
+        "/v1/tasks", json={"destination": "x", "delay": "1s", "payload": "a" * 10_000}
+    )
+    assert fits_http_not_broker.status_code == 413
+    assert "maximum message size" in fits_http_not_broker.json()["message"]
+
+
+async def test_access_log_has_one_structured_line_and_no_secret(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="rmqdelay.http.access")
+    with logged("rmqdelay.http.access", "DELETE /v1/keys/some-key") as written:
+        reply = await client.delete("/v1/keys/some-key?until=2h")
+        # The server's thread writes the line as the response ends.
+        await asyncio.wait_for(written.wait(), 10)
+    assert reply.status_code == 200
+    [record] = [r for r in caplog.records if r.name == "rmqdelay.http.access"]
+    assert record.method == "DELETE"  # type: ignore[attr-defined]
+    assert record.path == "/v1/keys/some-key"  # type: ignore[attr-defined]
+    assert record.status == 200  # type: ignore[attr-defined]
+    assert record.request_id == reply.headers["x-request-id"]  # type: ignore[attr-defined]
+    assert TOKEN not in caplog.text
+    assert "until" not in caplog.text, "query strings stay out of the log"
+
+
+def test_serving_beyond_loopback_needs_a_token() -> None:
+    check_bind("127.0.0.1", None)
+    check_bind("::1", None)
+    check_bind("localhost", None)
+    check_bind("0.0.0.0", "t")
+    for host in ("0.0.0.0", "192.168.1.5", "example.com"):
+        with pytest.raises(ConfigError, match="RMQDELAY_HTTP_TOKEN"):
+            check_bind(host, None)
+
+
+def test_cli_refuses_a_public_address_without_a_token(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RMQDELAY_HTTP_TOKEN", raising=False)
+    assert main(["serve", "--host", "0.0.0.0"]) == 1
+    assert "without RMQDELAY_HTTP_TOKEN" in capsys.readouterr().err
+
+
+# --- fuzzing from the OpenAPI document ----------------------------------------------------
+
+
+def test_fuzzing_from_the_openapi_document(base_url: str) -> None:
+    """Whatever the schema allows, and what it does not: never a 5xx, every answer as
+    documented (status, content type, body schema), against the real broker."""
+    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {(o.method.upper(), o.path) for o in operations} >= {
+        ("POST", "/v1/tasks"),
+        ("DELETE", "/v1/keys/{key}"),
+        ("GET", "/healthz"),
+    }
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @hypothesis_settings(
+            max_examples=80, deadline=None, suppress_health_check=list(HealthCheck)
+        )
+        def check(case: schemathesis.Case) -> None:
+            case.call_and_validate(
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                # Some refusals depend on what a schema cannot say (a due time past the
+                # maximum delay, a key's length in bytes, a destination with no queue):
+                # those are 4xx for schema-valid input, and say why.
+                excluded_checks=[positive_data_acceptance],
+            )
+
+        check()
