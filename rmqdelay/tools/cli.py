@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from importlib.metadata import version
 from typing import Any
@@ -39,6 +39,7 @@ from rmqdelay.tools.status import collect, render, vhost_of
 from rmqdelay.tools.webhook import WebhookHandler
 from rmqdelay.worker.consume import Worker
 from rmqdelay.worker.handler import load_handler
+from rmqdelay.worker.stats import WorkerStats
 
 RET_OK = 0
 RET_ERROR = 1
@@ -295,11 +296,16 @@ async def _run_worker(
         raw=raw,
         metrics_port=args.metrics_port,
     )
+    return await _until_signalled(worker.run)
+
+
+async def _until_signalled(run: Callable[[asyncio.Event], Awaitable[WorkerStats]]) -> int:
+    """Run a worker (or a bridge) until SIGINT or SIGTERM; its exit code."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _stopper(stop, sig))
-    stats = await worker.run(stop)
+    stats = await run(stop)
     return RET_ABANDONED if stats.abandoned else RET_OK
 
 
@@ -325,12 +331,7 @@ async def _bridge(args: argparse.Namespace, settings: Settings) -> int:
     print(await bridge.prepare(switch=args.switch, force=args.force))
     if args.declare_only:
         return RET_OK
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, _stopper(stop, sig))
-    stats = await bridge.run(stop)
-    return RET_ABANDONED if stats.abandoned else RET_OK
+    return await _until_signalled(bridge.run)
 
 
 async def _serve(args: argparse.Namespace, settings: Settings) -> int:

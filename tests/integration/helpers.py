@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -102,16 +102,25 @@ async def running_worker(
 ) -> AsyncIterator[Worker]:
     """A worker consuming in the background for the duration of the block."""
     worker = Worker(settings, destination, handler, **kwargs)
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
-    ready = asyncio.create_task(worker.ready.wait())
-    done, _ = await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        ready.cancel()
-        task.result()  # raises what stopped it
-    assert ready in done, "worker did not start consuming within 30 s"
-    try:
+    async with in_background(worker.run, worker.ready, "worker"):
         yield worker
+
+
+@asynccontextmanager
+async def in_background(
+    run: Callable[[asyncio.Event], Awaitable[object]], ready: asyncio.Event, what: str
+) -> AsyncIterator[None]:
+    """``run(stop)`` in the background once ``ready`` is set; stopped after the block."""
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(run(stop))
+    waiting = asyncio.create_task(ready.wait())
+    done, _ = await asyncio.wait({task, waiting}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        waiting.cancel()
+        task.result()  # raises what stopped it
+    assert waiting in done, f"{what} did not start within 30 s"
+    try:
+        yield
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=60)

@@ -19,7 +19,7 @@ from rmqdelay.tools.bridge import Bridge, BridgePlan, drain, plan_bridge
 from rmqdelay.tools.cli import main
 from rmqdelay.tools.parking import ParkingLot
 
-from .helpers import use_in_cli
+from .helpers import in_background, use_in_cli
 
 pytestmark = pytest.mark.integration
 
@@ -96,19 +96,8 @@ async def _publish_as_plugin_user(
 async def running(settings: Settings, plan: BridgePlan) -> AsyncIterator[Bridge]:
     bridge = Bridge(settings, plan)
     await bridge.prepare()
-    stop = asyncio.Event()
-    task = asyncio.create_task(bridge.run(stop))
-    ready = asyncio.create_task(bridge.ready.wait())
-    done, _ = await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        ready.cancel()
-        task.result()
-    assert ready in done, "the bridge did not start within 30 s"
-    try:
+    async with in_background(bridge.run, bridge.ready, "the bridge"):
         yield bridge
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
 
 
 async def test_a_plugin_publisher_reaches_a_plain_consumer_on_time_as_it_sent(
