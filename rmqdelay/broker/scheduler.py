@@ -18,6 +18,7 @@ from pamqp.commands import Basic
 from rmqdelay.broker.connection import connect
 from rmqdelay.broker.declare import check_topology, declare_topology, resolve_backend
 from rmqdelay.broker.publisher import Publisher, properties
+from rmqdelay.broker.streams import load_cancels, read_stream
 from rmqdelay.core.cancelset import Stamps
 from rmqdelay.core.delays import delay_to_us, describe_us
 from rmqdelay.core.errors import (
@@ -28,12 +29,28 @@ from rmqdelay.core.errors import (
     TopologyMismatchError,
     UnroutableError,
 )
+from rmqdelay.core.recurrence import (
+    MAX_SERIES_KEY_BYTES,
+    MIN_EVERY_MS,
+    SERIES,
+    Rule,
+    Series,
+    SeriesHeader,
+    check_catch_up,
+    check_rule,
+    compact,
+    describe_series,
+    occurrence_key,
+    series_record,
+    utc,
+)
 from rmqdelay.core.retry import BACKOFF_BASE_MS, BACKOFF_CAP_MS, MAX_ATTEMPTS
 from rmqdelay.core.routes import Route
 from rmqdelay.core.task import Cancellation, ScheduledTask
 from rmqdelay.core.topology import build_topology, destination_topology
 from rmqdelay.core.wire import (
     PAST_DUE_TOLERANCE_MS,
+    PUBLISHED_MS,
     cancel_headers,
     check_key,
     check_keys,
@@ -336,6 +353,103 @@ class Scheduler:
             checked.task_id, checked.destination, _EPOCH + due_us * _US, way.hops, checked.keys
         )
         return checked.body, props, way, scheduled
+
+    async def recurring(
+        self,
+        destination: str,
+        payload: Any,
+        *,
+        key: str,
+        cron: str | None = None,
+        every: timedelta | float | None = None,
+        tz: str | None = None,
+        catch_up: str = "once",
+        content_type: str | None = None,
+    ) -> Series:
+        """Add a recurring series under ``key``, or replace the one already under it.
+
+        The series lives in the broker: its one pending occurrence carries the rule, and
+        the worker that takes an occurrence schedules the next (confirmed) before it runs
+        the handler. ``cancel(key)`` stops it. Returns once the first occurrence and the
+        registry record are confirmed.
+
+        Args:
+            cron: Five-field cron expression, read in ``tz`` (default UTC).
+            every: An interval (timedelta or seconds, at least 1 s); the first occurrence
+                is one interval from now.
+            catch_up: After downtime: ``once`` runs one occurrence for all that were
+                missed, ``all`` runs each, ``skip`` runs none and waits for the next.
+
+        Raises:
+            InvalidRecurrenceError: a bad rule, zone or catch-up; nothing was sent.
+            InvalidTaskError: a bad destination, payload or key; nothing was sent.
+            UnroutableError: no work queue for ``destination``.
+            PublishNotConfirmedError: the broker did not confirm; call again (it replaces).
+        """
+        key = check_key(key, "a series key")
+        if len(key.encode()) > MAX_SERIES_KEY_BYTES:
+            raise InvalidKeyError(
+                f"series key {key[:40]!r}... is over {MAX_SERIES_KEY_BYTES} bytes of UTF-8"
+            )
+        now_ms = time.time_ns() // 1_000_000
+        rule = check_rule(cron=cron, every=every, tz=tz, now_ms=now_ms)
+        policy = check_catch_up(catch_up)
+        first = rule.anchor_ms if rule.every_ms is not None else rule.next_after(now_ms)
+        checked = check_task(
+            self.wiring,
+            TaskSpec(
+                destination,
+                payload,
+                at=utc(first),
+                content_type=content_type,
+                keys=(key, occurrence_key(key, first)),
+            ),
+        )
+        await self._check_destination(checked.destination)
+        await self.cancel(key)  # the series it replaces, if any, stops here
+        body, props, way, scheduled = self._message(checked, time.time_ns() // 1000)
+        assert props.headers is not None
+        published = props.headers[PUBLISHED_MS]
+        assert isinstance(published, int)
+        header = SeriesHeader(key, rule, policy, published)
+        props.headers[SERIES] = header.encode()
+        await self._publish_task(body, props, way, scheduled)
+        await self._publish_record(series_record(header, checked.destination), "series")
+        return describe_series(header, checked.destination, now_ms, 3)
+
+    async def remove_series(self, key: str) -> Cancellation:
+        """Stop the series under ``key`` (its pending occurrence is cancelled) and drop it
+        from the registry."""
+        cancellation = await self.cancel(key)
+        header = SeriesHeader(key, Rule(None, MIN_EVERY_MS, "UTC", 0), "once", 0)
+        await self._publish_record(series_record(header, "", removed=True), "series")
+        return cancellation
+
+    async def series(self) -> list[Series]:
+        """The recurring series: the registry, compacted, less those cancelled since."""
+        records = await read_stream(self.connection, self.wiring.names.series)
+        live = compact(records)
+        if not live:
+            return []
+        cancels = await load_cancels(self.settings)
+        now_ms = time.time_ns() // 1_000_000
+        return [
+            describe_series(header, destination, now_ms, 3)
+            for header, destination in sorted(live.values(), key=lambda v: v[0].key)
+            if cancels.cancelled_by((header.key,), header.since_ms) is None
+        ]
+
+    async def _publish_record(self, body: bytes, stream_role: str) -> None:
+        stream = self.wiring.names.series
+        try:
+            await self._require_publisher().publish(
+                body, properties({}), "", stream, what=f"the {stream_role} record"
+            )
+        except UnroutableError as e:
+            raise TopologyMismatchError(
+                f"stream {stream!r} does not exist; declare the topology "
+                "('rmqdelay declare') or import definitions.json again"
+            ) from e
 
     async def cancel(
         self, key: str, *, until: datetime | timedelta | float | None = None

@@ -56,6 +56,10 @@ class InvalidPayloadError(InvalidTaskError):
     """Raised for a payload that is neither JSON-serialisable nor bytes with a content type."""
 
 
+class InvalidRecurrenceError(InvalidTaskError):
+    """Raised for a bad recurring rule: cron expression, interval, time zone, catch-up."""
+
+
 class BrokerError(RmqDelayError):
     """Raised when the broker refused an operation or could not be reached."""
 

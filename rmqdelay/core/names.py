@@ -82,6 +82,12 @@ class Names:
         return f"{self.namespace}.cancels"
 
     @property
+    def series(self) -> str:
+        """Stream of recurring-series records: the registry ``rmqdelay recurring list``
+        reads (compacted by key on read); the series themselves live in their tasks."""
+        return f"{self.namespace}.series"
+
+    @property
     def cancel_snapshots(self) -> str:
         """Stream of snapshots of the live cancel set, so a starting worker need not
         replay the whole cancellation stream."""

@@ -221,6 +221,8 @@ def _common_queues(layout: Layout) -> tuple[QueueSpec, ...]:
             {"x-queue-type": "stream", "x-max-age": f"{layout.cancel_retention_s}s"},
             placement(layout, "stream"),
         ),
+        # No age limit: a series added years ago is still a series.
+        QueueSpec(names.series, {"x-queue-type": "stream"}, placement(layout, "stream")),
         QueueSpec(
             names.cancel_snapshots,
             {"x-queue-type": "stream", "x-max-age": f"{SNAPSHOT_RETENTION_S}s"},

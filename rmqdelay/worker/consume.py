@@ -32,9 +32,18 @@ from rmqdelay.core.topology import build_topology
 from rmqdelay.core.wire import DEFAULT_ACCEPT, TASK_ID
 from rmqdelay.settings import Settings
 from rmqdelay.worker.delivery import Delivery
-from rmqdelay.worker.execute import Cancelled, Executed, Execution, Failed, Undecodable
+from rmqdelay.worker.execute import (
+    Cancelled,
+    Deferred,
+    Executed,
+    Execution,
+    Failed,
+    Skipped,
+    Undecodable,
+)
 from rmqdelay.worker.hold import Holder, due_s, max_hold_s
 from rmqdelay.worker.metrics import WorkerMetrics, serve
+from rmqdelay.worker.series import SeriesKeeper
 from rmqdelay.worker.settle import Settler
 from rmqdelay.worker.stats import Tally, WorkerStats
 from rmqdelay.worker.subscription import Subscription
@@ -135,13 +144,11 @@ class Worker:
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             await channel.set_qos(prefetch_count=self.prefetch)
+            publisher = Publisher(self.settings, channel)
             self._settler = Settler(
-                self.wiring,
-                self.destination,
-                Publisher(self.settings, channel),
-                self.retry,
-                self._tally,
+                self.wiring, self.destination, publisher, self.retry, self._tally
             )
+            self._execution.series = SeriesKeeper(self.wiring, publisher, self._follower.cancels)
             subscription = self._subscription = Subscription(
                 self.settings, self.destination, self._on_delivery
             )
@@ -326,6 +333,14 @@ class Worker:
             log.debug("task %s cancelled by %r; not run", message.message_id, result.key)
             await message.ack()
             self._tally.count("cancelled")
+        elif isinstance(result, Skipped):
+            await message.ack()
+            self._tally.count("skipped")
+        elif isinstance(result, Deferred):
+            log.error(
+                "task %s not run: %s; returning it to the queue", message.message_id, result.error
+            )
+            await settler.requeue(message)
         else:
             assert isinstance(result, Undecodable)
             log.warning(

@@ -16,13 +16,15 @@ from datetime import timedelta
 from typing import cast
 
 from rmqdelay.core.cancelset import CancelSet
-from rmqdelay.core.errors import HandlerTimeoutError, MessageDecodeError
+from rmqdelay.core.errors import HandlerTimeoutError, MessageDecodeError, RmqDelayError
+from rmqdelay.core.recurrence import SERIES
 from rmqdelay.core.retry import Retry
 from rmqdelay.core.task import Handler, Task
 from rmqdelay.core.wire import DUE_MS, PAST_DUE_TOLERANCE_MS, PUBLISHED_MS, decode_task
 from rmqdelay.worker.delivery import Delivery
 from rmqdelay.worker.handler import describe_failure, prepare
 from rmqdelay.worker.metrics import WorkerMetrics
+from rmqdelay.worker.series import SeriesKeeper
 from rmqdelay.worker.threads import DaemonThreadPool
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,19 @@ class Undecodable:
 
 
 @dataclass(slots=True)
+class Skipped:
+    """An occurrence of a series missed during downtime, passed over (catch-up ``skip``);
+    the next one is scheduled."""
+
+
+@dataclass(slots=True)
+class Deferred:
+    """Not run: the next occurrence of its series could not be published. Requeued."""
+
+    error: str
+
+
+@dataclass(slots=True)
 class Failed:
     """The handler did not return: ``error`` is its type name, ``delay`` a Retry's wish."""
 
@@ -63,7 +78,7 @@ class Failed:
 
 
 #: (Mutable dataclasses: a frozen one costs a setattr call per field, on every task.)
-Result = Executed | Cancelled | Undecodable | Failed
+Result = Executed | Cancelled | Undecodable | Failed | Skipped | Deferred
 
 
 class Execution:
@@ -85,6 +100,8 @@ class Execution:
         self._raw = raw
         self._timeout_s = timeout.total_seconds() if timeout is not None else None
         self._cancels = cancels
+        #: Extends recurring series; set once the worker's publisher exists.
+        self.series: SeriesKeeper | None = None
         self._metrics = metrics
         #: Handlers running now (the in-flight gauge reads it when scraped).
         self.running = 0
@@ -116,6 +133,8 @@ class Execution:
         cancelled_by = self._cancels.cancelled_by((task.id, *task.keys), published_ms)
         if cancelled_by is not None:
             return Cancelled(cancelled_by)
+        if SERIES in headers and (instead := await self._advance_series(message, task)):
+            return instead
         now_ms = time.time() * 1000
         past_due = published_ms - due_ms > PAST_DUE_TOLERANCE_MS
         # A task scheduled with a due time long gone counts from its publish time: that
@@ -145,6 +164,19 @@ class Execution:
             self.running -= 1
             metrics.duration.observe(time.perf_counter() - started)
         return Executed(lateness_s, past_due)
+
+    async def _advance_series(self, message: Delivery, task: Task) -> Result | None:
+        """Schedule the series' next occurrence; a result if this one is not to run."""
+        assert self.series is not None, "the worker sets the series keeper"
+        try:
+            advance = await self.series.advance(message, task)
+        except MessageDecodeError as e:
+            return Undecodable(e)
+        except RmqDelayError as e:
+            return Deferred(str(e))
+        if advance == "stopped":
+            return Cancelled(task.keys[0] if task.keys else task.id)  # the series key
+        return None if advance == "run" else Skipped()
 
     async def _within_timeout(self, task: Task, limit_s: float) -> None:
         try:

@@ -11,7 +11,9 @@ from prometheus_client import Counter
 
 from rmqdelay.worker.metrics import WorkerMetrics
 
-Outcome: TypeAlias = Literal["executed", "failed", "retried", "parked", "cancelled", "requeued"]
+Outcome: TypeAlias = Literal[
+    "executed", "failed", "retried", "parked", "cancelled", "requeued", "skipped"
+]
 
 
 @dataclass(slots=True)
@@ -24,6 +26,8 @@ class WorkerStats:
     parked: int = 0
     cancelled: int = 0
     requeued: int = 0
+    #: Occurrences of a recurring series passed over after downtime (catch-up ``skip``).
+    skipped: int = 0
     #: Executed tasks that were scheduled with a due time already well past (``at=`` in
     #: the past): their lateness counts from their publish time instead.
     past_due: int = 0
@@ -47,7 +51,8 @@ class WorkerStats:
             f"cancelled {self.cancelled}, "
             f"parked {self.parked}, "
             f"requeued {self.requeued}, "
-            f"scheduled past due {self.past_due}"
+            + (f"skipped {self.skipped}, " if self.skipped else "")
+            + f"scheduled past due {self.past_due}"
             + (f", abandoned {self.abandoned}" if self.abandoned else "")
             + "; "
             f"lateness mean {mean_ms:.0f} ms, max {1000 * self.lateness_max_s:.0f} ms"
