@@ -28,6 +28,7 @@ from rmqdelay.core.redact import Redactor, split_urls, url_password
 from rmqdelay.core.task import Handler
 from rmqdelay.core.topology import build_topology
 from rmqdelay.settings import Settings
+from rmqdelay.tools import recurring_cmd
 from rmqdelay.tools.bridge import Bridge, drain, plan_bridge
 from rmqdelay.tools.demo import run_demo
 from rmqdelay.tools.destroy import destroy as destroy_namespace
@@ -142,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8080, help="port to listen on")
+
+    recurring_cmd.add_parser(commands, _duration)
 
     schedule = commands.add_parser("schedule", help="schedule one task")
     schedule.add_argument("destination")
@@ -402,6 +405,11 @@ async def _schedule(args: argparse.Namespace, settings: Settings) -> int:
     return RET_OK
 
 
+async def _recurring(args: argparse.Namespace, settings: Settings) -> int:
+    payload = _payload(args) if args.action == "add" else None
+    return await recurring_cmd.run(args, settings, payload)
+
+
 async def _cancel(args: argparse.Namespace, settings: Settings) -> int:
     until = None
     if args.until is not None:
@@ -558,6 +566,7 @@ _COMMANDS = {
     "cancel": _cancel,
     "declare": _declare,
     "parked": _parked,
+    "recurring": _recurring,
     "status": _status,
     "demo": _demo,
     "destroy": _destroy,

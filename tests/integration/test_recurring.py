@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import re
 import signal
 import sys
@@ -13,8 +14,9 @@ from datetime import timedelta
 import pytest
 
 from rmqdelay import InvalidRecurrenceError, Scheduler, Settings, UnroutableError
+from rmqdelay.tools.cli import main
 
-from .helpers import Recorder, running_worker, subprocess_env
+from .helpers import Recorder, running_worker, subprocess_env, use_in_cli
 from .test_faults import _kill_and_restart_broker, _local_broker_we_manage
 
 pytestmark = pytest.mark.integration
@@ -202,3 +204,50 @@ async def test_a_series_survives_a_broker_restart(settings: Settings, destinatio
     # never leaves two pending: later due times run once each.
     last = sorted(per_due)[-3:]
     assert [per_due[d] for d in last] == [1, 1, 1]
+
+
+async def test_cli_adds_lists_and_removes_a_series(
+    settings: Settings,
+    destination: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    use_in_cli(monkeypatch, settings)
+    key = f"cli-{destination}"
+    async with Scheduler(settings) as scheduler:
+        await scheduler.declare_destination(destination)
+    add = [
+        "recurring", "add", destination, '{"kind": "daily"}', "--cron", "0 8 * * *",
+        "--tz", "Europe/Berlin", "--key", key,
+    ]  # fmt: skip
+    assert await asyncio.to_thread(main, add) == 0
+    assert "cron '0 8 * * *' (Europe/Berlin)" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["recurring", "list", "--json"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    [mine] = [s for s in listed if s["key"] == key]
+    assert mine["destination"] == destination
+    assert all(t.endswith(("+01:00", "+02:00")) for t in mine["upcoming"])
+    assert all("T08:00:00" in t for t in mine["upcoming"])
+    assert await asyncio.to_thread(main, ["recurring", "remove", key]) == 0
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["recurring", "list"]) == 0
+    assert key not in capsys.readouterr().out
+    bad = ["recurring", "add", destination, "{}", "--every", "30s", "--key", key, "--tz", "X/Y"]
+    assert await asyncio.to_thread(main, bad) == 1
+    assert "'X/Y'" in capsys.readouterr().err
+
+
+def test_cli_preview_shows_both_daylight_saving_changes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = [
+        "recurring", "preview", "--cron", "30 2 * * *", "--tz", "Europe/Berlin",
+        "--count", "2", "--from",
+    ]  # fmt: skip
+    assert main([*argv, "2026-03-28T12:00:00+01:00"]) == 0
+    assert main([*argv, "2026-10-24T12:00:00+02:00"]) == 0
+    out = capsys.readouterr().out
+    assert "2026-03-29T03:00:00+02:00" in out, "02:30 does not exist: fires at 03:00"
+    assert "2026-10-25T02:30:00+02:00" in out
+    assert "2026-10-25T02:30:00+01:00" not in out, "the repeated 02:30 fires once"
+    assert "UTC offset +0200 -> +0100" in out
