@@ -531,6 +531,11 @@ class Scheduler:
                 del self._destinations[destination]  # not cached: a later call asks again
             raise
 
+    async def require_destination(self, destination: str) -> None:
+        """Raise ``UnroutableError`` unless ``destination`` has a work queue now (asked of
+        the broker each time; ``schedule()`` remembers a queue it has seen)."""
+        await self._queue_exists(destination)
+
     async def _queue_exists(self, destination: str) -> None:
         if self._connection is None:
             raise _not_started()

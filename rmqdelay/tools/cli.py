@@ -28,14 +28,13 @@ from rmqdelay.core.redact import Redactor, split_urls, url_password
 from rmqdelay.core.task import Handler
 from rmqdelay.core.topology import build_topology
 from rmqdelay.settings import Settings
-from rmqdelay.tools import recurring_cmd
+from rmqdelay.tools import aside_cmd, recurring_cmd
 from rmqdelay.tools.bridge import Bridge, drain, plan_bridge
 from rmqdelay.tools.demo import run_demo
 from rmqdelay.tools.destroy import destroy as destroy_namespace
 from rmqdelay.tools.destroy import plan_destroy
 from rmqdelay.tools.forward import Forwarder, parse_target
 from rmqdelay.tools.logs import LOG_LEVELS, configure_logging
-from rmqdelay.tools.parking import ParkingLot
 from rmqdelay.tools.status import collect, render, vhost_of
 from rmqdelay.tools.webhook import WebhookHandler
 from rmqdelay.worker.consume import Worker
@@ -172,15 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     declare = commands.add_parser("declare", help="declare the topology (and work queues)")
     declare.add_argument("destinations", nargs="*", help="also declare these work queues")
 
-    parked = commands.add_parser("parked", help="list parked tasks; requeue or purge them")
-    parked.add_argument("--limit", type=int, default=100, help="list at most this many")
-    parked.add_argument("--json", action="store_true", help="one JSON object per line")
-    actions = parked.add_subparsers(dest="action", metavar="ACTION")
-    requeue = actions.add_parser("requeue", help="send parked tasks back to their destination now")
-    requeue.add_argument("ids", nargs="*", metavar="ID")
-    requeue.add_argument("--all", action="store_true", help="every parked task")
-    purge = actions.add_parser("purge", help="delete every parked task")
-    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    aside_cmd.add_parsers(commands)
 
     definitions = commands.add_parser(
         "definitions",
@@ -439,42 +430,8 @@ async def _declare(args: argparse.Namespace, settings: Settings) -> int:
     return RET_OK
 
 
-async def _parked(args: argparse.Namespace, settings: Settings) -> int:
-    async with Scheduler(settings) as scheduler:
-        lot = ParkingLot(scheduler)
-        if args.action == "requeue":
-            return await _requeue(lot, args)
-        if args.action == "purge":
-            return await _purge(lot, args)
-        for task in await lot.peek(args.limit):
-            if args.json:
-                print(json.dumps(task.as_json()))
-            else:
-                when = task.parked_at.isoformat(timespec="seconds") if task.parked_at else "-"
-                print(f"{task.id}  {task.destination}  {when}  {task.attempts}  {task.reason}")
-        if not args.json:
-            print(f"{await lot.count()} parked in {lot.queue}", file=sys.stderr)
-    return RET_OK
-
-
-async def _requeue(lot: ParkingLot, args: argparse.Namespace) -> int:
-    if bool(args.ids) == args.all:
-        raise ConfigError("name the parked task ids to requeue, or pass --all (not both)")
-    sent, stayed = await lot.requeue(None if args.all else set(args.ids))
-    print(f"requeued {sent} parked task(s) to their destinations")
-    for line in stayed:
-        print(f"  still parked: {line}", file=sys.stderr)
-    return RET_ERROR if stayed else RET_OK
-
-
-async def _purge(lot: ParkingLot, args: argparse.Namespace) -> int:
-    if not args.yes:
-        prompt = f"delete all {await lot.count()} parked tasks in {lot.queue}? [y/N] "
-        if not await _confirm(prompt):
-            print("nothing purged")
-            return RET_OK
-    print(f"purged {await lot.purge()} parked task(s)")
-    return RET_OK
+async def _aside(args: argparse.Namespace, settings: Settings) -> int:
+    return await aside_cmd.run(args, settings, _confirm)
 
 
 def _definitions(args: argparse.Namespace, settings: Settings) -> int:
@@ -565,7 +522,8 @@ _COMMANDS = {
     "schedule": _schedule,
     "cancel": _cancel,
     "declare": _declare,
-    "parked": _parked,
+    "parked": _aside,
+    "unroutable": _aside,
     "recurring": _recurring,
     "status": _status,
     "demo": _demo,

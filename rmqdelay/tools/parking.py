@@ -1,7 +1,13 @@
-"""The parking lot: list what is parked and why, send it back, or purge it."""
+"""Queues an operator may have to empty: the parking lot and the unroutable queue.
+
+List what is there and why, show one message whole, send messages back to their
+destination, delete one, or purge all. Messages are taken without an ack on a channel
+of the tool's own, so whatever the tool does not settle goes back when it closes.
+"""
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from collections.abc import Collection, Mapping
@@ -59,7 +65,7 @@ def _describe(message: AbstractIncomingMessage) -> ParkedTask:
     at = headers.get(PARKED_AT)
     attempts = headers.get(PARKED_ATTEMPTS)
     return ParkedTask(
-        id=str(headers.get(TASK_ID) or message.message_id or "-"),
+        id=_id(message),
         destination=str(headers.get(PARKED_DESTINATION) or message.routing_key or "-"),
         reason=str(headers.get(PARKED_REASON) or _broker_reason(headers)),
         error=str(headers.get(PARKED_ERROR, "")),
@@ -67,6 +73,28 @@ def _describe(message: AbstractIncomingMessage) -> ParkedTask:
         parked_at=ms_to_datetime(at) if isinstance(at, int) else None,
         size=len(message.body),
     )
+
+
+def _describe_unroutable(message: AbstractIncomingMessage) -> ParkedTask:
+    headers: Mapping[str, Any] = message.headers or {}
+    destination = message.routing_key or "-"
+    deaths = headers.get("x-death")
+    last = deaths[0] if isinstance(deaths, list) and deaths else {}
+    when = last.get("time") if isinstance(last, dict) else None
+    return ParkedTask(
+        id=_id(message),
+        destination=destination,
+        reason=f"no work queue for destination {destination!r} when the task came due "
+        "(deleted while it waited?), or a hop plan that matched no level",
+        error="Unroutable",
+        attempts=0,
+        parked_at=when if isinstance(when, datetime) else None,
+        size=len(message.body),
+    )
+
+
+def _id(message: AbstractIncomingMessage) -> str:
+    return str((message.headers or {}).get(TASK_ID) or message.message_id or "-")
 
 
 def _broker_reason(headers: Mapping[str, Any]) -> str:
@@ -81,15 +109,46 @@ def _broker_reason(headers: Mapping[str, Any]) -> str:
     return f"dead-lettered by the broker from {queue}: {why}{detail}"
 
 
-class ParkingLot:
-    """Operations on a namespace's parking lot, through a started Scheduler's connection."""
+@dataclass(frozen=True, slots=True)
+class AsideMessage:
+    """One message, whole, as ``show`` prints it."""
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    task: ParkedTask
+    body: bytes
+    content_type: str | None
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+
+    def as_json(self) -> dict[str, Any]:
+        """For printing: the payload as text when it is, else base64."""
+        try:
+            payload: dict[str, Any] = {"payload": self.body.decode()}
+        except UnicodeDecodeError:
+            payload = {"payload_base64": base64.b64encode(self.body).decode()}
+        return {
+            **self.task.as_json(),
+            "content_type": self.content_type,
+            **payload,
+            "headers": self.headers,
+            "properties": self.properties,
+        }
+
+
+class AsideQueue:
+    """Operations on one queue of messages set aside, through a started Scheduler's
+    connection."""
+
+    #: Who reads the messages' descriptions (their id, destination and why they are here).
+    describe = staticmethod(_describe)
+    #: For messages "not in" it.
+    place = "the queue"
+
+    def __init__(self, scheduler: Scheduler, queue: str) -> None:
         self.scheduler = scheduler
-        self.queue = scheduler.wiring.names.parked
+        self.queue = queue
 
     async def _take(self, limit: int | None = None) -> list[AbstractIncomingMessage]:
-        """Get up to ``limit`` parked messages without acking them (on a channel of its own:
+        """Get up to ``limit`` messages without acking them (on a channel of its own:
         closing it puts every one not acked back)."""
         channel = await self.scheduler.connection.channel()
         queue = await channel.get_queue(self.queue, ensure=False)
@@ -102,19 +161,19 @@ class ParkingLot:
         return taken
 
     async def peek(self, limit: int = 100) -> list[ParkedTask]:
-        """Up to ``limit`` parked tasks, oldest first; nothing is consumed."""
+        """Up to ``limit`` messages, oldest first; nothing is consumed."""
         taken = await self._take(limit)
         if taken:
             await taken[0].channel.close()
-        return [_describe(m) for m in taken]
+        return [self.describe(m) for m in taken]
 
     async def requeue(self, ids: Collection[str] | None) -> tuple[int, list[str]]:
-        """Send parked tasks (all when ``ids`` is None) to their destination now, attempt 1.
+        """Send tasks (all when ``ids`` is None) to their destination now, attempt 1.
 
-        Returns how many were sent and the ids that stayed parked, with why.
+        Returns how many were sent and the ids that stayed, with why.
         """
         taken = await self._take()
-        described = [(message, _describe(message)) for message in taken]
+        described = [(message, self.describe(message)) for message in taken]
         sent, stayed = 0, []
         try:
             for message, parked in described:
@@ -131,13 +190,13 @@ class ParkingLot:
             if taken:
                 await taken[0].channel.close()
         missing = set(ids or ()) - {parked.id for _, parked in described}
-        stayed += [f"{task_id}: not in the parking lot" for task_id in sorted(missing)]
+        stayed += [f"{task_id}: not in {self.place}" for task_id in sorted(missing)]
         return sent, stayed
 
     async def _send_back(self, message: AbstractIncomingMessage, parked: ParkedTask) -> None:
-        """Publish the parked message to its destination, due now, attempt 1: its body,
+        """Publish the message to its destination, due now, attempt 1: its body,
         properties and headers as they were (a forwarded message's routing key, a reply-to),
-        less the parking lot's."""
+        less the parking lot's and the levels' bookkeeping."""
         headers = message.headers or {}
         # Its headers must still make a task (the body is the worker's business: a message
         # parked as undecodable is parked again, with the reason).
@@ -150,6 +209,9 @@ class ParkingLot:
         )
         wiring = self.scheduler.wiring
         destination = wiring.names.check_destination(parked.destination)
+        # Sent to a destination without a queue, it would land in the unroutable queue
+        # unseen (the work exchange's alternate catches it before mandatory can).
+        await self.scheduler.require_destination(destination)
         way = wiring.route(0, parked.id)
         again = rescheduled_headers(
             headers, attempt=1, due_ms=time.time_ns() // 1_000_000, route=way.headers
@@ -160,11 +222,48 @@ class ParkingLot:
             way.exchange,
             destination,
             mandatory=way.mandatory,
-            what=f"the parked task {parked.id} for {destination!r}",
+            what=f"the task {parked.id} for {destination!r}",
         )
 
+    async def show(self, task_id: str) -> AsideMessage | None:
+        """The first message with id ``task_id``, whole; nothing is consumed."""
+        taken = await self._take()
+        try:
+            for message in taken:
+                if self.describe(message).id == task_id:
+                    return AsideMessage(
+                        self.describe(message),
+                        message.body,
+                        message.content_type,
+                        dict(message.headers or {}),
+                        {
+                            name: value
+                            for name in _SHOWN_PROPERTIES
+                            if (value := getattr(message, name)) is not None
+                        },
+                    )
+            return None
+        finally:
+            if taken:
+                await taken[0].channel.close()
+
+    async def delete(self, task_id: str) -> int:
+        """Delete the messages with id ``task_id`` (a task parked twice is there twice);
+        returns how many. The others stay."""
+        taken = await self._take()
+        deleted = 0
+        try:
+            for message in taken:
+                if self.describe(message).id == task_id:
+                    await message.ack()
+                    deleted += 1
+        finally:
+            if taken:
+                await taken[0].channel.close()
+        return deleted
+
     async def purge(self) -> int:
-        """Delete every parked message; returns how many."""
+        """Delete every message; returns how many."""
         channel = await self.scheduler.connection.channel()
         async with channel:
             queue = await channel.get_queue(self.queue, ensure=False)
@@ -172,8 +271,42 @@ class ParkingLot:
         return int(result.message_count or 0)
 
     async def count(self) -> int:
-        """How many messages are parked."""
+        """How many messages there are."""
         channel = await self.scheduler.connection.channel()
         async with channel:
             queue = await channel.declare_queue(self.queue, passive=True)
         return int(queue.declaration_result.message_count or 0)
+
+
+class ParkingLot(AsideQueue):
+    """The namespace's parking lot: tasks that failed, or could not be decoded."""
+
+    place = "the parking lot"
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        super().__init__(scheduler, scheduler.wiring.names.parked)
+
+
+class UnroutableQueue(AsideQueue):
+    """The namespace's unroutable queue: tasks that came due for a destination without a
+    work queue (or with a hop plan no level matched)."""
+
+    describe = staticmethod(_describe_unroutable)
+    place = "the unroutable queue"
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        super().__init__(scheduler, scheduler.wiring.names.unroutable)
+
+
+_SHOWN_PROPERTIES = (
+    "content_encoding",
+    "delivery_mode",
+    "priority",
+    "correlation_id",
+    "reply_to",
+    "expiration",
+    "message_id",
+    "timestamp",
+    "type",
+    "app_id",
+)

@@ -71,3 +71,61 @@ def test_parked_lists_requeues_and_purges(
     assert main([*common, "parked", "purge", "--yes"]) == RET_OK
     assert "purged 2 parked task(s)" in capsys.readouterr().out
     assert asyncio.run(depth(settings, settings.names.parked)) == 0
+
+
+async def test_parked_show_prints_one_task_whole_and_delete_removes_just_it(
+    own_settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = await _park(own_settings, "dest", 2)
+    use_in_cli(monkeypatch, own_settings)
+    assert await asyncio.to_thread(main, ["parked", "show", ids[0]]) == RET_OK
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["id"] == ids[0]
+    assert json.loads(shown["payload"]) == {"n": 0}
+    assert shown["headers"]["rmqdelay-keys"] == ["acct:0"]
+    assert "LookupError" in shown["reason"]
+    assert shown["properties"]["message_id"] == ids[0]
+    assert await asyncio.to_thread(main, ["parked", "delete", ids[0]]) == RET_OK
+    assert await asyncio.to_thread(main, ["parked", "show", ids[0]]) == RET_ERROR
+    assert f"{ids[0]}: not in the parking lot" in capsys.readouterr().err
+    left = await get_all(own_settings, own_settings.names.parked)
+    assert [m.headers["rmqdelay-id"] for m in left] == [ids[1]], "only that one went"
+    assert await asyncio.to_thread(main, ["parked", "delete", "no-such-id"]) == RET_ERROR
+
+
+async def test_unroutable_lists_shows_and_requeues_what_lost_its_destination(
+    own_settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A destination deleted while its tasks waited: they end in the unroutable queue;
+    once it exists again, requeue delivers them."""
+    settings, names = own_settings, own_settings.names
+    async with Scheduler(settings) as scheduler:
+        await scheduler.declare_destination("gone")
+        kept = await scheduler.schedule("gone", {"n": 1}, delay=0.3, keys=["k1"])
+        other = await scheduler.schedule("gone", {"n": 2}, delay=0.3)
+        channel = await scheduler.connection.channel()
+        await channel.queue_delete(names.work_queue("gone"))
+        async with asyncio.timeout(30):
+            while await depth(settings, names.unroutable) < 2:  # noqa: ASYNC110 - no event
+                await asyncio.sleep(0.05)
+    use_in_cli(monkeypatch, settings)
+    assert await asyncio.to_thread(main, ["unroutable", "--json"]) == RET_OK
+    listed = {t["id"]: t for t in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert set(listed) == {kept.id, other.id}
+    assert listed[kept.id]["destination"] == "gone"
+    assert "no work queue for destination 'gone'" in listed[kept.id]["reason"]
+    assert await asyncio.to_thread(main, ["unroutable", "show", kept.id]) == RET_OK
+    assert json.loads(capsys.readouterr().out)["headers"]["rmqdelay-keys"] == ["k1"]
+    # Still no queue: the requeue is refused by name and the task stays.
+    assert await asyncio.to_thread(main, ["unroutable", "requeue", kept.id]) == RET_ERROR
+    assert "gone" in capsys.readouterr().err
+    assert await depth(settings, names.unroutable) == 2
+    recorder = Recorder()
+    async with running_worker(settings, "gone", recorder):  # declares the queue again
+        assert await asyncio.to_thread(main, ["unroutable", "requeue", kept.id]) == RET_OK
+        await recorder.wait_for({kept.id}, within=20)
+        assert await asyncio.to_thread(main, ["unroutable", "purge", "--yes"]) == RET_OK
+    assert "purged 1 unroutable task(s)" in capsys.readouterr().out
+    assert recorder.runs[0][0].payload == {"n": 1}
+    assert recorder.runs[0][0].keys == ("k1",), "its keys came back with it"
+    assert await depth(settings, names.unroutable) == 0
