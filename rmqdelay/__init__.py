@@ -29,9 +29,11 @@ from rmqdelay.core.errors import (
     UnroutableError,
     WebhookError,
 )
+from rmqdelay.core.recurrence import Series
 from rmqdelay.core.retry import Retry, RetryPolicy
 from rmqdelay.core.task import Cancellation, Handler, ScheduledTask, Task
 from rmqdelay.settings import Settings
+from rmqdelay.tools.pending import Pending, pending
 from rmqdelay.tools.webhook import WebhookHandler
 from rmqdelay.worker.consume import Worker
 from rmqdelay.worker.stats import WorkerStats
@@ -55,12 +57,14 @@ __all__ = [
     "InvalidRecurrenceError",
     "InvalidTaskError",
     "MessageDecodeError",
+    "Pending",
     "PublishNotConfirmedError",
     "Retry",
     "RetryPolicy",
     "RmqDelayError",
     "ScheduledTask",
     "Scheduler",
+    "Series",
     "Settings",
     "SyncScheduler",
     "Task",
@@ -71,4 +75,5 @@ __all__ = [
     "WebhookHandler",
     "Worker",
     "WorkerStats",
+    "pending",
 ]

@@ -35,6 +35,8 @@ from rmqdelay.tools.destroy import destroy as destroy_namespace
 from rmqdelay.tools.destroy import plan_destroy
 from rmqdelay.tools.forward import Forwarder, parse_target
 from rmqdelay.tools.logs import LOG_LEVELS, configure_logging
+from rmqdelay.tools.pending import pending as pending_of
+from rmqdelay.tools.pending import render as render_pending
 from rmqdelay.tools.status import collect, render, vhost_of
 from rmqdelay.tools.webhook import WebhookHandler
 from rmqdelay.worker.consume import Worker
@@ -214,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until interrupted"
     )
+
+    pending = commands.add_parser(
+        "pending", help="how many tasks are due within a second, minute, hour, day, week"
+    )
+    pending.add_argument("destinations", nargs="*", help="destinations to show (default: all)")
+    pending.add_argument("--json", action="store_true", help="one JSON document")
 
     destroy = commands.add_parser(
         "destroy",
@@ -477,6 +485,12 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
         await asyncio.sleep(args.watch)
 
 
+async def _pending(args: argparse.Namespace, settings: Settings) -> int:
+    found = await pending_of(settings, args.destinations)
+    print(json.dumps(found.as_json()) if args.json else render_pending(found))
+    return RET_OK
+
+
 async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     return await run_demo(settings)
 
@@ -526,6 +540,7 @@ _COMMANDS = {
     "unroutable": _aside,
     "recurring": _recurring,
     "status": _status,
+    "pending": _pending,
     "demo": _demo,
     "destroy": _destroy,
 }
