@@ -45,6 +45,21 @@ DELIVER = "work"
 JSON = "application/json"
 #: Content types a worker hands to its handler (as bytes) unless told otherwise.
 DEFAULT_ACCEPT = frozenset({JSON, "application/octet-stream", "text/plain"})
+#: AMQP properties a publisher sets besides headers and content type, as pamqp names them:
+#: what ``Task.properties`` and ``rmqdelay parked show`` hold.
+PUBLISHER_PROPERTIES = (
+    "content_encoding",
+    "delivery_mode",
+    "priority",
+    "correlation_id",
+    "reply_to",
+    "expiration",
+    "message_id",
+    "timestamp",
+    "message_type",
+    "user_id",
+    "app_id",
+)
 
 
 def route_header(level: int) -> str:

@@ -67,7 +67,7 @@ async def run(
                 when = task.parked_at.isoformat(timespec="seconds") if task.parked_at else "-"
                 print(f"{task.id}  {task.destination}  {when}  {task.attempts}  {task.reason}")
         if not args.json:
-            print(f"{await aside.count()} in {aside.queue}", file=sys.stderr)
+            print(f"{await aside.count()} {args.command} in {aside.queue}", file=sys.stderr)
     return 0
 
 

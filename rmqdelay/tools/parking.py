@@ -26,6 +26,7 @@ from rmqdelay.core.wire import (
     PARKED_DESTINATION,
     PARKED_ERROR,
     PARKED_REASON,
+    PUBLISHER_PROPERTIES,
     TASK_ID,
     decode_task,
     ms_to_datetime,
@@ -238,8 +239,8 @@ class AsideQueue:
                         dict(message.headers or {}),
                         {
                             name: value
-                            for name in _SHOWN_PROPERTIES
-                            if (value := getattr(message, name)) is not None
+                            for name in PUBLISHER_PROPERTIES
+                            if (value := getattr(message.properties, name)) is not None
                         },
                     )
             return None
@@ -296,17 +297,3 @@ class UnroutableQueue(AsideQueue):
 
     def __init__(self, scheduler: Scheduler) -> None:
         super().__init__(scheduler, scheduler.wiring.names.unroutable)
-
-
-_SHOWN_PROPERTIES = (
-    "content_encoding",
-    "delivery_mode",
-    "priority",
-    "correlation_id",
-    "reply_to",
-    "expiration",
-    "message_id",
-    "timestamp",
-    "type",
-    "app_id",
-)

@@ -15,21 +15,9 @@ from typing import Any
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp.commands import Basic
 
-log = logging.getLogger(__name__)
+from rmqdelay.core.wire import PUBLISHER_PROPERTIES
 
-_PUBLISHER_PROPERTIES = (
-    "content_encoding",
-    "delivery_mode",
-    "priority",
-    "correlation_id",
-    "reply_to",
-    "expiration",
-    "message_id",
-    "timestamp",
-    "message_type",
-    "user_id",
-    "app_id",
-)
+log = logging.getLogger(__name__)
 
 
 class Delivery:
@@ -68,7 +56,7 @@ class Delivery:
         """The properties the publisher set, other than headers and content type (what
         ``Task.properties`` holds)."""
         p = self.properties
-        values = {name: getattr(p, name) for name in _PUBLISHER_PROPERTIES}
+        values = {name: getattr(p, name) for name in PUBLISHER_PROPERTIES}
         return {name: value for name, value in values.items() if value is not None}
 
     async def ack(self) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -158,3 +160,23 @@ async def eventually(condition: Any, within: float, what: str) -> None:
                 await asyncio.sleep(0.02)
     except TimeoutError:
         raise AssertionError(f"not within {within}s: {what}") from None
+
+
+async def kill_a_worker_mid_handler(settings: Settings, destination: str) -> str:
+    """Run ``rmqdelay consume`` with a handler that blocks, SIGKILL it once it has started
+    a task, and return that task's id: the task is left unacked, for the broker to
+    redeliver."""
+    doomed = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "rmqdelay", "consume", destination,
+        "--handler", "tests.integration.handlers:hang",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        env=subprocess_env(settings),
+    )  # fmt: skip
+    assert doomed.stdout is not None
+    try:
+        line = (await asyncio.wait_for(doomed.stdout.readline(), 30)).decode().split()
+        assert line[:1] == ["started"], line
+        return line[1]
+    finally:
+        doomed.send_signal(signal.SIGKILL)
+        await doomed.wait()

@@ -8,10 +8,8 @@ import io
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
 from urllib.parse import urlsplit
 
@@ -21,7 +19,12 @@ from rmqdelay import BrokerUnavailableError, Scheduler, Settings
 from rmqdelay.tools.cli import main as cli_main
 
 from .conftest import ROOT, make_settings
-from .helpers import Recorder, running_worker, subprocess_env, use_in_cli
+from .helpers import (
+    Recorder,
+    kill_a_worker_mid_handler,
+    running_worker,
+    use_in_cli,
+)
 from .proxy import Proxy
 
 pytestmark = pytest.mark.integration
@@ -33,19 +36,7 @@ async def test_a_worker_killed_mid_handler_leaves_the_task_to_the_next_worker(
     async with Scheduler(settings) as scheduler:
         await scheduler.declare_destination(destination)
         s = await scheduler.schedule(destination, {"step": "charge card"}, delay=0)
-    doomed = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "rmqdelay", "consume", destination,
-        "--handler", "tests.integration.handlers:hang",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-        env=subprocess_env(settings),
-    )  # fmt: skip
-    assert doomed.stdout is not None
-    try:
-        line = await asyncio.wait_for(doomed.stdout.readline(), 30)
-        assert line.decode().strip() == f"started {s.id}"
-    finally:
-        doomed.send_signal(signal.SIGKILL)
-        await doomed.wait()
+    assert await kill_a_worker_mid_handler(settings, destination) == s.id
     recorder = Recorder()
     async with running_worker(settings, destination, recorder):
         await recorder.wait_for({s.id}, within=20)

@@ -6,8 +6,6 @@ import asyncio
 import itertools
 import json
 import re
-import signal
-import sys
 from collections import Counter
 from datetime import timedelta
 
@@ -16,7 +14,7 @@ import pytest
 from rmqdelay import InvalidRecurrenceError, Scheduler, Settings, UnroutableError
 from rmqdelay.tools.cli import main
 
-from .helpers import Recorder, running_worker, subprocess_env, use_in_cli
+from .helpers import Recorder, kill_a_worker_mid_handler, running_worker, use_in_cli
 from .test_faults import _kill_and_restart_broker, _local_broker_we_manage
 
 pytestmark = pytest.mark.integration
@@ -105,19 +103,7 @@ async def test_a_worker_killed_between_run_and_ack_leaves_one_series(
     async with Scheduler(settings) as scheduler:
         await scheduler.declare_destination(destination)
         first = await scheduler.recurring(destination, "tick", every=1, key=key)
-        doomed = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "rmqdelay", "consume", destination,
-            "--handler", "tests.integration.handlers:hang",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-            env=subprocess_env(settings),
-        )  # fmt: skip
-        assert doomed.stdout is not None
-        try:
-            line = await asyncio.wait_for(doomed.stdout.readline(), 30)
-            assert line.decode().startswith("started")
-        finally:
-            doomed.send_signal(signal.SIGKILL)
-            await doomed.wait()
+        await kill_a_worker_mid_handler(settings, destination)
         runs = Occurrences()
         async with running_worker(settings, destination, runs) as worker:
             await runs.wait_count(4, within=30)
