@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from rmqdelay.broker.scheduler import Scheduler, TaskSpec
+from rmqdelay.core.recurrence import Series
 from rmqdelay.core.task import Cancellation, ScheduledTask
 from rmqdelay.settings import Settings
 
@@ -130,6 +131,40 @@ class SyncScheduler:
     ) -> Cancellation:
         """Call off every task under ``key``; see :meth:`Scheduler.cancel`."""
         return self._call(lambda s: s.cancel(key, until=until))
+
+    def recurring(
+        self,
+        destination: str,
+        payload: Any,
+        *,
+        key: str,
+        cron: str | None = None,
+        every: timedelta | float | None = None,
+        tz: str | None = None,
+        catch_up: str = "once",
+        content_type: str | None = None,
+    ) -> Series:
+        """Add or replace a recurring series; see :meth:`Scheduler.recurring`."""
+        return self._call(
+            lambda s: s.recurring(
+                destination,
+                payload,
+                key=key,
+                cron=cron,
+                every=every,
+                tz=tz,
+                catch_up=catch_up,
+                content_type=content_type,
+            )
+        )
+
+    def series(self) -> list[Series]:
+        """The recurring series; see :meth:`Scheduler.series`."""
+        return self._call(lambda s: s.series())
+
+    def remove_series(self, key: str) -> Cancellation:
+        """Stop a series and drop it from the list; see :meth:`Scheduler.remove_series`."""
+        return self._call(lambda s: s.remove_series(key))
 
     def _call(self, call: Callable[[Scheduler], Coroutine[Any, Any, T]]) -> T:
         loop, scheduler = self._running()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Literal
+from typing import Literal, cast
 
 from rmqdelay.broker.publisher import Publisher, carried, properties
 from rmqdelay.core.cancelset import CancelSet, Stamps
@@ -21,7 +21,7 @@ from rmqdelay.core.errors import MessageDecodeError, RmqDelayError
 from rmqdelay.core.recurrence import SERIES, Step, decode_series, occurrence_key, step
 from rmqdelay.core.retry import BACKOFF_BASE_MS, BACKOFF_CAP_MS, MAX_ATTEMPTS
 from rmqdelay.core.task import Task
-from rmqdelay.core.wire import cancel_headers, strip_death_headers, task_headers
+from rmqdelay.core.wire import DUE_MS, cancel_headers, strip_death_headers, task_headers
 from rmqdelay.core.wiring import Wiring
 from rmqdelay.worker.delivery import Delivery
 
@@ -66,7 +66,9 @@ class SeriesKeeper:
         if task.attempt > 1:
             return "run"
         now_ms = time.time_ns() // 1_000_000
-        due_ms = int(task.due_at.timestamp() * 1000)
+        # The header's integer, not due_at: a float round trip can land a millisecond
+        # before a cron fire time, whose "next" would then be that same time again.
+        due_ms = cast(int, task.headers[DUE_MS])
         plan: Step = step(series.rule, series.catch_up, due_ms, now_ms)
         next_key = occurrence_key(series.key, plan.next_due_ms)
         if message.redelivered:

@@ -126,3 +126,18 @@ async def test_a_forked_child_connects_on_its_own(settings: Settings, destinatio
             await recorder.wait_for({child_id, parent.id}, within=30)
     finally:
         client.close()
+
+
+async def test_recurring_series_from_a_thread(settings: Settings, destination: str) -> None:
+    recorder = Recorder()
+    key = f"sync-{destination}"
+    with SyncScheduler(settings) as client:
+        await asyncio.to_thread(client.declare_destination, destination)
+        series = await asyncio.to_thread(client.recurring, destination, "tick", every=1, key=key)
+        assert series.key == key
+        listed = await asyncio.to_thread(client.series)
+        assert key in {s.key for s in listed}
+        async with running_worker(settings, destination, recorder) as worker:
+            await worker.wait_for(lambda s: s.executed >= 2)
+            await asyncio.to_thread(client.remove_series, key)
+        assert key not in {s.key for s in await asyncio.to_thread(client.series)}
