@@ -27,7 +27,11 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aiormq.abc import DeliveredMessage
-from aiormq.exceptions import ChannelInvalidStateError, ChannelNotFoundEntity
+from aiormq.exceptions import (
+    ChannelInvalidStateError,
+    ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
+)
 
 from rmqdelay.broker.connection import (
     CONNECTION_EXCEPTIONS,
@@ -179,9 +183,11 @@ class CancelFollower:
                 await raw.basic_consume(
                     stream, self._on_record, arguments={"x-stream-offset": offset}
                 )
-            except ChannelNotFoundEntity as e:
+            except (ChannelNotFoundEntity, ChannelPreconditionFailed) as e:
                 if queue_starting(e):  # right after a broker restart: try again shortly
                     raise ConnectionError(f"cancellation stream not available yet: {e}") from e
+                if isinstance(e, ChannelPreconditionFailed):
+                    raise
                 raise TopologyMismatchError(
                     f"cancellation stream {stream!r} does not exist; declare the topology "
                     "('rmqdelay declare') or set RMQDELAY_DECLARE=true"

@@ -17,6 +17,7 @@ from aiormq.exceptions import (
     AuthenticationError,
     ChannelInvalidStateError,
     ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
     ConnectionNotAllowed,
     InvalidFrameError,
     ProbableAuthenticationError,
@@ -64,7 +65,14 @@ def queue_starting(error: BaseException) -> bool:
     """Whether a 404 only means the queue's node is still (re)starting: RabbitMQ answers
     "home node ... of durable queue ... is down or inaccessible" for a while after a restart.
     Transient, unlike a queue that does not exist."""
-    return isinstance(error, ChannelNotFoundEntity) and "down or inaccessible" in str(error)
+    if isinstance(error, ChannelNotFoundEntity):
+        return "down or inaccessible" in str(error)
+    # A stream consumer on a node whose replica is still catching up after a restart
+    # (RabbitMQ 3.10): "does not have a replica on the local node". Seen in a rolling
+    # restart; the replica comes back within seconds.
+    return isinstance(error, ChannelPreconditionFailed) and "replica on the local node" in str(
+        error
+    )
 
 
 def _retryable(error: BaseException) -> bool:

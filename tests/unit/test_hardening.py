@@ -289,3 +289,19 @@ def test_a_queue_whose_node_is_starting_is_told_apart_from_a_missing_one() -> No
     assert queue_starting(starting)
     assert not queue_starting(missing)
     assert not queue_starting(ValueError("down or inaccessible"))
+
+
+def test_a_stream_replica_catching_up_after_a_restart_is_transient() -> None:
+    """Seen in a rolling restart: a worker's cancellation follower, on a node whose stream
+    replica was not back yet, was refused and the worker stopped."""
+    from aiormq.exceptions import ChannelPreconditionFailed
+
+    from rmqdelay.broker.connection import queue_starting
+
+    catching_up = ChannelPreconditionFailed(
+        "PRECONDITION_FAILED - queue 'queue 'ns.cancels' in vhost '/'' does not have a "
+        "replica on the local node"
+    )
+    other = ChannelPreconditionFailed("PRECONDITION_FAILED - inequivalent arg 'x-max-age'")
+    assert queue_starting(catching_up)
+    assert not queue_starting(other)
