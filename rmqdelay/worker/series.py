@@ -1,11 +1,13 @@
 """Recurring series in the worker: an occurrence schedules the next before it runs.
 
 The next occurrence is published (confirmed) before the handler runs and before this one
-is acked, so a series survives any worker dying at any point. A worker that takes an
-occurrence a second time (the first died before the ack: ``redelivered``) may have
-scheduled the next one already; it first cancels that occurrence's own key, then
-schedules it again, so exactly one is left pending. Retries of a failed occurrence do not
-extend the series: the first attempt did.
+is acked, so a series survives any worker dying at any point. But an occurrence can be
+taken twice: redelivered after a worker died before the ack, or doubled by the broker
+(a quorum queue's at-least-once dead-lettering repeats a message after a crash). Each
+taking publishes a copy of the next occurrence, so each copy then cancels every copy
+published before it: its key ``<series>@<due ms>``, at its own stamp minus one. Whatever
+the order, only the newest copy is not cancelled, and the series stays single. Retries
+of a failed occurrence do not extend the series: the first attempt did.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from typing import Literal, cast
 
 from rmqdelay.broker.publisher import Publisher, carried, properties
-from rmqdelay.core.cancelset import CancelSet, Stamps
+from rmqdelay.core.cancelset import CancelSet
 from rmqdelay.core.errors import MessageDecodeError, RmqDelayError
 from rmqdelay.core.recurrence import SERIES, Step, decode_series, occurrence_key, step
 from rmqdelay.core.retry import BACKOFF_BASE_MS, BACKOFF_CAP_MS, MAX_ATTEMPTS
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 #: What to do with an occurrence: run it, pass over it (missed), or drop it (series stopped).
 Advance = Literal["run", "skip", "stopped"]
 
-#: How long the cancel of a possibly doubled occurrence is kept after its due time.
+#: How long the cancel of older copies of an occurrence is kept after its due time.
 DOUBLE_CANCEL_MARGIN_MS = 3_600_000
 _OURS = "rmqdelay-"
 _RETRY = (MAX_ATTEMPTS, BACKOFF_BASE_MS, BACKOFF_CAP_MS)
@@ -43,7 +45,7 @@ class SeriesKeeper:
         self._wiring = wiring
         self._publisher = publisher
         self._cancels = cancels
-        self._stamps = Stamps()
+        self._last_stamp = 0
 
     async def advance(self, message: Delivery, task: Task) -> Advance:
         """Schedule the occurrence after ``task`` (confirmed), unless the series was
@@ -70,10 +72,12 @@ class SeriesKeeper:
         # before a cron fire time, whose "next" would then be that same time again.
         due_ms = cast(int, task.headers[DUE_MS])
         plan: Step = step(series.rule, series.catch_up, due_ms, now_ms)
-        next_key = occurrence_key(series.key, plan.next_due_ms)
-        if message.redelivered:
-            await self._cancel(next_key, plan.next_due_ms + DOUBLE_CANCEL_MARGIN_MS)
-        await self._schedule_next(message, task, series.key, plan.next_due_ms)
+        published_ms = await self._schedule_next(message, task, series.key, plan.next_due_ms)
+        await self._cancel_older_copies(
+            occurrence_key(series.key, plan.next_due_ms),
+            published_ms - 1,
+            plan.next_due_ms + DOUBLE_CANCEL_MARGIN_MS,
+        )
         if plan.run:
             return "run"
         log.info(
@@ -83,8 +87,7 @@ class SeriesKeeper:
         )
         return "skip"
 
-    async def _cancel(self, key: str, until_ms: int) -> None:
-        at_ms = self._stamps.cancel(time.time_ns() // 1_000_000)
+    async def _cancel_older_copies(self, key: str, at_ms: int, until_ms: int) -> None:
         stream = self._wiring.names.cancels
         await self._publisher.publish(
             b"", properties(cancel_headers(key, at_ms, until_ms)), "", stream, what=repr(stream)
@@ -92,8 +95,11 @@ class SeriesKeeper:
 
     async def _schedule_next(
         self, message: Delivery, task: Task, series_key: str, due_ms: int
-    ) -> None:
+    ) -> int:
+        """Publish the next occurrence; returns its publish stamp."""
         now_ms = time.time_ns() // 1_000_000
+        # Strictly increasing here: two copies from this worker must not tie.
+        stamp = self._last_stamp = max(now_ms, self._last_stamp + 1)
         task_id = os.urandom(16).hex()
         way = self._wiring.route(max(0, due_ms - now_ms) * 1000, task_id)
         original = strip_death_headers(message.headers or {})
@@ -103,7 +109,7 @@ class SeriesKeeper:
             task_headers(
                 task_id,
                 due_ms=due_ms,
-                published_ms=self._stamps.publish(now_ms),
+                published_ms=stamp,
                 route=way.headers,
                 keys=(series_key, occurrence_key(series_key, due_ms)),
             )
@@ -117,3 +123,4 @@ class SeriesKeeper:
             mandatory=way.mandatory,
             what=f"the next occurrence of series {series_key!r}",
         )
+        return stamp

@@ -9,12 +9,20 @@ import re
 from collections import Counter
 from datetime import timedelta
 
+import aio_pika
 import pytest
 
 from rmqdelay import InvalidRecurrenceError, Scheduler, Settings, UnroutableError
 from rmqdelay.tools.cli import main
 
-from .helpers import Recorder, kill_a_worker_mid_handler, running_worker, use_in_cli
+from .helpers import (
+    Recorder,
+    depth,
+    get_all,
+    kill_a_worker_mid_handler,
+    running_worker,
+    use_in_cli,
+)
 from .test_faults import _kill_and_restart_broker, _local_broker_we_manage
 
 pytestmark = pytest.mark.integration
@@ -98,7 +106,7 @@ async def test_a_worker_killed_between_run_and_ack_leaves_one_series(
     settings: Settings, destination: str
 ) -> None:
     """The killed worker scheduled the next occurrence before running the handler; the
-    redelivered occurrence schedules it again, after cancelling the first copy."""
+    redelivered occurrence schedules it again, and that copy cancels the first."""
     key = f"killed-{destination}"
     async with Scheduler(settings) as scheduler:
         await scheduler.declare_destination(destination)
@@ -237,3 +245,42 @@ def test_cli_preview_shows_both_daylight_saving_changes(
     assert "2026-10-25T02:30:00+02:00" in out
     assert "2026-10-25T02:30:00+01:00" not in out, "the repeated 02:30 fires once"
     assert "UTC offset +0200 -> +0100" in out
+
+
+async def test_an_occurrence_doubled_by_the_broker_does_not_fork_the_series(
+    settings: Settings, destination: str
+) -> None:
+    """A quorum queue's at-least-once dead-lettering can repeat a message after a crash:
+    here a copy of an occurrence is put beside it in the work queue. Both run (delivery is
+    at least once), both schedule the next occurrence, and the newer copy cancels the
+    older: later due times run once each."""
+    key = f"double-{destination}"
+    queue = settings.names.work_queue(destination)
+    async with Scheduler(settings) as scheduler:
+        await scheduler.declare_destination(destination)
+        first = await scheduler.recurring(destination, "tick", every=1, key=key)
+        async with asyncio.timeout(30):  # no worker yet: it waits in the work queue
+            while await depth(settings, queue) < 1:  # noqa: ASYNC110 - no event for it
+                await asyncio.sleep(0.05)
+        [original] = await get_all(settings, queue)
+        channel = await scheduler.connection.channel(publisher_confirms=True)
+        work = await channel.get_exchange(settings.names.work_exchange, ensure=False)
+        await work.publish(
+            aio_pika.Message(
+                original.body,
+                headers=original.headers,
+                content_type=original.content_type,
+                message_id="copy",
+            ),
+            routing_key=destination,
+        )
+        runs = Occurrences()
+        async with running_worker(settings, destination, runs) as worker:
+            await runs.wait_count(5, within=30)
+            await worker.wait_for(lambda s: s.cancelled >= 1)  # the older next copy
+            await scheduler.remove_series(key)
+    per_due = runs.per_due()
+    assert per_due[first.upcoming[0].timestamp()] == 2, "the doubled one ran twice"
+    later = [n for due, n in per_due.items() if due != first.upcoming[0].timestamp()]
+    assert later
+    assert set(later) == {1}, f"one run per later due time: {per_due}"
