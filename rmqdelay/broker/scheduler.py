@@ -414,7 +414,7 @@ class Scheduler:
         header = SeriesHeader(key, rule, policy, published)
         props.headers[SERIES] = header.encode()
         await self._publish_task(body, props, way, scheduled)
-        await self._publish_record(series_record(header, checked.destination), "series")
+        await self._publish_record(series_record(header, checked.destination))
         return describe_series(header, checked.destination, now_ms, 3)
 
     async def remove_series(self, key: str) -> Cancellation:
@@ -422,7 +422,7 @@ class Scheduler:
         from the registry."""
         cancellation = await self.cancel(key)
         header = SeriesHeader(key, Rule(None, MIN_EVERY_MS, "UTC", 0), "once", 0)
-        await self._publish_record(series_record(header, "", removed=True), "series")
+        await self._publish_record(series_record(header, "", removed=True))
         return cancellation
 
     async def series(self) -> list[Series]:
@@ -439,11 +439,12 @@ class Scheduler:
             if cancels.cancelled_by((header.key,), header.since_ms) is None
         ]
 
-    async def _publish_record(self, body: bytes, stream_role: str) -> None:
+    async def _publish_record(self, body: bytes) -> None:
+        """Append ``body`` to the series registry stream."""
         stream = self.wiring.names.series
         try:
             await self._require_publisher().publish(
-                body, properties({}), "", stream, what=f"the {stream_role} record"
+                body, properties({}), "", stream, what="the series record"
             )
         except UnroutableError as e:
             raise TopologyMismatchError(

@@ -306,7 +306,7 @@ def decode_task(
         headers=dict(headers),
         redelivered=redelivered,
         body=body,
-        properties=properties or {},
+        properties=properties if properties is not None else {},
     )
 
 

@@ -10,6 +10,7 @@ through a locking ``__setattr__``) and a second task. Measured side by side
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from aiormq.abc import AbstractChannel, DeliveredMessage
@@ -52,12 +53,10 @@ class Delivery:
         self._tag: int | None = message.delivery_tag
         self._settled = False
 
-    def publisher_properties(self) -> dict[str, Any]:
+    def publisher_properties(self) -> Mapping[str, Any]:
         """The properties the publisher set, other than headers and content type (what
-        ``Task.properties`` holds)."""
-        p = self.properties
-        values = {name: getattr(p, name) for name in PUBLISHER_PROPERTIES}
-        return {name: value for name, value in values.items() if value is not None}
+        ``Task.properties`` holds): a view, read only if a handler looks."""
+        return _PublisherProperties(self.properties)
 
     async def ack(self) -> None:
         """Done with it: the broker forgets it."""
@@ -76,3 +75,33 @@ class Delivery:
             return None
         self._settled = True
         return self._tag
+
+
+class _PublisherProperties(Mapping[str, Any]):
+    """A delivery's publisher-set properties as a mapping of those not None, computed on
+    first use: most handlers never look, and a dict per task would be paid on every one."""
+
+    __slots__ = ("_properties", "_set")
+
+    def __init__(self, properties: Basic.Properties) -> None:
+        self._properties = properties
+        self._set: dict[str, Any] | None = None
+
+    def _values(self) -> dict[str, Any]:
+        if self._set is None:
+            p = self._properties
+            values = ((name, getattr(p, name)) for name in PUBLISHER_PROPERTIES)
+            self._set = {name: value for name, value in values if value is not None}
+        return self._set
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values())
+
+    def __len__(self) -> int:
+        return len(self._values())
+
+    def __repr__(self) -> str:
+        return repr(self._values())
