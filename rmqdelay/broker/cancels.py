@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel
 from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import (
     ChannelInvalidStateError,
@@ -39,8 +39,13 @@ from rmqdelay.broker.connection import (
     queue_starting,
     reconnect_wait,
 )
+from rmqdelay.broker.streams import READ_TIMEOUT_S, read_stream
 from rmqdelay.core.cancelset import CancelSet
-from rmqdelay.core.errors import MessageDecodeError, TopologyMismatchError
+from rmqdelay.core.errors import (
+    BrokerUnavailableError,
+    MessageDecodeError,
+    TopologyMismatchError,
+)
 from rmqdelay.core.wire import (
     MARKER,
     SNAPSHOT,
@@ -254,44 +259,34 @@ class CancelFollower:
         namespace, or no worker ran for hours), the whole stream is replayed instead."""
         started = time.monotonic()
         names = self.settings.names
-        # A channel of its own: a missing stream (a topology from before snapshots)
-        # closes the channel it is asked on.
-        async with await connection.channel() as channel:
-            try:
-                stream = await channel.declare_queue(names.cancel_snapshots, passive=True)
-            except ChannelNotFoundEntity:
-                self._snapshots_exist = False
-                log.warning(
-                    "no snapshot stream %r: workers replay the whole cancellation stream at "
-                    "start. Declare the topology again (or import definitions.json)",
-                    names.cancel_snapshots,
-                )
-                return
-            await channel.set_qos(prefetch_count=4)  # parts are megabytes each
-            snapshots: dict[str, _Snapshot] = {}
-            marker, done = uuid.uuid4().hex, asyncio.Event()
-
-            async def on_part(message: AbstractIncomingMessage) -> None:
-                headers = message.headers or {}
-                if headers.get(MARKER) == marker:
-                    done.set()
-                elif isinstance(sid := headers.get(SNAPSHOT), str):
-                    self._collect(snapshots, sid, headers, message.body)
-                await message.ack()
-
-            since = datetime.now(UTC) - timedelta(seconds=SNAPSHOT_LOOKBACK_S)
-            await stream.consume(on_part, arguments={"x-stream-offset": since})
-            # The end of a stream is where a marker we append now comes back.
-            await channel.default_exchange.publish(
-                aio_pika.Message(b"", headers={MARKER: marker}), routing_key=stream.name
+        since = datetime.now(UTC) - timedelta(seconds=SNAPSHOT_LOOKBACK_S)
+        try:
+            # prefetch 4: parts are megabytes each
+            records = await read_stream(
+                connection,
+                names.cancel_snapshots,
+                offset=since,
+                prefetch=4,
+                timeout_s=SNAPSHOT_LOAD_TIMEOUT_S,
             )
-            try:
-                await asyncio.wait_for(done.wait(), SNAPSHOT_LOAD_TIMEOUT_S)
-            except TimeoutError:
-                log.warning(
-                    "reading snapshots took over %.0fs: replaying instead", SNAPSHOT_LOAD_TIMEOUT_S
-                )
-                return
+        except TopologyMismatchError:
+            self._snapshots_exist = False
+            log.warning(
+                "no snapshot stream %r: workers replay the whole cancellation stream at "
+                "start. Declare the topology again (or import definitions.json)",
+                names.cancel_snapshots,
+            )
+            return
+        except BrokerUnavailableError:
+            log.warning(
+                "reading snapshots took over %.0fs: replaying instead", SNAPSHOT_LOAD_TIMEOUT_S
+            )
+            return
+        snapshots: dict[str, _Snapshot] = {}
+        for message in records:
+            headers = message.headers or {}
+            if isinstance(sid := headers.get(SNAPSHOT), str):
+                self._collect(snapshots, sid, headers, message.body)
         complete = [s for s in snapshots.values() if s.complete]
         if not complete:
             log.info(
@@ -398,3 +393,31 @@ async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
     except TimeoutError:
         pass
+
+
+async def load_cancels(settings: Settings) -> CancelSet:
+    """The cancel set as a worker starting now would have it (snapshot, then the rest):
+    for tools that need to know what is cancelled.
+
+    Raises:
+        BrokerUnavailableError: it could not be loaded in time.
+    """
+    follower = CancelFollower(settings)
+    stop = asyncio.Event()
+    following = asyncio.create_task(follower.run(stop))
+    caught_up = asyncio.create_task(follower.caught_up.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {following, caught_up}, timeout=READ_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+        )
+        if following in done:
+            following.result()
+        if caught_up not in done:
+            raise BrokerUnavailableError(
+                f"could not read the cancellation stream within {READ_TIMEOUT_S:g}s"
+            )
+        return follower.cancels
+    finally:
+        caught_up.cancel()
+        stop.set()
+        await following

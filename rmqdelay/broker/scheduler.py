@@ -15,10 +15,11 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.exceptions import ChannelNotFoundEntity
 from pamqp.commands import Basic
 
+from rmqdelay.broker.cancels import load_cancels
 from rmqdelay.broker.connection import connect
 from rmqdelay.broker.declare import check_topology, declare_topology, resolve_backend
 from rmqdelay.broker.publisher import Publisher, properties
-from rmqdelay.broker.streams import load_cancels, read_stream
+from rmqdelay.broker.streams import read_stream
 from rmqdelay.core.cancelset import Stamps
 from rmqdelay.core.delays import delay_to_us, describe_us
 from rmqdelay.core.errors import (
@@ -428,7 +429,7 @@ class Scheduler:
     async def series(self) -> list[Series]:
         """The recurring series: the registry, compacted, less those cancelled since."""
         records = await read_stream(self.connection, self.wiring.names.series)
-        live = compact(records)
+        live = compact([record.body for record in records])
         if not live:
             return []
         cancels = await load_cancels(self.settings)
