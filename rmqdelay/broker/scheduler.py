@@ -43,7 +43,6 @@ from rmqdelay.core.recurrence import (
     describe_series,
     occurrence_key,
     series_record,
-    utc,
 )
 from rmqdelay.core.retry import BACKOFF_BASE_MS, BACKOFF_CAP_MS, MAX_ATTEMPTS
 from rmqdelay.core.routes import Route
@@ -57,6 +56,7 @@ from rmqdelay.core.wire import (
     check_keys,
     check_size,
     encode_payload,
+    ms_to_datetime,
     task_headers,
 )
 from rmqdelay.core.wiring import Wiring
@@ -401,7 +401,7 @@ class Scheduler:
             TaskSpec(
                 destination,
                 payload,
-                at=utc(first),
+                at=ms_to_datetime(first),
                 content_type=content_type,
                 keys=(key, occurrence_key(key, first)),
             ),

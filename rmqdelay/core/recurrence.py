@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -29,6 +29,7 @@ from cronsim import CronSim, CronSimError
 
 from rmqdelay.core.delays import describe_us
 from rmqdelay.core.errors import InvalidRecurrenceError
+from rmqdelay.core.wire import ms_to_datetime
 
 CatchUp = Literal["once", "all", "skip"]
 CATCH_UPS: tuple[CatchUp, ...] = get_args(CatchUp)
@@ -232,11 +233,6 @@ def occurrence_key(series_key: str, due_ms: int) -> str:
     return f"{series_key}@{due_ms}"
 
 
-def utc(ms: int) -> datetime:
-    """Milliseconds since the epoch as an aware UTC datetime."""
-    return datetime.fromtimestamp(ms / 1000, UTC)
-
-
 @dataclass(frozen=True, slots=True)
 class Series:
     """A recurring series, as ``recurring()`` returns it and ``rmqdelay recurring list``
@@ -283,7 +279,7 @@ def describe_series(header: SeriesHeader, destination: str, now_ms: int, count: 
         rule.tz,
         header.catch_up,
         tuple(rule.upcoming(now_ms, count)),
-        utc(header.since_ms),
+        ms_to_datetime(header.since_ms),
     )
 
 

@@ -13,11 +13,11 @@ of a failed occurrence do not extend the series: the first attempt did.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Literal, cast
 
 from rmqdelay.broker.publisher import Publisher, carried, properties
+from rmqdelay.broker.scheduler import new_task_id
 from rmqdelay.core.cancelset import CancelSet
 from rmqdelay.core.errors import MessageDecodeError, RmqDelayError
 from rmqdelay.core.recurrence import SERIES, Step, decode_series, occurrence_key, step
@@ -100,7 +100,7 @@ class SeriesKeeper:
         now_ms = time.time_ns() // 1_000_000
         # Strictly increasing here: two copies from this worker must not tie.
         stamp = self._last_stamp = max(now_ms, self._last_stamp + 1)
-        task_id = os.urandom(16).hex()
+        task_id = new_task_id()
         way = self._wiring.route(max(0, due_ms - now_ms) * 1000, task_id)
         original = strip_death_headers(message.headers or {})
         # The publisher's own headers, and per-task retry settings, stay with the series.
