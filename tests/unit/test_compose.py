@@ -36,7 +36,7 @@ def test_services_are_the_broker_and_a_worker() -> None:
 
 def test_broker_has_management_prometheus_and_a_healthcheck_and_keeps_its_data() -> None:
     broker = SERVICES["rabbitmq"]
-    assert broker["image"].startswith("rabbitmq:3.")
+    assert broker["image"] == "rabbitmq:4.3-management"
     plugins = _config("enabled-plugins")
     assert "rabbitmq_management" in plugins
     assert "rabbitmq_prometheus" in plugins
@@ -102,4 +102,4 @@ def test_the_broker_gets_the_advanced_config_scripts_broker_uses() -> None:
     source = ROOT / COMPOSE["configs"]["advanced-config"]["file"]
     assert source == ROOT / "scripts" / "advanced.config"
     assert "{dead_letter_worker_publisher_confirm_timeout, 10000}" in source.read_text()
-    assert source.name in (ROOT / "scripts" / "broker").read_text()
+    assert source.name in (ROOT / "scripts" / "lib" / "rabbitmq.sh").read_text()
