@@ -33,9 +33,9 @@ from lateness import HEADER, Result, paced
 
 from rmqdelay import Scheduler, Settings, Task
 from rmqdelay.broker.declare import apply_topology, resolve_backend
+from rmqdelay.broker.management import management_get, vhost_path
 from rmqdelay.core.redact import split_urls
 from rmqdelay.core.topology import build_topology
-from rmqdelay.tools.status import management_get, vhost_path
 
 HERE = Path(__file__).resolve().parent
 DESTINATION = "bench"

@@ -33,7 +33,7 @@ from rmqdelay.core.names import Names
 from rmqdelay.core.redact import redact_url, split_urls, userinfo
 from rmqdelay.core.retry import RetryPolicy
 from rmqdelay.core.routes import Backend
-from rmqdelay.core.topology import Layout
+from rmqdelay.core.topology import UNLIMITED_DELIVERIES, Layout
 from rmqdelay.core.wiring import Wiring, wiring
 
 ENV_PREFIX = "RMQDELAY_"
@@ -181,6 +181,15 @@ class Settings(BaseSettings):
         description="Members of each new quorum queue and of the cancel stream (capped at "
         "the cluster's size; 0: the broker's default). Applies when a queue is created.",
     )
+    delivery_limit: int = Field(
+        default=20,
+        ge=1,
+        le=UNLIMITED_DELIVERIES - 1,
+        description="Deliveries of one task a quorum work queue allows before it parks the "
+        "task (its workers kept dying or losing their link while they held it). Set as the "
+        "work queues' x-delivery-limit on every RabbitMQ version; applies when a queue is "
+        "created (a policy changes it later).",
+    )
     tls_ca_file: FilePath | None = Field(
         default=None, description="CA bundle to verify the broker with (amqps://)."
     )
@@ -324,6 +333,7 @@ class Settings(BaseSettings):
             self.delay_backend,
             self.shards,
             self.replicas or None,
+            self.delivery_limit,
         )
 
     @property

@@ -33,7 +33,8 @@ def _mismatch(kind: str, name: str, arguments: Any, error: Exception) -> BrokerE
     return TopologyMismatchError(
         f"{kind} {name!r} already exists with other properties than these settings expect "
         f"(expected arguments {arguments}); broker said: {error}. Use the settings it was "
-        "created with (namespace, queue type, resolution, max delay), or delete it."
+        "created with (namespace, queue type, resolution, max delay, delivery limit), or "
+        "delete it."
     )
 
 
@@ -42,6 +43,13 @@ Spec = ExchangeSpec | QueueSpec
 
 def _objects(topology: Topology) -> list[Spec]:
     return [*topology.exchanges, *topology.queues]
+
+
+def _expected_arguments(spec: Spec) -> dict[str, Any]:
+    """The arguments an object must have to fit (placement aside)."""
+    if isinstance(spec, QueueSpec):
+        return {**spec.arguments, **spec.added}
+    return dict(spec.arguments)
 
 
 def _kind(spec: Spec) -> str:
@@ -54,9 +62,11 @@ async def _declare(
     *,
     passive: bool = False,
     placed: bool = True,
+    added: bool = True,
 ) -> None:
     """Declare one exchange or queue as ``spec`` says (``passive``: only that it exists;
-    ``placed``: with the queue's placement arguments)."""
+    ``placed``: with the queue's placement arguments; ``added``: with the arguments this
+    release added)."""
     if isinstance(spec, ExchangeSpec):
         if passive:
             await raw.exchange_declare(spec.name, passive=True)
@@ -67,16 +77,23 @@ async def _declare(
     elif passive:
         await raw.queue_declare(spec.name, passive=True)
     else:
-        arguments = spec.creation_arguments if placed else spec.arguments
-        await raw.queue_declare(spec.name, durable=True, arguments=dict(arguments))
+        arguments: dict[str, Any] = {
+            **spec.arguments,
+            **(spec.added if added else {}),
+            **(spec.placement if placed else {}),
+        }
+        await raw.queue_declare(spec.name, durable=True, arguments=arguments)
 
 
-def _about_placement(spec: Spec, error: Exception) -> bool:
-    """Whether the broker refused only over a placement argument (it names the first
+def _about(keys: Iterable[str], error: Exception) -> bool:
+    """Whether the broker refused over one of these arguments (it names the first
     argument that differs)."""
-    return isinstance(spec, QueueSpec) and any(
-        f"inequivalent arg '{key}'" in str(error) for key in spec.placement
-    )
+    return any(f"inequivalent arg '{key}'" in str(error) for key in keys)
+
+
+def _lacks(keys: Iterable[str], error: Exception) -> bool:
+    """Whether the broker refused because the queue has none of an argument we sent."""
+    return _about(keys, error) and str(error).rstrip().endswith("but current is none")
 
 
 class _Probe:
@@ -105,22 +122,38 @@ class _Probe:
 
 
 async def _declare_existing(probe: _Probe, spec: QueueSpec) -> None:
-    """Check a queue that exists, whose placement may differ from ours.
+    """Check a queue that exists, whose placement may differ from ours and which an
+    earlier release may have made without the arguments this one added.
 
     Placement applies only when a queue is created (one created before these settings, or
-    with another RMQDELAY_REPLICAS, keeps its own). So: as we would create it; else without
-    placement (a queue created with none); else it holds placement arguments of its own,
-    and that it exists is what can be checked.
+    with another RMQDELAY_REPLICAS, keeps its own), and the broker never adds an argument
+    to a queue. So: as we would create it; else without placement (a queue created with
+    none); else without the added arguments (a queue made by an earlier release: a policy
+    brings it up to them, see ``definitions.policies``); else it holds placement arguments
+    of its own, and that it exists is what can be checked.
 
     Raises:
-        ChannelPreconditionFailed: other arguments than placement differ.
+        ChannelPreconditionFailed: other arguments than these differ.
         ChannelAccessRefused: no configure permission.
     """
-    for placed in (True, False):
+    placed = added = True
+    while True:
         try:
-            await _declare(await probe.channel(), spec, placed=placed)
+            await _declare(await probe.channel(), spec, placed=placed, added=added)
         except ChannelPreconditionFailed as e:
-            if not _about_placement(spec, e):
+            if placed and _about(spec.placement, e):
+                placed = False
+            elif added and _lacks(spec.added, e):
+                added = False
+            elif _about(spec.placement, e):
+                log.info(
+                    "queue %r exists with placement other than %s, which applies only to new "
+                    "queues: keeping it as it is",
+                    spec.name,
+                    spec.placement,
+                )
+                break
+            else:
                 raise
         else:
             if not placed:
@@ -130,13 +163,16 @@ async def _declare_existing(probe: _Probe, spec: QueueSpec) -> None:
                     spec.name,
                     spec.placement,
                 )
-            return
-    log.info(
-        "queue %r exists with placement other than %s, which applies only to new queues: "
-        "keeping it as it is",
-        spec.name,
-        spec.placement,
-    )
+            break
+    if not added:
+        log.warning(
+            "queue %r was made by an earlier rmqdelay without %s (the broker never adds an "
+            "argument to a queue that exists): apply the namespace's policies, with "
+            "'rmqdelay declare --policies' or 'rmqdelay definitions --policies' imported; "
+            "'rmqdelay status' warns until they are in force",
+            spec.name,
+            spec.added,
+        )
 
 
 async def declare_topology(channel: AbstractChannel, topology: Topology) -> None:
@@ -150,15 +186,20 @@ async def declare_topology(channel: AbstractChannel, topology: Topology) -> None
     probe = _Probe(raw.connection)
     try:
         for spec in _objects(topology):
-            # An existing queue may differ in placement alone, which is no mismatch: check
-            # it on the probe's channels. New queues are created on the caller's.
+            # An existing queue may differ in placement, or lack what this release added,
+            # which is no mismatch: check it on the probe's channels. New queues are
+            # created on the caller's.
             try:
-                if isinstance(spec, QueueSpec) and spec.placement and await probe.exists(spec):
+                if (
+                    isinstance(spec, QueueSpec)
+                    and (spec.placement or spec.added)
+                    and await probe.exists(spec)
+                ):
                     await _declare_existing(probe, spec)
                 else:
                     await _declare(raw, spec)
             except (ChannelPreconditionFailed, ChannelAccessRefused) as e:
-                raise _mismatch(_kind(spec), spec.name, spec.arguments, e) from e
+                raise _mismatch(_kind(spec), spec.name, _expected_arguments(spec), e) from e
     finally:
         await probe.close()
     for b in topology.bindings:
@@ -222,14 +263,15 @@ async def verify_topology(settings: Settings, topology: Topology) -> None:
             if not can_compare:
                 continue
             try:
-                if isinstance(spec, QueueSpec) and spec.placement:
+                if isinstance(spec, QueueSpec) and (spec.placement or spec.added):
                     await _declare_existing(probe, spec)
                 else:
                     await _declare(raw, spec)
             except ChannelPreconditionFailed as e:
                 raise TopologyMismatchError(
                     f"{_kind(spec)} {spec.name!r} exists with other arguments than these "
-                    f"settings expect ({spec.arguments}); broker said: {e}. {_expected(settings)}"
+                    f"settings expect ({_expected_arguments(spec)}); broker said: {e}. "
+                    f"{_expected(settings)}"
                 ) from e
             except ChannelAccessRefused:
                 can_compare = False
@@ -246,9 +288,9 @@ def _expected(settings: Settings) -> str:
     return (
         f"the broker's topology does not match namespace {settings.namespace!r}, "
         f"{settings.backend} backend, {settings.queue_type} queues, resolution "
-        f"{settings.resolution_ms} ms and max delay "
+        f"{settings.resolution_ms} ms, max delay "
         f"{describe_us(delay_to_us(settings.max_delay))} ({settings.levels} levels, "
-        f"{settings.shards} shard(s)). Import "
+        f"{settings.shards} shard(s)) and delivery limit {settings.delivery_limit}. Import "
         "definitions rendered with the same settings ('rmqdelay definitions ...'), or set "
         "RMQDELAY_DECLARE=true to declare them, or fix these settings"
     )

@@ -10,12 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from rmqdelay.core.topology import Layout, Topology
-
-#: A quorum work queue redelivers a message whose worker died holding it; after this many
-#: deliveries the broker dead-letters it to the parking lot instead (a task that crashes
-#: its worker every time must not crash the fleet forever). A policy, so ops may change it.
-DEFAULT_DELIVERY_LIMIT = 20
+from rmqdelay.core.topology import UNLIMITED_DELIVERIES, Layout, Topology
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,9 +20,8 @@ class DefinitionOptions:
     vhost: str = "/"
     #: Grant this user access to the namespace's objects (the user must exist; no password).
     user: str | None = None
-    #: Include the recommended policies.
+    #: Include the policies that bring queues made by earlier releases up to this one.
     policies: bool = False
-    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
 
 
 def permission_patterns(layout: Layout) -> dict[str, str]:
@@ -39,19 +33,40 @@ def permission_patterns(layout: Layout) -> dict[str, str]:
     return {"configure": own, "write": f"{own}|^amq\\.default$", "read": own}
 
 
-def _policies(layout: Layout, options: DefinitionOptions) -> list[dict[str, Any]]:
+def policies(layout: Layout, vhost: str) -> list[dict[str, Any]]:
+    """Policies giving queues what this release creates them with, for queues made by
+    earlier releases (the broker never adds an argument to a queue that exists).
+
+    Quorum queues only (classic queues have no delivery limit): the work queues' delivery
+    limit (``Layout.delivery_limit``, which RabbitMQ 4.x would otherwise put at 20 and 3.x
+    leave unlimited), and no limit that could drop a message from the queues with nowhere
+    to dead-letter to (parking lot, unroutable queue, bridge intakes). Where a queue's
+    argument and a policy both set a limit, the broker applies the lower one.
+    """
     if layout.queue_type != "quorum":
-        return []  # classic queues in 3.10 have no delivery limit
-    work_queues = f"^{re.escape(layout.names.work_queue(''))}"
+        return []
+    names = layout.names
+    aside = (
+        f"^({re.escape(names.parked)}|{re.escape(names.unroutable)})$"
+        f"|^{re.escape(names.bridge_intake(''))}"
+    )
     return [
         {
-            "vhost": options.vhost,
+            "vhost": vhost,
             "name": f"{layout.namespace}.work-delivery-limit",
-            "pattern": work_queues,
+            "pattern": f"^{re.escape(names.work_queue(''))}",
             "apply-to": "queues",
             "priority": 0,
-            "definition": {"delivery-limit": options.delivery_limit},
-        }
+            "definition": {"delivery-limit": layout.delivery_limit},
+        },
+        {
+            "vhost": vhost,
+            "name": f"{layout.namespace}.aside-delivery-limit",
+            "pattern": aside,
+            "apply-to": "queues",
+            "priority": 0,
+            "definition": {"delivery-limit": UNLIMITED_DELIVERIES},
+        },
     ]
 
 
@@ -96,7 +111,7 @@ def render_definitions(
             }
             for b in topology.bindings
         ],
-        "policies": _policies(layout, options) if options.policies else [],
+        "policies": policies(layout, vhost) if options.policies else [],
     }
     if options.user is not None:
         document["permissions"] = [

@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import Any
 
 from rmqdelay.core.errors import InvalidDelayError
-from rmqdelay.core.wire import strip_death_headers
+from rmqdelay.core.wire import strip_broker_headers
 
 X_DELAY = "x-delay"
 #: The plugin's timer limit (Erlang's): a longer x-delay, or none above 0, it routes at once.
@@ -26,9 +26,6 @@ EXPIRATION = "rmqdelay-forward-expiration"
 DELIVERY_MODE = "rmqdelay-forward-delivery-mode"
 REQUESTED_DELAY = "rmqdelay-forward-x-delay"
 _OURS = "rmqdelay-"
-#: A quorum queue's count of redeliveries (the work queue's or the parking lot's, not the
-#: publisher's): the target queue keeps a count of its own.
-_DELIVERY_COUNT = "x-delivery-count"
 
 
 def plugin_delay_ms(headers: Mapping[str, Any] | None) -> int:
@@ -79,7 +76,7 @@ def bridged_headers(
     to restore."""
     kept = {
         k: v
-        for k, v in strip_death_headers(headers or {}).items()
+        for k, v in strip_broker_headers(headers or {}).items()
         if k != X_DELAY and not k.startswith(_OURS)
     }
     kept[ROUTING_KEY] = routing_key
@@ -96,11 +93,7 @@ def forwarded_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
     of the levels' dead-lettering; a bridged message's ``x-delay`` comes back negated, as
     the plugin hands it to consumers (so they can tell the message was delayed)."""
     headers = headers or {}
-    out = {
-        k: v
-        for k, v in strip_death_headers(headers).items()
-        if not k.startswith(_OURS) and k != _DELIVERY_COUNT
-    }
+    out = {k: v for k, v in strip_broker_headers(headers).items() if not k.startswith(_OURS)}
     requested = headers.get(REQUESTED_DELAY)
     if isinstance(requested, int) and not isinstance(requested, bool) and requested > 0:
         out[X_DELAY] = -requested

@@ -40,6 +40,10 @@ class Layout:
     #: Members of each quorum queue and of the stream when created (the broker caps this
     #: at the cluster's size); None leaves it to the broker.
     replicas: int | None = 3
+    #: Deliveries of one message a quorum work queue allows before it dead-letters it to
+    #: the parking lot (workers that keep dying with it). Set on every version alike:
+    #: RabbitMQ 4.x would otherwise apply 20, 3.x no limit at all.
+    delivery_limit: int = 20
 
     @property
     def names(self) -> Names:
@@ -65,11 +69,15 @@ class QueueSpec:
     #: Where the broker puts the queue's replicas and leader. Used only when the queue is
     #: created: a queue that exists with other placement is not a mismatch (declare.py).
     placement: Arguments = field(default_factory=dict)
+    #: Arguments this release creates the queue with that earlier ones did not: a queue
+    #: that exists without them is accepted (the broker cannot add an argument to a queue)
+    #: and brought up to them by a policy (``definitions.policies``).
+    added: Arguments = field(default_factory=dict)
 
     @property
     def creation_arguments(self) -> Arguments:
         """Everything to create the queue with."""
-        return {**self.arguments, **self.placement}
+        return {**self.arguments, **self.added, **self.placement}
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +98,21 @@ class Topology:
     exchanges: tuple[ExchangeSpec, ...]
     queues: tuple[QueueSpec, ...]
     bindings: tuple[BindingSpec, ...]
+
+
+#: The delivery limit of a quorum queue with nowhere to dead-letter to (the parking lot,
+#: the unroutable queue, a bridge's intake): at its limit the broker would drop a message
+#: without a word, and RabbitMQ 4.x counts every return (4.0-4.2 even every basic.get),
+#: so each look at a parked task would count. The largest 32-bit value: a look every
+#: millisecond for 24 days. Not -1, which 4.x reads as "no limit" but 3.x accepts and
+#: drops the message at its first return.
+UNLIMITED_DELIVERIES = 2**31 - 1
+DELIVERY_LIMIT = "x-delivery-limit"
+
+
+def _delivery_limit(queue_type: QueueType, limit: int) -> Arguments:
+    """The delivery limit argument (none for classic queues: they have no limit)."""
+    return {DELIVERY_LIMIT: limit} if queue_type == "quorum" else {}
 
 
 def _queue_arguments(
@@ -137,12 +160,25 @@ def level_queue_spec(layout: Layout, level: int, shard: int = 0) -> QueueSpec:
 
 
 def work_queue_spec(layout: Layout, destination: str) -> QueueSpec:
-    """A destination's work queue; rejected messages dead-letter to the parking lot."""
+    """A destination's work queue; rejected messages, and messages over the delivery
+    limit, dead-letter to the parking lot."""
     names = layout.names
     return QueueSpec(
         names.work_queue(destination),
         _queue_arguments(layout.queue_type, dead_letter_exchange=names.parked),
         placement(layout, layout.queue_type),
+        _delivery_limit(layout.queue_type, layout.delivery_limit),
+    )
+
+
+def aside_queue_spec(layout: Layout, name: str) -> QueueSpec:
+    """A queue whose messages wait for an operator or a bridge, with nowhere to
+    dead-letter to: no delivery limit may drop them (``UNLIMITED_DELIVERIES``)."""
+    return QueueSpec(
+        name,
+        _queue_arguments(layout.queue_type),
+        placement(layout, layout.queue_type),
+        _delivery_limit(layout.queue_type, UNLIMITED_DELIVERIES),
     )
 
 
@@ -211,11 +247,10 @@ def build_topology(layout: Layout, destinations: tuple[str, ...] = ()) -> Topolo
 
 
 def _common_queues(layout: Layout) -> tuple[QueueSpec, ...]:
-    names, plain = layout.names, _queue_arguments(layout.queue_type)
-    where = placement(layout, layout.queue_type)
+    names = layout.names
     return (
-        QueueSpec(names.unroutable, dict(plain), dict(where)),
-        QueueSpec(names.parked, dict(plain), dict(where)),
+        aside_queue_spec(layout, names.unroutable),
+        aside_queue_spec(layout, names.parked),
         QueueSpec(
             names.cancels,
             {"x-queue-type": "stream", "x-max-age": f"{layout.cancel_retention_s}s"},
@@ -280,11 +315,6 @@ def bridge_topology(
             ExchangeSpec(source, "fanout", {BRIDGE_ARGUMENT: target}),
             ExchangeSpec(target, target_type),
         ),
-        (
-            QueueSpec(
-                intake, _queue_arguments(layout.queue_type), placement(layout, layout.queue_type)
-            ),
-            work_queue_spec(layout, destination),
-        ),
+        (aside_queue_spec(layout, intake), work_queue_spec(layout, destination)),
         (BindingSpec(source, intake, "queue"), work_queue_binding(layout, destination)),
     )

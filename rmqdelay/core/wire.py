@@ -318,14 +318,23 @@ PARKED_AT = "rmqdelay-parked-at"
 PARKED_FROM = "rmqdelay-parked-from"
 _PARKED = (PARKED_REASON, PARKED_ERROR, PARKED_ATTEMPTS, PARKED_DESTINATION, PARKED_AT, PARKED_FROM)
 _MAX_REASON = 1000
-#: Dead-letter bookkeeping the broker adds. RabbitMQ 3.x trusts a client-published x-death
-#: and drops a message expiring into a queue it lists, so it never goes back out with us.
-_DEATH_HEADERS = ("x-death", "x-first-death-", "x-last-death-")
+#: Bookkeeping the broker adds to a message: dead-lettering (x-death, x-first-death-*,
+#: x-last-death-*) and a quorum queue's counts of deliveries (x-delivery-count) and, from
+#: RabbitMQ 4.3, acquisitions (x-acquired-count). None of it may go out again with a copy
+#: we publish: RabbitMQ 3.x trusts a client-published x-death and drops a message expiring
+#: into a queue it lists, and a copy must not show the original's counts.
+BROKER_HEADERS = (
+    "x-death",
+    "x-first-death-",
+    "x-last-death-",
+    "x-delivery-count",
+    "x-acquired-count",
+)
 
 
-def strip_death_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
-    """``headers`` without the broker's dead-letter bookkeeping."""
-    return {k: v for k, v in headers.items() if not k.startswith(_DEATH_HEADERS)}
+def strip_broker_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """``headers`` without the broker's bookkeeping (``BROKER_HEADERS``)."""
+    return {k: v for k, v in headers.items() if not k.startswith(BROKER_HEADERS)}
 
 
 def parked_headers(
@@ -342,7 +351,7 @@ def parked_headers(
     if len(reason) > _MAX_REASON:
         reason = reason[: _MAX_REASON - 1] + "…"
     return {
-        **strip_death_headers(headers or {}),
+        **strip_broker_headers(headers or {}),
         PARKED_REASON: reason,
         PARKED_ERROR: error,
         PARKED_ATTEMPTS: attempts,
@@ -355,7 +364,7 @@ def parked_headers(
 def _without_routing(headers: Mapping[str, Any]) -> dict[str, Any]:
     return {
         k: v
-        for k, v in strip_death_headers(headers).items()
+        for k, v in strip_broker_headers(headers).items()
         if not k.startswith("rmqdelay-route-") and k not in _PARKED and k != "x-delay"
     }
 

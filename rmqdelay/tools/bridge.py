@@ -22,6 +22,7 @@ from aiormq.exceptions import AMQPError
 
 from rmqdelay.broker.connection import connect
 from rmqdelay.broker.declare import declare_topology
+from rmqdelay.broker.management import management_get, management_url, vhost_path
 from rmqdelay.broker.publisher import Publisher, carried
 from rmqdelay.broker.scheduler import new_task_id
 from rmqdelay.core.cancelset import Stamps
@@ -43,7 +44,6 @@ from rmqdelay.core.topology import (
 from rmqdelay.core.wire import check_key, parked_headers, task_headers
 from rmqdelay.settings import Settings
 from rmqdelay.tools.forward import Forwarder
-from rmqdelay.tools.status import management_get, management_url, vhost_path
 from rmqdelay.worker.consume import Worker
 from rmqdelay.worker.stats import WorkerStats
 

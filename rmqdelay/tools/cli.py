@@ -20,8 +20,9 @@ from importlib.metadata import version
 from typing import Any
 from urllib.parse import unquote
 
+from rmqdelay.broker.management import vhost_of
 from rmqdelay.broker.scheduler import Scheduler, TaskSpec, check_task
-from rmqdelay.core.definitions import DEFAULT_DELIVERY_LIMIT, DefinitionOptions, render_definitions
+from rmqdelay.core.definitions import DefinitionOptions, render_definitions
 from rmqdelay.core.delays import parse_duration
 from rmqdelay.core.errors import ConfigError, RmqDelayError
 from rmqdelay.core.redact import Redactor, split_urls, url_password
@@ -37,7 +38,8 @@ from rmqdelay.tools.forward import Forwarder, parse_target
 from rmqdelay.tools.logs import LOG_LEVELS, configure_logging
 from rmqdelay.tools.pending import pending as pending_of
 from rmqdelay.tools.pending import render as render_pending
-from rmqdelay.tools.status import collect, render, vhost_of
+from rmqdelay.tools.policies import apply_policies
+from rmqdelay.tools.status import collect, render
 from rmqdelay.tools.webhook import WebhookHandler
 from rmqdelay.worker.consume import Worker
 from rmqdelay.worker.handler import load_handler
@@ -172,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     declare = commands.add_parser("declare", help="declare the topology (and work queues)")
     declare.add_argument("destinations", nargs="*", help="also declare these work queues")
+    declare.add_argument(
+        "--policies",
+        action="store_true",
+        help="also put the namespace's policies in force through the management API (brings "
+        "queues made by earlier releases up to this one's delivery limits)",
+    )
 
     aside_cmd.add_parsers(commands)
 
@@ -203,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     definitions.add_argument(
         "--delivery-limit",
         type=int,
-        default=DEFAULT_DELIVERY_LIMIT,
-        help="deliveries of one task before its work queue parks it (policy; quorum only)",
+        help="deliveries of one task before its work queue parks it (RMQDELAY_DELIVERY_LIMIT, "
+        "default 20; quorum only)",
     )
     definitions.add_argument("-o", "--output", metavar="FILE", help="write here, not stdout")
 
@@ -265,6 +273,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "backoff_base",
         "backoff_cap",
         "handler_timeout",
+        "delivery_limit",
     )
     overrides = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
     return Settings(**overrides)
@@ -435,6 +444,9 @@ async def _declare(args: argparse.Namespace, settings: Settings) -> int:
         f"{settings.resolution_ms} ms ({settings.queue_type})"
         + (f", destinations {', '.join(args.destinations)}" if args.destinations else "")
     )
+    if args.policies:
+        applied = await apply_policies(settings)
+        print(f"policies in force: {', '.join(applied) or 'none (classic queues)'}")
     return RET_OK
 
 
@@ -443,15 +455,12 @@ async def _aside(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _definitions(args: argparse.Namespace, settings: Settings) -> int:
-    if args.delivery_limit < 1:
-        raise ConfigError(f"--delivery-limit must be at least 1, got {args.delivery_limit}")
     layout = settings.layout
     destinations = tuple(settings.names.check_destination(d) for d in args.destinations)
     options = DefinitionOptions(
         vhost=args.vhost if args.vhost is not None else vhost_of(settings.url),
         user=args.user,
         policies=args.policies,
-        delivery_limit=args.delivery_limit,
     )
     text = json.dumps(
         render_definitions(layout, build_topology(layout, destinations), options), indent=2

@@ -14,8 +14,8 @@ from aiormq.exceptions import ChannelNotFoundEntity
 
 from rmqdelay.broker.connection import connect_once
 from rmqdelay.broker.declare import delete_objects
+from rmqdelay.broker.management import management_get, vhost_path
 from rmqdelay.settings import Settings
-from rmqdelay.tools.status import management_get, vhost_path
 
 #: Without the management API, levels are deleted by name up to this many: more than any
 #: resolution and maximum delay the settings accept can need (1 ms for 10 years is 39).

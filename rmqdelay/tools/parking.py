@@ -2,7 +2,11 @@
 
 List what is there and why, show one message whole, send messages back to their
 destination, delete one, or purge all. Messages are taken without an ack on a channel
-of the tool's own, so whatever the tool does not settle goes back when it closes.
+of the tool's own and whatever the tool does not settle is given back with basic.nack:
+RabbitMQ 4.3 counts a nack toward no delivery limit, where it counts a reject and a
+closed channel (and 4.0-4.2 count every basic.get). These queues are created without a
+limit that could drop a message however often it is looked at (``UNLIMITED_DELIVERIES``);
+should the channel close first, the broker gives the rest back itself.
 """
 
 from __future__ import annotations
@@ -149,8 +153,8 @@ class AsideQueue:
         self.queue = queue
 
     async def _take(self, limit: int | None = None) -> list[AbstractIncomingMessage]:
-        """Get up to ``limit`` messages without acking them (on a channel of its own:
-        closing it puts every one not acked back)."""
+        """Get up to ``limit`` messages without acking them, on a channel of its own; hand
+        them to ``_give_back`` when done."""
         channel = await self.scheduler.connection.channel()
         queue = await channel.get_queue(self.queue, ensure=False)
         taken: list[AbstractIncomingMessage] = []
@@ -159,13 +163,27 @@ class AsideQueue:
             if message is None:
                 break
             taken.append(message)
+        if not taken:
+            await channel.close()
         return taken
+
+    @staticmethod
+    async def _give_back(taken: list[AbstractIncomingMessage]) -> None:
+        """Return every message of ``taken`` not settled (one nack for all), then close
+        their channel."""
+        if not taken:
+            return
+        unsettled = [m for m in taken if not m.processed]
+        try:
+            if unsettled and not taken[0].channel.is_closed:
+                await unsettled[-1].nack(requeue=True, multiple=True)
+        finally:
+            await taken[0].channel.close()
 
     async def peek(self, limit: int = 100) -> list[ParkedTask]:
         """Up to ``limit`` messages, oldest first; nothing is consumed."""
         taken = await self._take(limit)
-        if taken:
-            await taken[0].channel.close()
+        await self._give_back(taken)
         return [self.describe(m) for m in taken]
 
     async def requeue(self, ids: Collection[str] | None) -> tuple[int, list[str]]:
@@ -188,8 +206,7 @@ class AsideQueue:
                 await message.ack()
                 sent += 1
         finally:
-            if taken:
-                await taken[0].channel.close()
+            await self._give_back(taken)
         missing = set(ids or ()) - {parked.id for _, parked in described}
         stayed += [f"{task_id}: not in {self.place}" for task_id in sorted(missing)]
         return sent, stayed
@@ -245,8 +262,7 @@ class AsideQueue:
                     )
             return None
         finally:
-            if taken:
-                await taken[0].channel.close()
+            await self._give_back(taken)
 
     async def delete(self, task_id: str) -> int:
         """Delete the messages with id ``task_id`` (a task parked twice is there twice);
@@ -259,8 +275,7 @@ class AsideQueue:
                     await message.ack()
                     deleted += 1
         finally:
-            if taken:
-                await taken[0].channel.close()
+            await self._give_back(taken)
         return deleted
 
     async def purge(self) -> int:

@@ -12,14 +12,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
 
-import httpx
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from rmqdelay.broker.connection import connect_once
+from rmqdelay.broker.management import management_get, management_url, vhost_of, vhost_path
 from rmqdelay.core.delays import level_ttl_ms
-from rmqdelay.core.redact import redact_url, split_urls
+from rmqdelay.core.delivery_limits import limit_troubles, parse_version
 from rmqdelay.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -90,90 +89,53 @@ class Status:
         return document
 
 
-def management_urls(settings: Settings) -> list[str]:
-    """Where the management API may be, in the order to try: the setting (comma-separated
-    on a cluster), else port 15672 (15671 with TLS) on each AMQP host."""
-    return [base for base, _ in _management_candidates(settings)]
+#: What the management API is asked of each queue: counts, replicas, and what decides
+#: its delivery limit.
+_COLUMNS = (
+    "name,type,messages_ready,messages_unacknowledged,consumers,messages,leader,members,online,"
+    "arguments,effective_policy_definition,policy,operator_policy,delivery_limit"
+)
 
 
-def _management_candidates(settings: Settings) -> list[tuple[str, tuple[str, str]]]:
-    """Each management API with the credentials to use on it: its own user info, else
-    that of the AMQP URL it derives from (else the first)."""
-
-    def auth(url: str) -> tuple[str, str]:
-        parts = urlsplit(url)
-        return unquote(parts.username or "guest"), unquote(parts.password or "guest")
-
-    if settings.management_url:
-        fallback = auth(settings.urls[0])
-        return [
-            (url.rstrip("/"), auth(url) if urlsplit(url).username else fallback)
-            for url in split_urls(settings.management_url)
-        ]
-    found: dict[str, tuple[str, str]] = {}
-    for url in settings.urls:
-        parts = urlsplit(url)
-        scheme, port = ("https", 15671) if parts.scheme == "amqps" else ("http", 15672)
-        found.setdefault(f"{scheme}://{parts.hostname or 'localhost'}:{port}", auth(url))
-    return list(found.items())
-
-
-def management_url(settings: Settings) -> str:
-    """The management API to name in messages: every candidate, passwords masked."""
-    return ", ".join(redact_url(url) for url in management_urls(settings))
-
-
-def vhost_of(url: str) -> str:
-    """The vhost an AMQP URL (or the first of a list) names (an empty path is ``/``)."""
-    path = urlsplit(split_urls(url)[0]).path
-    return unquote(path[1:]) if len(path) > 1 else "/"
-
-
-async def management_get(settings: Settings, path: str, columns: str | None = None) -> Any:
-    """GET ``/api/<path>`` from the first management API that answers 200 (None when none
-    does): on a cluster, a dead node's API must not blind the tools."""
-    params = {"columns": columns} if columns else None
-    async with httpx.AsyncClient(timeout=5, verify=_verify(settings)) as client:
-        for base, auth in _management_candidates(settings):
-            try:
-                response = await client.get(f"{base}/api/{path}", params=params, auth=auth)
-            except httpx.HTTPError as e:
-                log.debug("management API at %s: %s", redact_url(base), e)
-                continue
-            if response.status_code == 200:
-                return response.json()
-            log.debug("management API at %s: HTTP %d", redact_url(base), response.status_code)
-    return None
-
-
-def vhost_path(settings: Settings) -> str:
-    """The vhost as one URL path segment of the management API."""
-    return quote(vhost_of(settings.url), safe="")
-
-
-async def _from_management(settings: Settings) -> dict[str, Counts] | None:
-    columns = "name,messages_ready,messages_unacknowledged,consumers,messages,leader,members,online"
-    queues = await management_get(settings, f"queues/{vhost_path(settings)}", columns)
+async def _from_management(settings: Settings) -> list[dict[str, Any]] | None:
+    """The namespace's queues as the management API lists them (None when none answers)."""
+    queues = await management_get(settings, f"queues/{vhost_path(settings)}", _COLUMNS)
     if queues is None:
         return None
     prefix = f"{settings.namespace}."
-    return {
-        q["name"]: Counts(
-            q["name"],
-            ready=q.get("messages_ready", q.get("messages")),
-            unacked=q.get("messages_unacknowledged"),
-            consumers=q.get("consumers"),
-            leader=q.get("leader"),
-            members=tuple(q.get("members") or ()),
-            online=tuple(q.get("online") or ()),
-        )
-        for q in queues
-        if q["name"].startswith(prefix)
-    }
+    return [q for q in queues if str(q.get("name", "")).startswith(prefix)]
 
 
-def _verify(settings: Settings) -> Any:
-    return str(settings.tls_ca_file) if settings.tls_ca_file else True
+def _counts(queue: dict[str, Any]) -> Counts:
+    return Counts(
+        queue["name"],
+        ready=queue.get("messages_ready", queue.get("messages")),
+        unacked=queue.get("messages_unacknowledged"),
+        consumers=queue.get("consumers"),
+        leader=queue.get("leader"),
+        members=tuple(queue.get("members") or ()),
+        online=tuple(queue.get("online") or ()),
+    )
+
+
+async def limit_warnings(settings: Settings, queues: list[dict[str, Any]]) -> list[str]:
+    """Queues whose delivery limit could drop a message, or differs from the settings',
+    grouped by trouble."""
+    overview = await management_get(settings, "overview", "rabbitmq_version")
+    version = parse_version((overview or {}).get("rabbitmq_version"))
+    names = settings.names
+    troubles = limit_troubles(
+        queues,
+        version,
+        aside={names.parked, names.unroutable},
+        aside_prefix=names.bridge_intake(""),
+        work_prefix=names.work_queue(""),
+        work_limit=settings.delivery_limit,
+    )
+    grouped: dict[str, list[str]] = {}
+    for found in troubles:
+        grouped.setdefault(found.trouble, []).append(found.queue)
+    return [f"{_listed(queues)}: {trouble}" for trouble, queues in grouped.items()]
 
 
 async def _from_amqp(settings: Settings, names: list[str]) -> dict[str, Counts]:
@@ -259,7 +221,8 @@ async def collect(settings: Settings, destinations: list[str]) -> Status:
     )
     fixed = [*(name for _, _, name in levels), names.parked, names.unroutable, names.cancels]
     sampled_at = datetime.now(UTC).isoformat(timespec="seconds")
-    counts = await _from_management(settings)
+    listed = await _from_management(settings)
+    counts = None if listed is None else {q["name"]: _counts(q) for q in listed}
     notes: list[str] = []
     if counts is None:
         source = "amqp"
@@ -288,7 +251,11 @@ async def collect(settings: Settings, destinations: list[str]) -> Status:
         nodes = await management_get(
             settings, "nodes", "name,fd_used,fd_total,proc_used,proc_total"
         )
-        warnings = headroom_warnings(nodes or []) + replicas
+        warnings = (
+            headroom_warnings(nodes or [])
+            + replicas
+            + await limit_warnings(settings, listed or [])
+        )
     missing = Counts("", exists=False)
 
     def of(name: str) -> Counts:

@@ -259,12 +259,16 @@ class Worker:
                 last = current
 
     async def _drain(self) -> None:
-        """Let in-flight tasks finish within the grace period; cancel (and requeue) the rest.
+        """Let in-flight tasks finish within the grace period; cancel (and give back) the rest.
 
         A handler that ignores the cancellation (or a plain one stuck in its thread) is
         abandoned after UNWIND_S more: closing the connection returns its task to the queue.
         """
-        self._holder.release_all()  # not due yet: back to the queue at once
+        released = self._holder.release_all()  # not due yet: back to the queue at once
+        if released:
+            # Each gives its task back as a confirmed copy and then acks it: closing the
+            # connection before the ack would leave the task twice in the queue.
+            await asyncio.wait(released, timeout=self.settings.shutdown_grace.total_seconds())
         if self._running:
             grace = self.settings.shutdown_grace.total_seconds()
             log.info("waiting up to %.0fs for %d in-flight task(s)", grace, len(self._running))
@@ -307,11 +311,12 @@ class Worker:
                 if not caught_up.is_set():
                     await caught_up.wait()
                 if self._stopping:
-                    await settler.requeue(message)
+                    await settler.give_back(message)
                     return
                 await self._execute(message, settler)
         except asyncio.CancelledError:
-            await settler.requeue(message)
+            # Held, or running past the grace period, at stop: not the task's fault.
+            await settler.give_back(message)
             raise
         except RmqDelayError as e:  # a retry or park that could not be published: requeued
             log.error("%s", e)

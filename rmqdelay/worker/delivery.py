@@ -63,10 +63,11 @@ class Delivery:
         if (tag := self._settle()) is not None:
             await self.channel.basic_ack(tag)
 
-    async def nack(self, requeue: bool = True) -> None:
-        """Give it back (``requeue``), for this or another worker."""
+    async def reject(self, requeue: bool = True) -> None:
+        """Give it back (``requeue``), for this or another worker; every RabbitMQ version
+        counts this toward a quorum queue's delivery limit (4.3 does not count a nack)."""
         if (tag := self._settle()) is not None:
-            await self.channel.basic_nack(tag, requeue=requeue)
+            await self.channel.basic_reject(tag, requeue=requeue)
 
     def _settle(self) -> int | None:
         """The delivery tag to settle with, the first time only."""

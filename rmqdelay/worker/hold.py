@@ -60,7 +60,10 @@ class Holder:
         finally:
             self._holding.discard(current)
 
-    def release_all(self) -> None:
-        """Stop holding: the held tasks go back to the queue at once, not after the grace."""
-        for holder in self._holding:
+    def release_all(self) -> set[asyncio.Task[None]]:
+        """Stop holding: the held tasks go back to the queue at once, not after the grace.
+        Returns the tasks that held them, to await their giving back."""
+        released = set(self._holding)
+        for holder in released:
             holder.cancel()
+        return released

@@ -23,7 +23,7 @@ from rmqdelay.core.errors import MessageDecodeError, RmqDelayError
 from rmqdelay.core.recurrence import SERIES, Step, decode_series, occurrence_key, step
 from rmqdelay.core.retry import BACKOFF_BASE_MS, BACKOFF_CAP_MS, MAX_ATTEMPTS
 from rmqdelay.core.task import Task
-from rmqdelay.core.wire import DUE_MS, cancel_headers, strip_death_headers, task_headers
+from rmqdelay.core.wire import DUE_MS, cancel_headers, strip_broker_headers, task_headers
 from rmqdelay.core.wiring import Wiring
 from rmqdelay.worker.delivery import Delivery
 
@@ -102,7 +102,7 @@ class SeriesKeeper:
         stamp = self._last_stamp = max(now_ms, self._last_stamp + 1)
         task_id = new_task_id()
         way = self._wiring.route(max(0, due_ms - now_ms) * 1000, task_id)
-        original = strip_death_headers(message.headers or {})
+        original = strip_broker_headers(message.headers or {})
         # The publisher's own headers, and per-task retry settings, stay with the series.
         headers = {k: v for k, v in original.items() if not k.startswith(_OURS) or k in _RETRY}
         headers.update(

@@ -1,9 +1,17 @@
 """Settling a failed or misplaced delivery: requeue it, or replace it by a confirmed copy
-(a retry, a task sent back through the levels, a parked task) and then ack it. (A task
-that ran, or was cancelled, is simply acked by the worker.)
+(a retry, a task sent back through the levels or given back at stop, a parked task) and
+then ack it. (A task that ran, or was cancelled, is simply acked by the worker.)
 
 Every replacement goes through the one ``Publisher``; a replacement that cannot be
 published returns the delivery to the queue, so nothing is lost.
+
+A quorum work queue counts returns toward its delivery limit, and each RabbitMQ version
+counts other ones: 3.x and 4.0-4.2 every return, 4.3 a reject or a lost channel but not a
+nack. So a task the worker holds or queues but does not run because it is stopping goes
+back as a fresh copy (``give_back``), which no version counts; what returns because
+something failed goes back with basic.reject (``requeue``), which every version counts.
+The limit then means the same everywhere: deliveries that ended in a failure to settle,
+above all workers that died (or lost their link) while they held the task.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from rmqdelay.core.task import Task
 from rmqdelay.core.wire import ATTEMPT, TASK_ID, parked_headers, rescheduled_headers
 from rmqdelay.core.wiring import Wiring
 from rmqdelay.worker.delivery import Delivery
+from rmqdelay.worker.hold import due_s
 from rmqdelay.worker.stats import Tally
 
 log = logging.getLogger(__name__)
@@ -45,10 +54,25 @@ class Settler:
         self._tally = tally
 
     async def requeue(self, message: Delivery) -> None:
-        """Return the delivery to the queue (the worker is stopping, or a publish failed)."""
+        """Return the delivery to the queue, counted toward its delivery limit (a publish
+        failed, or a task could not run for now)."""
         self._tally.count("requeued")
         if not message.channel.is_closed:
-            await message.nack(requeue=True)
+            await message.reject(requeue=True)
+
+    async def give_back(self, message: Delivery) -> None:
+        """Hand back a task the worker will not run because it is stopping, due as it
+        was: a fresh copy, confirmed, then an ack, so that holding a task and stopping
+        never counts toward its delivery limit. If the copy cannot be published the
+        delivery is returned as ``requeue`` does."""
+        self._tally.count("requeued")
+        if message.channel.is_closed:
+            return  # the broker has it back already
+        due = due_s(message.headers)
+        try:
+            await self._send(message, time.time() if due is None else due, what="give back")
+        except PublishNotConfirmedError as e:
+            log.warning("%s", e)
 
     async def retry_or_park(
         self,
@@ -89,21 +113,23 @@ class Settler:
         ):
             self._tally.count("retried")
 
-    async def send_back(self, message: Delivery, due_s: float) -> None:
+    async def send_back(self, message: Delivery, due: float) -> None:
         """A task that arrived far before its due time goes through the levels again."""
-        headers = message.headers or {}
-        attempt = headers.get(ATTEMPT, 1)
-        wait_us = int((due_s - time.time()) * 1e6)
         log.info(
             "task %s arrived %.1fs before it is due; sending it back through the levels",
-            headers.get(TASK_ID), wait_us / 1e6,
+            (message.headers or {}).get(TASK_ID), due - time.time(),
         )  # fmt: skip
+        await self._send(message, due, what="send back")
+
+    async def _send(self, message: Delivery, due: float, *, what: str) -> None:
+        """Publish the task again, due at ``due`` (epoch seconds), the same attempt."""
+        attempt = (message.headers or {}).get(ATTEMPT, 1)
         await self._republish(
             message,
-            attempt=attempt if isinstance(attempt, int) else 1,
-            due_ms=round(due_s * 1000),
-            wait_us=wait_us,
-            what="send back",
+            attempt=attempt if type(attempt) is int else 1,
+            due_ms=round(due * 1000),
+            wait_us=int((due - time.time()) * 1e6),
+            what=what,
         )
 
     async def park(self, message: Delivery, reason: str, *, error: str, attempts: int) -> None:

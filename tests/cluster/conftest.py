@@ -1,8 +1,11 @@
 """A three-node local cluster (scripts/cluster) for the fault tests, started once a run.
 
-Set RMQDELAY_TEST_CLUSTER=skip to leave these tests out locally, or =running to use a
-cluster 'scripts/cluster start' already started (and leave it running). Under CI=true they
-must run, so a machine that cannot start the cluster fails the run instead.
+The cluster is of the version RMQDELAY_BROKER_VERSION names (4.3 by default), on ports of
+its own; the tests reach its nodes only through the URLs scripts/cluster prints and act on
+them only through scripts/cluster. Set RMQDELAY_TEST_CLUSTER=skip to leave these tests out
+locally, or =running to use a cluster 'scripts/cluster start' already started (and leave it
+running). Under CI=true they must run, so a machine that cannot start the cluster fails the
+run instead.
 """
 
 from __future__ import annotations
@@ -24,19 +27,19 @@ NODES = 3
 
 @dataclass(frozen=True)
 class Cluster:
-    """The running local cluster: node n (1-3) at ``urls[n - 1]``."""
+    """The running local cluster: node n (1-3) at ``urls[n - 1]``, its management API at
+    ``managements[n - 1]``."""
 
-    urls: tuple[str, ...]
+    urls: tuple[str, ...] = ()
+    managements: tuple[str, ...] = ()
 
     def management(self, first: int = 1) -> str:
         """Every node's management API, node ``first`` first."""
-        order = [first, *(n for n in range(1, NODES + 1) if n != first)]
-        return ",".join(f"http://localhost:{15680 + n}" for n in order)
+        return ",".join(self.managements[n - 1] for n in _order(first))
 
     def url_list(self, first: int = 1) -> str:
         """RMQDELAY_URL for the cluster, node ``first`` first (the node clients use)."""
-        order = [first, *(n for n in range(1, NODES + 1) if n != first)]
-        return ",".join(self.urls[n - 1] for n in order)
+        return ",".join(self.urls[n - 1] for n in _order(first))
 
     def run(self, *args: str, timeout: float = 240) -> str:
         """``scripts/cluster ARGS``; its stdout."""
@@ -49,20 +52,17 @@ class Cluster:
         return done.stdout
 
     def running(self) -> int:
-        """How many nodes node 1..3 (whichever answers) sees running."""
-        for n in range(1, NODES + 1):
-            done = subprocess.run(
-                ["rabbitmqctl", "-q", "-n", f"rmqd-c{n}@{_host()}", "eval",
-                 "length(rabbit_nodes:all_running())."],
-                capture_output=True, text=True, timeout=30,
-            )  # fmt: skip
-            if done.returncode == 0:
-                return int(done.stdout.strip())
-        return 0
+        """How many nodes the cluster sees running."""
+        return int(self.run("running").strip())
+
+    @classmethod
+    def started(cls, urls: str) -> Cluster:
+        """The cluster whose ``scripts/cluster start`` (or ``urls``) printed ``urls``."""
+        return cls(tuple(urls.split()), tuple(cls().run("management").strip().split(",")))
 
 
-def _host() -> str:
-    return subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+def _order(first: int) -> list[int]:
+    return [first, *(n for n in range(1, NODES + 1) if n != first)]
 
 
 def _cannot(reason: str) -> None:
@@ -77,16 +77,15 @@ def cluster() -> Iterator[Cluster]:
     if mode == "skip":
         pytest.skip("RMQDELAY_TEST_CLUSTER=skip")
     if mode == "running":
-        yield Cluster(tuple(Cluster(()).run("urls").split()))
+        yield Cluster.started(Cluster().run("urls"))
         return
     if os.geteuid() != 0:
         _cannot("scripts/cluster runs the nodes as the rabbitmq user: run as root")
-    if shutil.which("rabbitmq-server") is None and shutil.which("apt-get") is None:
-        _cannot("no rabbitmq-server and no apt-get to install it")
-    started = Cluster(())
-    urls = tuple(started.run("start", timeout=600).split())
-    assert len(urls) == NODES, urls
+    if shutil.which("debootstrap") is None and shutil.which("apt-get") is None:
+        _cannot("no debootstrap, and no apt-get to install it")
+    cluster = Cluster.started(Cluster().run("start", timeout=900))
+    assert len(cluster.urls) == NODES, cluster.urls
     try:
-        yield Cluster(urls)
+        yield cluster
     finally:
-        started.run("stop")
+        cluster.run("stop")

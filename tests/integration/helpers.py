@@ -17,22 +17,36 @@ from typing import Any
 
 import aio_pika
 import pytest
+from pydantic import SecretStr
 
 from rmqdelay import Settings, Task, Worker
 
 
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Every setting as the RMQDELAY_* variable that gives it (those left None out)."""
+    env: dict[str, str] = {}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, timedelta):
+            text = f"{value // timedelta(microseconds=1)}us"
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, SecretStr):
+            text = value.get_secret_value()
+        else:
+            text = str(value)
+        env[f"RMQDELAY_{name.upper()}"] = text
+    return env
+
+
 def subprocess_env(settings: Settings) -> dict[str, str]:
-    """Environment for an rmqdelay subprocess: these settings, none of the caller's own
-    RMQDELAY_* variables, and the repo on the path (for tests.integration.handlers)."""
+    """Environment for an rmqdelay subprocess: every one of these settings, none of the
+    caller's own RMQDELAY_* variables, and the repo on the path (for
+    tests.integration.handlers)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RMQDELAY_")}
-    env.update(
-        RMQDELAY_URL=settings.url,
-        RMQDELAY_NAMESPACE=settings.namespace,
-        RMQDELAY_MAX_DELAY=f"{settings.max_delay // timedelta(microseconds=1)}us",
-        RMQDELAY_RESOLUTION_MS=str(settings.resolution_ms),
-        RMQDELAY_QUEUE_TYPE=settings.queue_type,
-        PYTHONPATH=str(Path(__file__).resolve().parents[2]),
-    )
+    env.update(settings_env(settings), PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     return env
 
 

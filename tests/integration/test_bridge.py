@@ -272,7 +272,9 @@ async def test_switch_moves_the_plugins_bindings_to_the_target(
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         await _plugin_exchange(settings, channel, plan.source)
-        queue = await channel.declare_queue(f"consumer-{plan.source}", auto_delete=True)
+        queue = await channel.declare_queue(
+            f"consumer-{plan.source}", durable=True, auto_delete=True
+        )
         await queue.bind(plan.source, "orders.#")
         bridge = Bridge(settings, plan)
         with pytest.raises(ConfigError, match="migration guide"):
@@ -332,7 +334,9 @@ async def test_switch_on_this_broker_with_the_plugins_type_as_the_api_would_repo
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         await channel.declare_exchange(plan.source, aio_pika.ExchangeType.TOPIC, durable=True)
-        queue = await channel.declare_queue(f"consumer-{plan.source}", auto_delete=True)
+        queue = await channel.declare_queue(
+            f"consumer-{plan.source}", durable=True, auto_delete=True
+        )
         await queue.bind(plan.source, "orders.#")
         with pytest.raises(ConfigError, match="still holds 3 delayed messages"):
             await Bridge(settings, plan).prepare(switch=True)

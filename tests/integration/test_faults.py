@@ -5,20 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import os
 import random
-import shutil
 import socket
-import subprocess
 import time
-from urllib.parse import urlsplit
 
 import pytest
 
 from rmqdelay import BrokerUnavailableError, Scheduler, Settings
 from rmqdelay.tools.cli import main as cli_main
 
-from .conftest import ROOT, make_settings
+from .conftest import TestBroker, cannot, make_settings
 from .helpers import (
     Recorder,
     kill_a_worker_mid_handler,
@@ -45,36 +41,12 @@ async def test_a_worker_killed_mid_handler_leaves_the_task_to_the_next_worker(
     assert task.payload == {"step": "charge card"}
 
 
-def _local_broker_we_manage(url: str) -> str | None:
-    """Why the broker cannot be killed and restarted by this test, or None if it can."""
-    host = urlsplit(url).hostname
-    if host not in ("localhost", "127.0.0.1"):
-        return f"the broker at {host} is not local"
-    if shutil.which("rabbitmq-server") is None or os.geteuid() != 0:
-        return "needs a local rabbitmq-server run as root (scripts/broker's kind)"
-    if subprocess.run(["pgrep", "-f", "beam.smp"], capture_output=True).returncode != 0:
-        return "no local beam.smp process (a container broker?)"
-    return None
-
-
-def _kill_and_restart_broker() -> None:
-    subprocess.run(["pkill", "-9", "-f", "beam.smp"], check=True)
-    # pkill returns before the process is gone; scripts/broker must not find it still up.
-    for _ in range(100):
-        if subprocess.run(["pgrep", "-f", "beam.smp"], capture_output=True).returncode != 0:
-            break
-        time.sleep(0.1)
-    env = {k: v for k, v in os.environ.items() if k != "RMQDELAY_URL"}
-    subprocess.run([str(ROOT / "scripts" / "broker")], check=True, env=env, timeout=180,
-                   capture_output=True)  # fmt: skip
-
-
 @pytest.mark.timeout(300)
 async def test_broker_killed_and_restarted_under_load_loses_no_confirmed_task(
-    settings: Settings, destination: str
+    settings: Settings, destination: str, test_broker: TestBroker
 ) -> None:
-    if reason := _local_broker_we_manage(settings.url):
-        pytest.skip(reason)
+    if test_broker.control is None:
+        cannot("RMQDELAY_TEST_BROKER_CONTROL is not set: this test kills the broker")
     recorder, returned, refused = Recorder(), set[str](), 0
     rng = random.Random(3)
 
@@ -94,7 +66,7 @@ async def test_broker_killed_and_restarted_under_load_loses_no_confirmed_task(
         async with asyncio.timeout(30):
             while len(recorder.ids) < 30:  # noqa: ASYNC110 - load must be flowing first
                 await asyncio.sleep(0.05)
-        await asyncio.to_thread(_kill_and_restart_broker)
+        await asyncio.to_thread(test_broker.kill_and_restart)
         await asyncio.wait_for(producing, 120)
         await recorder.wait_for(returned, within=120)
     duplicates = sum(n - 1 for n in recorder.counts.values())

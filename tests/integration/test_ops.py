@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import httpx
 import pytest
 import trustme
 
@@ -35,9 +30,8 @@ from rmqdelay import (
 from rmqdelay.broker.declare import apply_topology, resolve_backend
 from rmqdelay.core.topology import build_topology
 from rmqdelay.tools.cli import main
-from rmqdelay.tools.status import management_url
 
-from .conftest import make_settings
+from .conftest import TestBroker, cannot, make_settings, management_api
 from .helpers import Recorder, depth, running_worker, subprocess_env
 from .proxy import Proxy
 
@@ -54,53 +48,17 @@ def _render(path: Path, *argv: str) -> dict[str, object]:
     return document
 
 
-async def _ctl(*args: str) -> str:
-    """Run rabbitmqctl; its stdout, or a failure with its stderr."""
-    done = await asyncio.to_thread(
-        subprocess.run, ["rabbitmqctl", *args], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, f"rabbitmqctl {' '.join(args)}: {done.stderr}"
-    return done.stdout
+async def _import(broker: TestBroker, path: Path) -> None:
+    """rabbitmqctl import_definitions on the test broker's node (through its control)."""
+    if broker.control is None:
+        cannot("RMQDELAY_TEST_BROKER_CONTROL is not set: this test runs rabbitmqctl on the node")
+    await asyncio.to_thread(broker.run, "import", str(path))
 
 
-async def _import(path: Path) -> None:
-    """rabbitmqctl import_definitions: it reads the file as the rabbitmq user, who cannot
-    see into pytest's private temporary directories (and 3.10 takes no stdin)."""
-    fd, shared = tempfile.mkstemp(suffix=".json", prefix="rmqdelay-definitions-")
-    try:
-        os.write(fd, path.read_bytes())  # noqa: ASYNC240 - a small local file
-        os.close(fd)
-        os.chmod(shared, 0o644)
-        await _ctl("import_definitions", shared)
-    finally:
-        os.unlink(shared)
-
-
-def _rabbitmqctl_reason(url: str) -> str | None:
-    """Why rabbitmqctl cannot reach the test broker, or None when it can."""
-    if urlsplit(url).hostname not in ("localhost", "127.0.0.1"):
-        return "the test broker is not local, so rabbitmqctl cannot reach it"
-    if shutil.which("rabbitmqctl") is None:
-        return "rabbitmqctl is not installed (a container broker?)"
-    if subprocess.run(["rabbitmqctl", "-q", "status"], capture_output=True).returncode != 0:
-        return "rabbitmqctl cannot talk to the local node (not ours to manage?)"
-    return None
-
-
-@contextmanager
-def _management(settings: Settings) -> Iterator[httpx.Client]:
-    """A client for the broker's management API, or a skip when it does not answer."""
-    parts = urlsplit(settings.url)
-    with httpx.Client(
-        base_url=management_url(settings),
-        auth=(parts.username or "guest", parts.password or "guest"),
-        timeout=30,
-    ) as client:
-        try:
-            client.get("/api/overview").raise_for_status()
-        except httpx.HTTPError as e:
-            pytest.skip(f"management API not reachable at {management_url(settings)}: {e}")
-        yield client
+def _queue_names(settings: Settings, vhost: str) -> list[str]:
+    with management_api(settings) as api:
+        queues = api.get(f"/api/queues/{quote(vhost, safe='')}", params={"columns": "name"})
+        return [q["name"] for q in queues.raise_for_status().json()]
 
 
 @pytest.fixture
@@ -108,11 +66,8 @@ def vhost(settings: Settings) -> Iterator[str]:
     """A vhost name of this test's own; the vhost (if the test made it) is deleted after."""
     name = f"rmqdelay-import-{uuid.uuid4().hex[:8]}"
     yield name
-    if _rabbitmqctl_reason(settings.url) is None:
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], capture_output=True)
-    else:
-        with _management(settings) as api:
-            api.delete(f"/api/vhosts/{quote(name, safe='')}")
+    with management_api(settings) as api:
+        api.delete(f"/api/vhosts/{quote(name, safe='')}")
 
 
 async def _serves_tasks_without_declaring(settings: Settings, destination: str) -> None:
@@ -131,15 +86,13 @@ async def _serves_tasks_without_declaring(settings: Settings, destination: str) 
 
 
 async def test_definitions_imported_with_rabbitmqctl_serve_clients_that_do_not_declare(
-    settings: Settings, vhost: str, tmp_path: Path
+    settings: Settings, vhost: str, tmp_path: Path, test_broker: TestBroker
 ) -> None:
-    if reason := _rabbitmqctl_reason(settings.url):
-        pytest.skip(reason)
     user = urlsplit(settings.url).username or "guest"
     path = tmp_path / "definitions.json"
     _render(path, "--namespace", "ops", "--vhost", vhost, "--max-delay", "1d", "--user", user,
             "--resolution-ms", "10", "--policies", "alarms")  # fmt: skip
-    await _import(path)
+    await _import(test_broker, path)
     imported = make_settings(
         _with_vhost(settings.url, vhost),
         namespace="ops",
@@ -163,7 +116,7 @@ async def test_definitions_imported_with_rabbitmqctl_serve_clients_that_do_not_d
     with pytest.raises(TopologyMismatchError, match="RMQDELAY_DECLARE is false"):
         async with running_worker(imported, "not-imported", Recorder()):
             pass
-    listed = (await _ctl("-q", "list_queues", "-p", vhost, "name")).split()
+    listed = _queue_names(settings, vhost)
     assert "ops.level.24" not in listed
     assert "ops.work.not-imported" not in listed
     assert len([q for q in listed if q.startswith("ops.level.")]) == imported.levels
@@ -176,7 +129,7 @@ async def test_definitions_imported_through_the_management_api_serve_clients(
     document = _render(tmp_path / "d.json", "--namespace", "api", "--vhost", vhost,
                        "--max-delay", "1h", "--resolution-ms", "256", "--user", user,
                        "reports")  # fmt: skip
-    with _management(settings) as api:
+    with management_api(settings) as api:
         response = api.post("/api/definitions", json=document)
         assert response.status_code in (200, 201, 204), response.text
     imported = make_settings(
@@ -186,17 +139,16 @@ async def test_definitions_imported_through_the_management_api_serve_clients(
 
 
 async def test_a_restricted_user_is_limited_to_its_namespace(
-    settings: Settings, vhost: str, tmp_path: Path
+    settings: Settings, vhost: str, tmp_path: Path, test_broker: TestBroker
 ) -> None:
-    if reason := _rabbitmqctl_reason(settings.url):
-        pytest.skip(reason)
     user, password = f"svc-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
-    await _ctl("-q", "add_user", user, password)
+    with management_api(settings) as api:
+        api.put(f"/api/users/{user}", json={"password": password, "tags": ""}).raise_for_status()
     try:
         path = tmp_path / "definitions.json"
         _render(path, "--namespace", "svc", "--vhost", vhost, "--max-delay", "1h", "--user", user,
                 "--resolution-ms", "256", "x")  # fmt: skip
-        await _import(path)
+        await _import(test_broker, path)
         parts = urlsplit(_with_vhost(settings.url, vhost))
         url = urlunsplit(parts._replace(netloc=f"{user}:{password}@{parts.netloc.split('@')[-1]}"))
         own = make_settings(url, namespace="svc", max_delay="1h", declare=False)
@@ -209,7 +161,8 @@ async def test_a_restricted_user_is_limited_to_its_namespace(
             await Scheduler(foreign).start()
         assert password not in str(info.value)
     finally:
-        await _ctl("-q", "delete_user", user)
+        with management_api(settings) as api:
+            api.delete(f"/api/users/{user}")
 
 
 @pytest.fixture

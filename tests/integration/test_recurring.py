@@ -15,6 +15,7 @@ import pytest
 from rmqdelay import InvalidRecurrenceError, Scheduler, Settings, UnroutableError
 from rmqdelay.tools.cli import main
 
+from .conftest import TestBroker, cannot
 from .helpers import (
     Recorder,
     depth,
@@ -23,7 +24,6 @@ from .helpers import (
     running_worker,
     use_in_cli,
 )
-from .test_faults import _kill_and_restart_broker, _local_broker_we_manage
 
 pytestmark = pytest.mark.integration
 
@@ -179,9 +179,11 @@ async def test_refusals_name_the_bad_value(settings: Settings, destination: str)
 
 
 @pytest.mark.timeout(300)
-async def test_a_series_survives_a_broker_restart(settings: Settings, destination: str) -> None:
-    if reason := _local_broker_we_manage(settings.url):
-        pytest.skip(reason)
+async def test_a_series_survives_a_broker_restart(
+    settings: Settings, destination: str, test_broker: TestBroker
+) -> None:
+    if test_broker.control is None:
+        cannot("RMQDELAY_TEST_BROKER_CONTROL is not set: this test kills the broker")
     runs = Occurrences()
     key = f"restart-{destination}"
     async with Scheduler(settings) as scheduler:
@@ -189,7 +191,7 @@ async def test_a_series_survives_a_broker_restart(settings: Settings, destinatio
         await scheduler.recurring(destination, {}, every=1, key=key)
         async with running_worker(settings, destination, runs):
             await runs.wait_count(2, within=30)
-            await asyncio.to_thread(_kill_and_restart_broker)
+            await asyncio.to_thread(test_broker.kill_and_restart)
             before = len(runs.runs)
             await runs.wait_count(before + 3, within=120)
             await scheduler.remove_series(key)

@@ -136,15 +136,34 @@ def test_policies_are_optional_and_limit_deliveries_of_work_queues(
 ) -> None:
     assert _render_cli(capsys)["policies"] == []
     document = _render_cli(capsys, "--policies", "--delivery-limit", "7", "--vhost", "v")
-    [policy] = document["policies"]  # type: ignore[misc]
-    assert policy["vhost"] == "v"
-    assert policy["apply-to"] == "queues"
-    assert policy["definition"] == {"delivery-limit": 7}
-    assert re.search(policy["pattern"], "rmqdelay.work.alarms")
-    assert not re.search(policy["pattern"], "rmqdelay.level.01")
-    assert not re.search(policy["pattern"], "rmqdelay.parked")
-    # classic queues in 3.10 have no delivery limit: no policy that would do nothing
+    work, aside = document["policies"]  # type: ignore[misc]
+    assert work["vhost"] == aside["vhost"] == "v"
+    assert work["apply-to"] == aside["apply-to"] == "queues"
+    assert work["definition"] == {"delivery-limit": 7}
+    assert re.search(work["pattern"], "rmqdelay.work.alarms")
+    for other in ("rmqdelay.level.01", "rmqdelay.parked", "rmqdelay.bridge.orders"):
+        assert not re.search(work["pattern"], other)
+    # Nowhere to dead-letter to: no limit may drop a message (not -1, which 3.x rejects).
+    assert aside["definition"] == {"delivery-limit": 2**31 - 1}
+    for name in ("rmqdelay.parked", "rmqdelay.unroutable", "rmqdelay.bridge.orders"):
+        assert re.search(aside["pattern"], name), name
+    for other in ("rmqdelay.work.alarms", "rmqdelay.parked.x.work.y", "rmqdelay.level.00"):
+        assert not re.search(aside["pattern"], other), other
+    # classic queues have no delivery limit: no policy that would do nothing
     assert _render_cli(capsys, "--policies", "--queue-type", "classic")["policies"] == []
+
+
+def test_new_queues_carry_the_delivery_limits_the_policies_give_older_ones() -> None:
+    layout = Layout("ns", "quorum", 10, 3, delivery_limit=9)
+    queues = {q.name: q for q in build_topology(layout, ("d",)).queues}
+    assert queues["ns.work.d"].creation_arguments["x-delivery-limit"] == 9
+    assert queues["ns.parked"].creation_arguments["x-delivery-limit"] == 2**31 - 1
+    assert queues["ns.unroutable"].creation_arguments["x-delivery-limit"] == 2**31 - 1
+    assert all("x-delivery-limit" not in q.arguments for q in queues.values())
+    levels = [q for name, q in queues.items() if ".level." in name]
+    assert all("x-delivery-limit" not in q.creation_arguments for q in levels)
+    classic = build_topology(Layout("ns", "classic", 10, 3), ("d",))
+    assert all("x-delivery-limit" not in q.creation_arguments for q in classic.queues)
 
 
 @pytest.mark.parametrize(
@@ -152,7 +171,7 @@ def test_policies_are_optional_and_limit_deliveries_of_work_queues(
     [
         (["--max-delay", "soon"], "cannot read duration 'soon'"),
         (["--resolution-ms", "0"], "RMQDELAY_RESOLUTION_MS"),
-        (["--delivery-limit", "0"], "--delivery-limit must be at least 1, got 0"),
+        (["--delivery-limit", "0"], "RMQDELAY_DELIVERY_LIMIT: Input should be greater than or"),
         (["--namespace", "bad name"], "RMQDELAY_NAMESPACE"),
         (["bad\ndestination"], "contains '\\n'"),
         (["café"], "may hold only letters"),

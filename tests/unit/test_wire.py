@@ -16,7 +16,7 @@ from rmqdelay.core.wire import (
     parked_headers,
     rescheduled_headers,
     route_headers,
-    strip_death_headers,
+    strip_broker_headers,
     task_headers,
 )
 
@@ -133,7 +133,36 @@ def test_parked_headers_strip_death_bookkeeping_and_say_why() -> None:
     assert len(parked["rmqdelay-parked-reason"]) == 1000
     assert parked["rmqdelay-parked-at"] == 7
     assert parked[TASK_ID] == "i"
-    assert strip_death_headers({"x-death": 1, "a": 2}) == {"a": 2}
+    assert strip_broker_headers({"x-death": 1, "a": 2}) == {"a": 2}
+
+
+def test_every_header_of_the_brokers_bookkeeping_is_stripped_and_nothing_else() -> None:
+    headers = {
+        "x-death": [{"queue": "q"}],
+        "x-first-death-reason": "expired",
+        "x-first-death-queue": "q",
+        "x-first-death-exchange": "",
+        "x-last-death-reason": "delivery_limit",
+        "x-last-death-queue": "q",
+        "x-last-death-exchange": "",
+        "x-delivery-count": 21,  # a quorum queue's redeliveries (3.10 and later)
+        "x-acquired-count": 21,  # RabbitMQ 4.3: every acquisition
+        "x-delay": 5000,  # a publisher's own, kept here (relay.py decides about it)
+        "x-custom": "mine",
+        "rmqdelay-id": "t",
+    }
+    assert strip_broker_headers(headers) == {
+        "x-delay": 5000,
+        "x-custom": "mine",
+        "rmqdelay-id": "t",
+    }
+    for parked in (
+        parked_headers(
+            headers, reason="r", error="E", attempts=1, destination="d", now_ms=1, source="s"
+        ),
+        rescheduled_headers(headers, attempt=1, due_ms=2, route={}),
+    ):
+        assert not set(parked) & {"x-delivery-count", "x-acquired-count", "x-death"}
 
 
 def test_rescheduled_headers_keep_identity_and_stamp_but_replace_the_route() -> None:
