@@ -192,20 +192,21 @@ class Worker:
         stop: asyncio.Event,
         following: asyncio.Task[None],
     ) -> None:
-        """Consume until ``stop``; when the broker cancels the consumer, declare the queue
-        again and resume, or raise ConsumerCancelledError."""
+        """Consume until ``stop``; when the broker cancels the consumer (or refuses to
+        start it: the queue is gone), declare the queue again and resume, or raise
+        ConsumerCancelledError."""
         while True:
-            await subscription.start(channel)
-            log.info(
-                "consuming %s (concurrency %d, prefetch %d) on %s",
-                subscription.name,
-                self.concurrency,
-                self.prefetch,
-                self.settings.safe_url,
-            )
-            self.ready.set()
-            self._gauge_connected(1)
-            await _until(following, stop.wait(), subscription.lost.wait())
+            if await subscription.consume(channel):
+                log.info(
+                    "consuming %s (concurrency %d, prefetch %d) on %s",
+                    subscription.name,
+                    self.concurrency,
+                    self.prefetch,
+                    self.settings.safe_url,
+                )
+                self.ready.set()
+                self._gauge_connected(1)
+                await _until(following, stop.wait(), subscription.lost.wait())
             if stop.is_set():
                 self._stopping = True
                 await subscription.stop(channel)

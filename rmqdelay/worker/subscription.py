@@ -12,7 +12,12 @@ from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
-from aiormq.exceptions import AMQPError, ChannelInvalidStateError, ChannelNotFoundEntity
+from aiormq.exceptions import (
+    AMQPConnectionError,
+    AMQPError,
+    ChannelInvalidStateError,
+    ChannelNotFoundEntity,
+)
 from pamqp.commands import Basic
 
 from rmqdelay.broker.connection import RECONNECT_FIRST_S, queue_starting
@@ -24,6 +29,9 @@ from rmqdelay.settings import Settings
 log = logging.getLogger(__name__)
 
 OnDelivery = Callable[[DeliveredMessage], Coroutine[Any, Any, None]]
+#: Consumes in a row the broker may refuse (the queue gone again each time it was declared)
+#: before the worker stops: each follows a declare that waits up to RMQDELAY_CONNECT_TIMEOUT.
+MAX_REFUSED_CONSUMES = 5
 
 
 class Subscription:
@@ -38,6 +46,8 @@ class Subscription:
         #: Set when the broker cancels the consumer (its queue was deleted).
         self.lost = asyncio.Event()
         self._tag: str | None = None
+        #: Consumes refused in a row (see ``consume``).
+        self._refusals = 0
 
     async def check(self, connection: AbstractRobustConnection) -> None:
         """Make sure the work queue exists (passively: naming it when it does not).
@@ -83,6 +93,29 @@ class Subscription:
         await listen()
         channel.reopen_callbacks.add(reopened)  # type: ignore[attr-defined]
 
+    async def consume(self, channel: AbstractChannel) -> bool:
+        """Start consuming on ``channel``; False (and ``lost`` set) when the broker refused
+        because the queue is gone: a deletion races the check before a consume (RabbitMQ
+        4.3 cancels consumers before the queue leaves its metadata, so a passive declare
+        may still find it), and the caller handles that as it handles a cancel.
+
+        Raises:
+            ConsumerCancelledError: the consume kept failing so (the queue comes and goes,
+                or the connection fails every time) as long as a first connect would wait.
+        """
+        try:
+            await self.start(channel)
+        except (ChannelNotFoundEntity, AMQPConnectionError, ChannelInvalidStateError) as e:
+            log.warning("could not consume %s: %s", self.name, e)
+            self._refusals += 1
+            if self._refusals > MAX_REFUSED_CONSUMES:
+                raise self._cancelled_for_good(e) from e
+            self._tag = None
+            self.lost.set()
+            return False
+        self._refusals = 0
+        return True
+
     async def start(self, channel: AbstractChannel) -> None:
         """Consume (again) on ``channel``.
 
@@ -122,16 +155,32 @@ class Subscription:
         give_up = time.monotonic() + self._settings.connect_timeout.total_seconds()
         while True:
             try:
+                # A consume refused with "noproc" closes the whole connection: declare
+                # once aio-pika has it back.
+                async with asyncio.timeout(max(0.0, give_up - time.monotonic())):
+                    await connection.connected.wait()
                 await self._declare_on_a_probe(connection)
                 break
-            except AMQPError as e:
-                # Right after a broker restart the queue's node may still be starting.
-                if not (queue_starting(e) and time.monotonic() < give_up):
+            except TimeoutError as e:
+                raise self._cancelled_for_good(e) from e
+            except (AMQPError, RuntimeError) as e:
+                if not (self._transient(e) and time.monotonic() < give_up):
                     raise self._cancelled_for_good(e) from e
             except RmqDelayError as e:
                 raise self._cancelled_for_good(e) from e
             await asyncio.sleep(RECONNECT_FIRST_S)  # retry backoff, not synchronisation
         log.info("work queue %s is back", self.name)
+
+    def _transient(self, error: BaseException) -> bool:
+        """Whether declaring may work if tried again: the queue's node is still starting,
+        the connection is being restored (aio-pika says RuntimeError), or - for a worker
+        that declares - the queue was still being deleted (RabbitMQ 4.3 cancels its
+        consumers first: a declare then meets the queue, and the next step NOT_FOUND)."""
+        if queue_starting(error):
+            return True
+        if isinstance(error, AMQPConnectionError | ChannelInvalidStateError | RuntimeError):
+            return True
+        return self._settings.declare and isinstance(error, ChannelNotFoundEntity)
 
     async def _declare_on_a_probe(self, connection: AbstractRobustConnection) -> None:
         """Declare (or check) the work queue on a channel of its own: a failed declare

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from rmqdelay import ConsumerCancelledError, RetryPolicy, Scheduler, Settings, Task
+from rmqdelay import ConsumerCancelledError, RetryPolicy, Scheduler, Settings, Task, Worker
 from rmqdelay.broker.declare import apply_topology
 from rmqdelay.core.topology import destination_topology
 from rmqdelay.core.wire import PARKED_ERROR, PARKED_REASON, TASK_ID
@@ -177,8 +177,6 @@ async def test_a_deleted_work_queue_stops_a_worker_that_may_not_declare(
     async with Scheduler(settings) as scheduler:
         await scheduler.declare_destination(destination)
     undeclaring = make_settings(broker_url, namespace=settings.namespace, declare=False)
-    from rmqdelay import Worker
-
     worker = Worker(undeclaring, destination, _handler(True, _base, {}))
     running = asyncio.create_task(worker.run(asyncio.Event()))
     async with asyncio.timeout(30):
@@ -191,6 +189,45 @@ async def test_a_deleted_work_queue_stops_a_worker_that_may_not_declare(
     assert settings.names.work_queue(destination) in message
     assert f"rmqdelay declare {destination}" in message
     assert not worker.health()["consuming"]
+
+
+@pytest.mark.timeout(240)
+async def test_a_deleted_work_queue_ends_in_the_cancel_path_every_time(
+    broker_url: str, settings: Settings, destination: str
+) -> None:
+    """RabbitMQ 4.3 cancels a deleted queue's consumers before the queue leaves its
+    metadata: a declare or passive check may still find it and the consume after it then
+    fails (NOT_FOUND, or "noproc", which closes the connection). Every time, a worker that
+    declares consumes again and one that may not stops with ConsumerCancelledError."""
+    undeclaring = make_settings(broker_url, namespace=settings.namespace, declare=False)
+    queue = settings.names.work_queue(destination)
+    for run in range(20):
+        declares = run % 2 == 0
+        async with Scheduler(settings) as scheduler:
+            await scheduler.declare_destination(destination)
+        worker = Worker(
+            settings if declares else undeclaring, destination, _handler(True, _base, {})
+        )
+        running = asyncio.create_task(worker.run(stop := asyncio.Event()))
+        try:
+            async with asyncio.timeout(30):
+                await worker.ready.wait()
+            with logged("rmqdelay.worker", "is back") as back:
+                await apply_topology(
+                    settings, destination_topology(settings.layout, destination), delete=True
+                )
+                if declares:
+                    async with asyncio.timeout(30):
+                        await back.wait()
+                        await worker.ready.wait()
+                    assert worker.health()["consuming"], f"run {run}"
+                else:
+                    with pytest.raises(ConsumerCancelledError, match=queue):
+                        await asyncio.wait_for(asyncio.shield(running), 30)
+        finally:
+            stop.set()
+            await asyncio.wait({running}, timeout=30)
+            assert running.done(), f"run {run}: the worker did not stop"
 
 
 async def test_a_work_queue_deleted_while_the_worker_is_cut_off_is_declared_again(
