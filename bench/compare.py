@@ -200,17 +200,19 @@ def process_cpu_s(stat: Path) -> float | None:
     return (int(after_name[11]) + int(after_name[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def broker_cpu_s() -> float | None:
-    """CPU seconds used so far by a RabbitMQ node on this machine (None when there is none
-    to see): what each pipeline costs the broker, per task."""
-    used = [
-        process_cpu_s(stat)
-        for stat in Path("/proc").glob("[0-9]*/comm")
-        if _read(stat) == "beam.smp"
-        for stat in [stat.with_name("stat")]
+def broker_cpu_s(pid: int | None = None) -> float | None:
+    """CPU seconds used so far by the broker's Erlang VM (None when it cannot be seen):
+    what each pipeline costs the broker, per task. ``pid`` names it (``scripts/broker
+    pid``); without it, the one beam.smp of this machine, and none when several run (the
+    figure would add up other brokers' work)."""
+    if pid is not None:
+        return process_cpu_s(Path(f"/proc/{pid}/stat"))
+    beams = [
+        comm.with_name("stat")
+        for comm in Path("/proc").glob("[0-9]*/comm")
+        if _read(comm) == "beam.smp"
     ]
-    found = [u for u in used if u is not None]
-    return sum(found) if found else None
+    return process_cpu_s(beams[0]) if len(beams) == 1 else None
 
 
 def _read(path: Path) -> str:
@@ -218,6 +220,13 @@ def _read(path: Path) -> str:
         return path.read_text().strip()
     except OSError:
         return ""
+
+
+async def broker_version(url: str) -> str:
+    """The version the broker announces over AMQP."""
+    connection = await aio_pika.connect(split_urls(url)[0])
+    async with connection:
+        return str(connection.transport.connection.server_properties.get("version", "?"))
 
 
 async def run_baseline(url: str, delays: list[float], rate: float) -> Result:
@@ -295,6 +304,9 @@ async def main() -> int:
     parser.add_argument("--max-delay", type=float, default=5.0, help="seconds")
     parser.add_argument("--pending", type=int, default=20000, help="for memory per task; 0: skip")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--broker-pid", type=int, help="the broker's OS pid, for its CPU (scripts/broker pid)"
+    )
     parser.add_argument("--raw-consumer", metavar="QUEUE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.raw_consumer:
@@ -305,9 +317,11 @@ async def main() -> int:
     delays = [rng.uniform(args.min_delay, args.max_delay) for _ in range(args.count)]
     print(
         f"{args.count} tasks per rate, delays {args.min_delay}-{args.max_delay} s, each "
-        f"pipeline's worker in its own process; {os.cpu_count()} cores; broker "
-        f"{Settings(_env_file=None, url=args.url).safe_url}"
+        f"pipeline's worker in its own process; {os.cpu_count()} cores; RabbitMQ "
+        f"{await broker_version(args.url)} at {Settings(_env_file=None, url=args.url).safe_url}"
     )
+    if broker_cpu_s(args.broker_pid) is None:
+        print("broker CPU: n/a (several brokers run here: pass --broker-pid)")
     backends: list[Pipeline] = [
         ("levels", int(ms) if ms else None, int(shards))
         for ms in str(args.resolution_ms).split(",")
@@ -325,15 +339,15 @@ async def main() -> int:
     for rate in rates:
         for backend in backends:
             pending = args.pending if rate == rates[0] else 0  # memory: measured once
-            before = broker_cpu_s()
+            before = broker_cpu_s(args.broker_pid)
             result, per_pending = await run_backend(args.url, backend, delays, rate, pending)
-            _charge(cpu, (rate, result.name), before, len(delays), pending)
+            _charge(cpu, (rate, result.name), before, len(delays), pending, args.broker_pid)
             results.append((rate, result))
             if pending:
                 memory[result.name] = per_pending
-        before = broker_cpu_s()
+        before = broker_cpu_s(args.broker_pid)
         results.append((rate, await run_baseline(args.url, delays, rate)))
-        _charge(cpu, (rate, results[-1][1].name), before, len(delays), 0)
+        _charge(cpu, (rate, results[-1][1].name), before, len(delays), 0, args.broker_pid)
         print(f"{'offered':>8} {HEADER} {'broker CPU/task':>16}")
         for offered, result in results:
             if offered == rate:
@@ -364,8 +378,9 @@ def _charge(
     before: float | None,
     tasks: int,
     pending: int,
+    pid: int | None,
 ) -> None:
-    after = broker_cpu_s()
+    after = broker_cpu_s(pid)
     if before is not None and after is not None and not pending:  # pending tasks cost too
         cpu[key] = (after - before) / tasks
 

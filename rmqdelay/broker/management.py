@@ -6,6 +6,7 @@ blind the tools). Read-only apart from ``management_put``.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -59,24 +60,34 @@ def vhost_of(url: str) -> str:
     return unquote(path[1:]) if len(path) > 1 else "/"
 
 
-async def management_get(settings: Settings, path: str, columns: str | None = None) -> Any:
-    """GET ``/api/<path>`` from the first management API that answers 200 (None when none
-    does): on a cluster, a dead node's API must not blind the tools."""
-    params = {"columns": columns} if columns else None
+async def _answers(
+    settings: Settings, method: str, path: str, **request: Any
+) -> AsyncIterator[httpx.Response]:
+    """``method /api/<path>`` on each management API in turn, with each set of credentials
+    to try there, skipping an API that did not answer at all: each answer, until the
+    caller has the one it wants."""
     unreachable: set[str] = set()
     async with httpx.AsyncClient(timeout=5, verify=_verify(settings)) as client:
         for base, auth in _management_candidates(settings):
             if base in unreachable:
                 continue
             try:
-                response = await client.get(f"{base}/api/{path}", params=params, auth=auth)
+                response = await client.request(method, f"{base}/api/{path}", auth=auth, **request)
             except httpx.HTTPError as e:
                 log.debug("management API at %s: %s", redact_url(base), e)
                 unreachable.add(base)
                 continue
-            if response.status_code == 200:
-                return response.json()
             log.debug("management API at %s: HTTP %d", redact_url(base), response.status_code)
+            yield response
+
+
+async def management_get(settings: Settings, path: str, columns: str | None = None) -> Any:
+    """GET ``/api/<path>`` from the first management API that answers 200 (None when none
+    does): on a cluster, a dead node's API must not blind the tools."""
+    params = {"columns": columns} if columns else None
+    async for response in _answers(settings, "GET", path, params=params):
+        if response.status_code == 200:
+            return response.json()
     return None
 
 
@@ -90,26 +101,16 @@ def _verify(settings: Settings) -> Any:
 
 
 async def management_put(settings: Settings, path: str, body: dict[str, Any]) -> None:
-    """PUT ``body`` to ``/api/<path>`` on the first management API that answers.
+    """PUT ``body`` to ``/api/<path>`` on the first management API that takes it.
 
     Raises:
         BrokerError: none answered, or the broker refused (the reason it gave).
     """
-    unreachable: set[str] = set()
     refusals: list[str] = []
-    async with httpx.AsyncClient(timeout=10, verify=_verify(settings)) as client:
-        for base, auth in _management_candidates(settings):
-            if base in unreachable:
-                continue
-            try:
-                response = await client.put(f"{base}/api/{path}", json=body, auth=auth)
-            except httpx.HTTPError as e:
-                log.debug("management API at %s: %s", redact_url(base), e)
-                unreachable.add(base)
-                continue
-            if response.status_code in (200, 201, 204):
-                return
-            refusals.append(f"HTTP {response.status_code}: {_reason(response)}")
+    async for response in _answers(settings, "PUT", path, json=body, timeout=10):
+        if response.status_code in (200, 201, 204):
+            return
+        refusals.append(f"HTTP {response.status_code}: {_reason(response)}")
     why = "; ".join(dict.fromkeys(refusals)) or "no management API answered"
     raise BrokerError(f"could not PUT /api/{path} through {management_url(settings)}: {why}")
 

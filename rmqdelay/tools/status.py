@@ -252,9 +252,7 @@ async def collect(settings: Settings, destinations: list[str]) -> Status:
             settings, "nodes", "name,fd_used,fd_total,proc_used,proc_total"
         )
         warnings = (
-            headroom_warnings(nodes or [])
-            + replicas
-            + await limit_warnings(settings, listed or [])
+            headroom_warnings(nodes or []) + replicas + await limit_warnings(settings, listed or [])
         )
     missing = Counts("", exists=False)
 

@@ -299,6 +299,7 @@ class Worker:
         assert current is not None
         assert self._settler is not None
         settler = self._settler
+        started = False
         try:
             due = due_s(message.headers)
             if due is not None and due > time.time():
@@ -314,10 +315,13 @@ class Worker:
                 if self._stopping:
                     await settler.give_back(message)
                     return
+                started = True
                 await self._execute(message, settler)
         except asyncio.CancelledError:
-            # Held, or running past the grace period, at stop: not the task's fault.
-            await settler.give_back(message)
+            # At stop. Held or waiting: handed back, not counted. Running past the grace
+            # period: returned as a worker's death returns it (redelivered, and counted
+            # toward the delivery limit), since its handler may have done part of it.
+            await (settler.requeue if started else settler.give_back)(message)
             raise
         except RmqDelayError as e:  # a retry or park that could not be published: requeued
             log.error("%s", e)

@@ -9,9 +9,10 @@ A quorum work queue counts returns toward its delivery limit, and each RabbitMQ 
 counts other ones: 3.x and 4.0-4.2 every return, 4.3 a reject or a lost channel but not a
 nack. So a task the worker holds or queues but does not run because it is stopping goes
 back as a fresh copy (``give_back``), which no version counts; what returns because
-something failed goes back with basic.reject (``requeue``), which every version counts.
-The limit then means the same everywhere: deliveries that ended in a failure to settle,
-above all workers that died (or lost their link) while they held the task.
+something failed, or because its handler was cut off at stop (part of it may have run:
+it must come back as a redelivery), goes back with basic.reject (``requeue``), which
+every version counts. The limit then means the same everywhere: deliveries whose
+handler started and did not finish, above all in workers that died or lost their link.
 """
 
 from __future__ import annotations

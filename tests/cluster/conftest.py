@@ -10,6 +10,7 @@ run instead.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -50,6 +51,14 @@ class Cluster:
         if done.returncode != 0:
             raise AssertionError(f"scripts/cluster {' '.join(args)}: {done.stderr[-800:]}")
         return done.stdout
+
+    async def safe_to_stop(self, n: int) -> bool:
+        """Whether stopping node ``n`` leaves every quorum queue a quorum."""
+        done = await asyncio.create_subprocess_exec(
+            str(ROOT / "scripts" / "cluster"), "safe-to-stop", str(n),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        return await asyncio.wait_for(done.wait(), 60) == 0
 
     def running(self) -> int:
         """How many nodes the cluster sees running."""

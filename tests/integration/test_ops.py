@@ -275,7 +275,9 @@ async def test_status_watch_refreshes_until_interrupted(small: Settings) -> None
         lines = [await asyncio.wait_for(process.stdout.readline(), 30) for _ in range(3)]
     finally:
         process.send_signal(2)
-        code = await asyncio.wait_for(process.wait(), 30)
+        # Read on: a pipe left full would block its last writes and its exit.
+        await asyncio.wait_for(process.communicate(), 30)
+        code = process.returncode
     assert all(json.loads(line)["namespace"] == small.namespace for line in lines)
     assert code == 130
 

@@ -167,7 +167,7 @@ async def test_a_delivery_is_settled_once_and_a_second_ack_leaves_the_channel_op
             assert one.headers[TASK_ID] == first.id
             await one.ack()
             await one.ack()  # no second frame
-            await one.nack(requeue=True)  # nor a nack after the ack
+            await one.reject(requeue=True)  # nor a reject after the ack
             await two.ack()
             await channel.basic_qos(prefetch_count=10)  # a round trip: an error would show
             assert not channel.is_closed
