@@ -165,11 +165,14 @@ async def _declare_existing(probe: _Probe, spec: QueueSpec) -> None:
                 )
             break
     if not added:
-        log.warning(
+        # Info, not a warning: a policy puts the limits in force without ever changing
+        # this (AMQP cannot see policies), and every start would warn on for good.
+        # 'rmqdelay status' warns while no policy gives them.
+        log.info(
             "queue %r was made by an earlier rmqdelay without %s (the broker never adds an "
-            "argument to a queue that exists): apply the namespace's policies, with "
-            "'rmqdelay declare --policies' or 'rmqdelay definitions --policies' imported; "
-            "'rmqdelay status' warns until they are in force",
+            "argument to a queue that exists): unless a policy gives it that, apply the "
+            "namespace's policies ('rmqdelay declare --policies'); 'rmqdelay status' warns "
+            "while none is in force",
             spec.name,
             spec.added,
         )

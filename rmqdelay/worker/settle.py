@@ -66,14 +66,16 @@ class Settler:
         was: a fresh copy, confirmed, then an ack, so that holding a task and stopping
         never counts toward its delivery limit. If the copy cannot be published the
         delivery is returned as ``requeue`` does."""
-        self._tally.count("requeued")
         if message.channel.is_closed:
+            self._tally.count("requeued")
             return  # the broker has it back already
         due = due_s(message.headers)
         try:
             await self._send(message, time.time() if due is None else due, what="give back")
         except PublishNotConfirmedError as e:
-            log.warning("%s", e)
+            log.warning("%s", e)  # returned (and counted) by requeue
+            return
+        self._tally.count("requeued")
 
     async def retry_or_park(
         self,

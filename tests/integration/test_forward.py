@@ -111,6 +111,43 @@ async def test_a_forwarded_task_reaches_a_plain_consumer_as_published(
     assert task_id
 
 
+async def test_a_task_delivered_before_leaves_without_the_brokers_counts(
+    settings: Settings, destination: str, target: Target
+) -> None:
+    # Taken and returned twice before it is forwarded: its work queue (quorum) has counted
+    # the deliveries (x-delivery-count; 4.3 also x-acquired-count), which must not go on.
+    await target.bind("counted")
+    async with Scheduler(settings) as scheduler:
+        await scheduler.declare_destination(destination)
+    task_id = await _publish_foreign(settings, destination, delay_ms=0)
+    connection = await aio_pika.connect(settings.url)
+    async with connection:
+        for _ in range(2):
+            channel = await connection.channel()
+            queue = await channel.get_queue(settings.names.work_queue(destination), ensure=False)
+            async with asyncio.timeout(20):
+                while (taken := await queue.get(no_ack=False, fail=False)) is None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)  # the levels deliver it; no event to await
+            await taken.reject(requeue=True)  # counted on every version
+            await channel.close()
+        channel = await connection.channel()
+        queue = await channel.get_queue(settings.names.work_queue(destination), ensure=False)
+        async with asyncio.timeout(20):
+            while (seen := await queue.get(no_ack=False, fail=False)) is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert (seen.headers or {}).get("x-delivery-count") == 2, "the broker counted them"
+        await seen.nack(requeue=True)
+        await channel.close()
+    async with (
+        Forwarder(settings, target.exchange, "counted") as forwarder,
+        running_worker(settings, destination, forwarder, raw=True) as worker,
+    ):
+        message = await target.next()
+        await worker.wait_for(lambda s: s.executed >= 1)
+    assert message.message_id == "order-7"
+    assert message.headers == {"trace-id": "abc-123"}, task_id
+
+
 async def test_the_routing_key_defaults_to_the_destination_and_cancels_hold(
     settings: Settings, destination: str, target: Target
 ) -> None:
