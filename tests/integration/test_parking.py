@@ -8,6 +8,8 @@ import json
 import pytest
 
 from rmqdelay import RetryPolicy, Scheduler, Settings, Task
+from rmqdelay.broker.declare import apply_topology
+from rmqdelay.core.topology import destination_topology
 from rmqdelay.tools.cli import RET_ERROR, RET_OK, main
 
 from .helpers import Recorder, depth, get_all, running_worker, use_in_cli
@@ -121,10 +123,13 @@ async def test_unroutable_lists_shows_and_requeues_what_lost_its_destination(
     assert "gone" in capsys.readouterr().err
     assert await depth(settings, names.unroutable) == 2
     recorder = Recorder()
-    async with running_worker(settings, "gone", recorder):  # declares the queue again
-        assert await asyncio.to_thread(main, ["unroutable", "requeue", kept.id]) == RET_OK
-        await recorder.wait_for({kept.id}, within=20)
-        assert await asyncio.to_thread(main, ["unroutable", "purge", "--yes"]) == RET_OK
+    try:
+        async with running_worker(settings, "gone", recorder):  # declares the queue again
+            assert await asyncio.to_thread(main, ["unroutable", "requeue", kept.id]) == RET_OK
+            await recorder.wait_for({kept.id}, within=20)
+            assert await asyncio.to_thread(main, ["unroutable", "purge", "--yes"]) == RET_OK
+    finally:  # own_settings removes the namespace's 'dest' queue, not this one
+        await apply_topology(settings, destination_topology(settings.layout, "gone"), delete=True)
     assert "purged 1 unroutable task(s)" in capsys.readouterr().out
     assert recorder.runs[0][0].payload == {"n": 1}
     assert recorder.runs[0][0].keys == ("k1",), "its keys came back with it"

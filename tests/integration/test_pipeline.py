@@ -185,12 +185,18 @@ def _work_queue_only(settings: Settings, destination: str):  # type: ignore[no-u
 
 
 async def test_other_resolution_on_an_existing_namespace_is_a_clear_mismatch(
-    settings: Settings,
+    broker_url: str,
 ) -> None:
-    other = make_settings(settings.url, namespace=settings.namespace, resolution_ms=5)
-    with pytest.raises(TopologyMismatchError, match=r"x-message-ttl.*resolution"):
-        async with Scheduler(other):
-            pass
+    settings = make_settings(broker_url, max_delay=timedelta(hours=1))
+    await apply(settings, build_topology(settings.layout))
+    other = settings.model_copy(update={"resolution_ms": 5})
+    try:
+        with pytest.raises(TopologyMismatchError, match=r"x-message-ttl.*resolution"):
+            async with Scheduler(other):
+                pass
+    finally:  # the refused declare made the exchanges of the levels it would add
+        for layout in (other.layout, settings.layout):
+            await apply(settings, build_topology(layout), delete=True)
 
 
 async def test_classic_queues_work_too(broker_url: str) -> None:
@@ -267,6 +273,9 @@ async def test_queues_created_without_or_with_other_placement_are_kept_not_refus
                 pass
     finally:
         await apply(settings, build_topology(settings.layout, ("d", "other")), delete=True)
+        # the refused declare at 5 ms made the exchanges of the levels it would add
+        finer = settings.model_copy(update={"resolution_ms": 5})
+        await apply(settings, build_topology(finer.layout), delete=True)
 
 
 async def test_shards_each_deliver_their_tasks_on_time(broker_url: str) -> None:
