@@ -117,11 +117,13 @@ rmq_mount() {  # what the Erlang VM needs inside the root
   cp /etc/hosts "$RMQ_ROOT/etc/hosts"
 }
 
-rmq_unmount_if_idle() {  # unmount when no node of ours runs from the root
+rmq_unmount_if_idle() {  # when no node of ours runs from the root: stop its epmd, unmount
   local dir
   for dir in "$RMQ_ROOT$RMQ_NODES_DIR"/*/; do
     [ -d "$dir" ] && [ -n "$(rmq_pid "$(basename "$dir")")" ] && return 0
   done
+  # The version's own epmd (ERL_EPMD_PORT), started with its first node.
+  [ -d "$RMQ_ROOT/etc" ] && rmq_in_root epmd -kill >/dev/null 2>&1 || true
   local m
   for m in sys proc; do
     mountpoint -q "$RMQ_ROOT/$m" && umount "$RMQ_ROOT/$m" 2>/dev/null
