@@ -258,7 +258,7 @@ async def _plugin_exchange(
     if (await resolve_backend(settings.model_copy(update={"backend": "auto"}))).backend != "plugin":
         pytest.skip(
             "the broker has no x-delayed-message exchange type (rabbitmq_delayed_message_exchange "
-            "is not enabled; Debian does not package it)"
+            "is not enabled: Debian does not package it, and it cannot run on RabbitMQ 4.3)"
         )
     await channel.declare_exchange(
         name, "x-delayed-message", durable=True, arguments={"x-delayed-type": "topic"}

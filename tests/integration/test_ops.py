@@ -308,7 +308,7 @@ async def plugin(broker_url: str) -> AsyncIterator[Settings]:
         await apply_topology(settings, build_topology(settings.layout), delete=True)
         pytest.skip(
             "the broker has no x-delayed-message exchange type (rabbitmq_delayed_message_exchange "
-            "is not enabled; Debian does not package it)"
+            "is not enabled: Debian does not package it, and it cannot run on RabbitMQ 4.3)"
         )
     yield settings
     await apply_topology(settings, build_topology(settings.layout, ("p",)), delete=True)
