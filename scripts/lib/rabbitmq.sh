@@ -67,6 +67,15 @@ rmq_ids() {  # the root's rabbitmq uid:gid (numbers: names mean other users outs
   echo "$uid:$gid"
 }
 
+rmq_remove() {  # rmq_remove DIR: delete a root, never what is mounted inside it
+  local mounted
+  [ -e "$1" ] || return 0
+  for mounted in $(awk -v d="$1/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r); do
+    umount -l "$mounted" 2>/dev/null || true
+  done
+  rm -rf --one-file-system "$1"
+}
+
 rmq_build_root() {  # debootstrap the version's root once (under a lock: CI may race)
   [ -f "$RMQ_ROOT/.rmqdelay-ready" ] && return 0
   [ "$(id -u)" = 0 ] || die "building $RMQ_ROOT needs root (debootstrap, chroot)"
@@ -84,7 +93,7 @@ rmq_build_root() {  # debootstrap the version's root once (under a lock: CI may 
     local script=/usr/share/debootstrap/scripts/$RMQ_SCRIPT
     [ -e "$script" ] || die "this debootstrap has no script '$RMQ_SCRIPT' for Debian $RMQ_SUITE"
     say "building a Debian $RMQ_SUITE root with rabbitmq-server $RMQ_VERSION in $RMQ_ROOT (30-60 s, about 400 MB; kept for later runs)"
-    rm -rf "$RMQ_ROOT.tmp"
+    rmq_remove "$RMQ_ROOT.tmp"  # what a failed build left
     debootstrap --variant=minbase --include=rabbitmq-server "$RMQ_SUITE" "$RMQ_ROOT.tmp" \
         "$RMQ_MIRROR" "$script" > "$RMQ_DIR/debootstrap-$RMQ_VERSION.log" 2>&1 \
       || die "debootstrap of $RMQ_SUITE failed (see $RMQ_DIR/debootstrap-$RMQ_VERSION.log)"
@@ -100,7 +109,7 @@ rmq_build_root() {  # debootstrap the version's root once (under a lock: CI may 
       *) die "Debian $RMQ_SUITE carries rabbitmq-server $got, not $RMQ_VERSION.x" ;;
     esac
     touch "$RMQ_ROOT.tmp/.rmqdelay-ready"
-    rm -rf "$RMQ_ROOT"
+    rmq_remove "$RMQ_ROOT"
     mv "$RMQ_ROOT.tmp" "$RMQ_ROOT"
     say "rabbitmq-server $got is ready in $RMQ_ROOT"
   fi
