@@ -188,21 +188,22 @@ async def test_a_task_far_ahead_of_its_due_time_goes_back_through_the_levels(
 ) -> None:
     recorder = Recorder()
     task_id = uuid.uuid4().hex
-    now_ms = int(time.time() * 1000)
-    # A wrong plan: straight to the work queue, for a task due in 6 s (more than two units
-    # plus the clock-skew margin ahead).
-    headers: dict[str, object] = {
-        "rmqdelay-id": task_id,
-        "rmqdelay-due": now_ms + 6000,
-        "rmqdelay-published": now_ms,
-        "rmqdelay-route-in": "work",
-    }
     with logged("rmqdelay.worker", "sending it back through the levels") as sent_back:
         async with running_worker(coarse, "dest", recorder):
+            # A wrong plan: straight to the work queue, for a task due in 8 s: more than
+            # two units plus the clock-skew margin (5.4 s) ahead, however long it takes
+            # to publish (stamped once the worker runs: its start took over 0.6 s once).
+            now_ms = int(time.time() * 1000)
+            headers: dict[str, object] = {
+                "rmqdelay-id": task_id,
+                "rmqdelay-due": now_ms + 8000,
+                "rmqdelay-published": now_ms,
+                "rmqdelay-route-in": "work",
+            }
             await asyncio.to_thread(_publish, coarse, headers, b"{}")
-            await recorder.wait_for({task_id}, within=15)
+            await recorder.wait_for({task_id}, within=20)
     assert sent_back.is_set()
-    assert recorder.runs[0][1] * 1000 >= now_ms + 6000, "never early"
+    assert recorder.runs[0][1] * 1000 >= now_ms + 8000, "never early"
 
 
 async def test_a_task_due_beyond_the_maximum_delay_is_parked_not_left_unsettled(
