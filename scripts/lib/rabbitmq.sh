@@ -85,10 +85,14 @@ rmq_build_root() {  # debootstrap the version's root once (under a lock: CI may 
   if [ ! -f "$RMQ_ROOT/.rmqdelay-ready" ]; then
     if ! command -v debootstrap >/dev/null 2>&1; then
       command -v apt-get >/dev/null 2>&1 || die "need debootstrap (or apt-get to install it)"
-      say "installing debootstrap from Debian's packages"
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >&2 \
-        || { apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >&2; } \
-        || die "apt-get install debootstrap failed"
+      # One apt at a time: roots of several versions may be built at once.
+      (
+        flock 8
+        command -v debootstrap >/dev/null 2>&1 && exit 0
+        say "installing debootstrap from Debian's packages"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >&2 \
+          || { apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >&2; }
+      ) 8>"$RMQ_DIR/.lock-apt" || die "apt-get install debootstrap failed"
     fi
     local script=/usr/share/debootstrap/scripts/$RMQ_SCRIPT
     [ -e "$script" ] || die "this debootstrap has no script '$RMQ_SCRIPT' for Debian $RMQ_SUITE"

@@ -193,7 +193,7 @@ async def test_a_deleted_work_queue_stops_a_worker_that_may_not_declare(
 
 @pytest.mark.timeout(240)
 async def test_a_deleted_work_queue_ends_in_the_cancel_path_every_time(
-    broker_url: str, settings: Settings, destination: str
+    broker_url: str, settings: Settings, destination: str, test_broker_version: tuple[int, int]
 ) -> None:
     """RabbitMQ 4.3 cancels a deleted queue's consumers before the queue leaves its
     metadata: a declare or passive check may still find it and the consume after it then
@@ -201,7 +201,8 @@ async def test_a_deleted_work_queue_ends_in_the_cancel_path_every_time(
     declares consumes again and one that may not stops with ConsumerCancelledError."""
     undeclaring = make_settings(broker_url, namespace=settings.namespace, declare=False)
     queue = settings.names.work_queue(destination)
-    for run in range(20):
+    # The race is 4.3's (9 of 20 runs met it); earlier versions get a few runs.
+    for run in range(20 if test_broker_version >= (4, 3) else 4):
         declares = run % 2 == 0
         async with Scheduler(settings) as scheduler:
             await scheduler.declare_destination(destination)
