@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from aiormq.exceptions import AMQPError
 
 from rmqdelay.broker.connection import connect
-from rmqdelay.broker.declare import declare_topology
+from rmqdelay.broker.declare import check_topology, declare_topology, resolve_backend
 from rmqdelay.broker.management import management_get, management_url, vhost_path
 from rmqdelay.broker.publisher import Publisher, carried
 from rmqdelay.broker.scheduler import new_task_id
@@ -40,6 +40,7 @@ from rmqdelay.core.topology import (
     ExchangeType,
     Topology,
     bridge_topology,
+    build_topology,
 )
 from rmqdelay.core.wire import check_key, parked_headers, task_headers
 from rmqdelay.settings import Settings
@@ -164,10 +165,18 @@ class Bridge:
             "declared; bind your consumers' queues to the target"
         )
 
+    async def _namespace(self, channel: AbstractChannel) -> None:
+        """The namespace the bridge schedules into (levels, work exchange, parking lot),
+        as any client declares it (or only checks it, with RMQDELAY_DECLARE=false): on a
+        broker nothing else has set up yet, the bridge's own objects bind to it."""
+        self.settings = await resolve_backend(self.settings)
+        await check_topology(self.settings, build_topology(self.settings.layout), channel)
+
     async def _declare(self, topology: Topology) -> None:
         connection = await connect(self.settings)
         try:
             channel = await connection.channel()
+            await self._namespace(channel)
             try:
                 await declare_topology(channel, topology)
             except TopologyMismatchError as e:
@@ -218,6 +227,7 @@ class Bridge:
         connection = await connect(self.settings)
         try:
             channel = await connection.channel()
+            await self._namespace(channel)
             source, *rest = self.topology.exchanges
             without_source = Topology(tuple(rest), self.topology.queues, self.topology.bindings[1:])
             await declare_topology(channel, without_source)

@@ -14,11 +14,13 @@ import aio_pika
 import pytest
 
 from rmqdelay import ConfigError, Scheduler, Settings
-from rmqdelay.broker.declare import resolve_backend
+from rmqdelay.broker.declare import apply_topology, resolve_backend
+from rmqdelay.core.topology import build_topology
 from rmqdelay.tools.bridge import Bridge, BridgePlan, drain, plan_bridge
 from rmqdelay.tools.cli import main
 from rmqdelay.tools.parking import ParkingLot
 
+from .conftest import make_settings
 from .helpers import in_background, use_in_cli
 
 pytestmark = pytest.mark.integration
@@ -245,6 +247,35 @@ async def test_cli_declares_the_bridge(
     assert f"bridge {plan.source!r}" in capsys.readouterr().out
     assert await asyncio.to_thread(main, [*argv[:3], "--drain"]) == 1
     assert "not the plugin's" in capsys.readouterr().err
+
+
+async def test_a_bridge_on_a_namespace_nothing_has_declared_declares_it_and_delivers(
+    broker_url: str,
+    source: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    channel: aio_pika.abc.AbstractChannel,
+) -> None:
+    # The README's path for a broker that never had the plugin: nothing of the namespace
+    # exists yet (its work exchange least of all, which the bridge's work queue binds to).
+    fresh = make_settings(broker_url, max_delay="1h")
+    plan = plan_bridge(fresh, source, target_type="topic")
+    use_in_cli(monkeypatch, fresh)
+    try:
+        argv = ["bridge", "--from", source, "--type", "topic", "--declare-only"]
+        assert await asyncio.to_thread(main, argv) == 0
+        assert f"bridge {source!r}" in capsys.readouterr().out
+        consumer = await _bind_consumer(channel, plan.target, "orders.#")
+        async with running(fresh, plan):
+            sent = await _publish_as_plugin_user(channel, source, "orders.eu", 300)
+            message, arrived = await consumer.next()
+        assert message.body == b"payload bytes"
+        assert arrived >= sent + 0.3, "never early"
+    finally:
+        await apply_topology(fresh, build_topology(fresh.layout, (plan.destination,)), delete=True)
+        for exchange in (plan.source, plan.target):
+            await channel.exchange_delete(exchange)
+        await channel.queue_delete(plan.intake)
 
 
 # --- where the broker has the plugin -------------------------------------------------------
