@@ -93,7 +93,8 @@ def delay_to_us(delay: timedelta | float | int) -> int:
             raise InvalidDelayError(f"delay must be finite, got {delay!r}")
         us = math.ceil(seconds * 1_000_000)
     if us < 0:
-        raise InvalidDelayError(f"delay must not be negative, got {delay!r}")
+        shown = f"-{describe_us(-us)}" if isinstance(delay, timedelta) else repr(delay)
+        raise InvalidDelayError(f"delay must not be negative, got {shown}")
     return us
 
 

@@ -89,7 +89,7 @@ def check_rule(
         raise InvalidRecurrenceError(
             f"give exactly one of cron= and every= (got cron={cron!r}, every={every!r})"
         )
-    zone = check_zone(tz or "UTC")
+    zone = check_zone("UTC" if tz is None else tz)  # an empty one is a mistake, not UTC
     if every is not None:
         if tz not in (None, "UTC"):
             raise InvalidRecurrenceError(
@@ -100,6 +100,13 @@ def check_rule(
     assert cron is not None
     if not isinstance(cron, str) or not cron.strip():
         raise InvalidRecurrenceError(f"cron must be an expression like '0 8 * * *', got {cron!r}")
+    if (fields := len(cron.split())) != 5:
+        # cronsim also reads a sixth field, of seconds: a series every second by mistake.
+        raise InvalidRecurrenceError(
+            f"cron {cron[:80]!r} has {fields} field{'s' if fields != 1 else ''}; five fields: "
+            "minute hour day-of-month month day-of-week, e.g. '0 8 * * *' (for seconds, "
+            "use every=)"
+        )
     try:
         CronSim(cron, datetime.now(ZoneInfo(zone)))
     except CronSimError as e:
@@ -142,12 +149,13 @@ def _every_ms(every: timedelta | float) -> int:
     if isinstance(every, bool) or not isinstance(every, timedelta | int | float):
         raise InvalidRecurrenceError(f"every must be a timedelta or seconds, got {every!r}")
     seconds = every.total_seconds() if isinstance(every, timedelta) else float(every)
+    shown = f"{every!r}" if not math.isfinite(seconds) else describe_us(round(seconds * 1e6))
     if not math.isfinite(seconds) or seconds * 1000 < MIN_EVERY_MS:
         raise InvalidRecurrenceError(
-            f"every={every!r} is under the shortest interval of {MIN_EVERY_MS // 1000}s"
+            f"every={shown} is under the shortest interval of {MIN_EVERY_MS // 1000}s"
         )
     if seconds > 3653 * 86400:
-        raise InvalidRecurrenceError(f"every={every!r} is over ten years")
+        raise InvalidRecurrenceError(f"every={shown} is over ten years")
     return round(seconds * 1000)
 
 

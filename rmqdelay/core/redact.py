@@ -94,8 +94,46 @@ def webhook_secrets(url: str) -> list[str]:
     return [p for p in found if p.strip("/")]
 
 
+#: A URL in free text (an exception message, say): a scheme, then up to the next blank,
+#: quote, angle bracket or parenthesis (square brackets belong to IPv6 hosts).
+_URL_IN_TEXT = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>(){}]+")
+#: Schemes whose path names no secret (an AMQP URL's path is the vhost).
+_PATH_SAFE = ("amqp", "amqps")
+
+
+def _safe_url_in_text(found: re.Match[str]) -> str:
+    url = found.group(0)
+    parts = _userinfo(url)
+    if parts is not None:
+        start, info, rest = parts
+        user, colon, _ = info.partition(":")
+        # user:password -> user:******; a bare user part is as often a token itself.
+        url = f"{start}{user}:{MASK}@{rest}" if colon else f"{start}{MASK}@{rest}"
+    scheme, sep, rest = url.partition("://")
+    if scheme.lower() in _PATH_SAFE:
+        return url
+    where, slash, path = rest.partition("/")
+    where, question, _ = where.partition("?")
+    hidden = "/..." if (slash and path.strip("/")) or question else ""
+    return f"{scheme}{sep}{where}{hidden}"
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with every URL in it made safe to show: passwords and bare user parts
+    masked, and (but for AMQP URLs, whose path is the vhost) path and query hidden, where
+    hooks and APIs carry their tokens."""
+    return _URL_IN_TEXT.sub(_safe_url_in_text, text) if "://" in text else text
+
+
+def without_urls(text: str, instead: str) -> str:
+    """``text`` with every URL in it replaced by ``instead`` (for answers to strangers)."""
+    return _URL_IN_TEXT.sub(instead, text) if "://" in text else text
+
+
 class Redactor:
-    """Replaces known secrets in text, longest first (a URL before the path inside it)."""
+    """Replaces known secrets in text, longest first (a URL before the path inside it),
+    then makes every URL left in it safe (``redact_urls``): the rules for log lines and
+    for what is stored where operators read it (parked reasons)."""
 
     def __init__(self, secrets: list[str] | None = None) -> None:
         self._secrets: list[str] = []
@@ -115,4 +153,4 @@ class Redactor:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, MASK)
-        return text
+        return redact_urls(text)

@@ -146,8 +146,8 @@ def decode_cancel(headers: Mapping[str, Any] | None) -> tuple[str, int, int | No
     until = headers.get(CANCEL_UNTIL_MS)
     return (
         _str_header(headers, CANCEL_KEY),
-        _int_header(headers, CANCEL_AT_MS),
-        None if until is None else _int_header(headers, CANCEL_UNTIL_MS),
+        _time_header(headers, CANCEL_AT_MS),
+        None if until is None else _time_header(headers, CANCEL_UNTIL_MS),
     )
 
 
@@ -251,6 +251,58 @@ def _int_header(headers: Mapping[str, Any], name: str, default: int | None = Non
     return value
 
 
+#: The times a header may plausibly hold, in milliseconds since the epoch: from 2000 to
+#: 2200. Outside, a time was almost surely written in another unit (a due time in
+#: seconds is in January 1970; one in microseconds is in the year 55,000) and would run a
+#: task at once or cancel a key for ever.
+EARLIEST_MS = 946_684_800_000  # 2000-01-01
+LATEST_MS = 7_258_118_400_000  # 2200-01-01
+
+
+def _time_header(headers: Mapping[str, Any], name: str) -> int:
+    """An integer header holding epoch milliseconds, refused (naming the likely unit
+    mistake) when it is not a plausible time."""
+    value = _int_header(headers, name)
+    if EARLIEST_MS <= value <= LATEST_MS:
+        return value
+    raise MessageDecodeError(f"header {name!r} is {value}: {unit_mistake(value)}")
+
+
+def unit_mistake(value: int) -> str:
+    """What a time outside EARLIEST_MS..LATEST_MS most likely is."""
+    for factor, unit in ((1000, "seconds"), (1 / 1000, "microseconds"), (1e-6, "nanoseconds")):
+        if EARLIEST_MS <= value * factor <= LATEST_MS:
+            return (
+                f"not a time in milliseconds since the epoch, but it would be one in {unit}; "
+                "times are integer milliseconds"
+            )
+    if value < 0:
+        return "a time before 1970; times are integer milliseconds since the epoch"
+    return (
+        "not a plausible time in milliseconds since the epoch (2000-2200); times are "
+        "integer milliseconds"
+    )
+
+
+def _identity(headers: Mapping[str, Any]) -> tuple[str, list[str], int]:
+    """A task's id, cancel keys and attempt, held to the limits the README gives
+    publishers (a key the scheduler would refuse must not pass the worker either)."""
+    attempt = _int_header(headers, ATTEMPT, 1)
+    if attempt < 1:
+        raise MessageDecodeError(f"header {ATTEMPT!r} must be >= 1, got {attempt}")
+    keys = headers.get(KEYS, [])
+    if not isinstance(keys, list) or (keys and not all(isinstance(k, str) for k in keys)):
+        raise MessageDecodeError(f"header {KEYS!r} must be an array of strings, got {keys!r}")
+    task_id = _str_header(headers, TASK_ID)
+    try:
+        check_key(task_id, "the task id")
+        if keys:
+            check_keys(keys)
+    except InvalidKeyError as e:
+        raise MessageDecodeError(f"{e} (a limit of the wire format)") from None
+    return task_id, keys, attempt
+
+
 def decode_task(
     *,
     headers: Mapping[str, Any] | None,
@@ -288,18 +340,13 @@ def decode_task(
                 raise MessageDecodeError(f"body is not valid JSON: {e}") from e
             except RecursionError as e:
                 raise MessageDecodeError("body is JSON nested too deeply to decode") from e
-    attempt = _int_header(headers, ATTEMPT, 1)
-    if attempt < 1:
-        raise MessageDecodeError(f"header {ATTEMPT!r} must be >= 1, got {attempt}")
-    keys = headers.get(KEYS, [])
-    if not isinstance(keys, list) or (keys and not all(isinstance(k, str) for k in keys)):
-        raise MessageDecodeError(f"header {KEYS!r} must be an array of strings, got {keys!r}")
+    task_id, keys, attempt = _identity(headers)
     return Task(
-        id=_str_header(headers, TASK_ID),
+        id=task_id,
         destination=routing_key,
         payload=payload,
-        due_at=ms_to_datetime(_int_header(headers, DUE_MS)),
-        published_at=ms_to_datetime(_int_header(headers, PUBLISHED_MS)),
+        due_at=ms_to_datetime(_time_header(headers, DUE_MS)),
+        published_at=ms_to_datetime(_time_header(headers, PUBLISHED_MS)),
         attempt=attempt,
         keys=tuple(keys),
         content_type=content_type,

@@ -157,8 +157,9 @@ async def test_garbage_is_parked_with_a_reason_and_good_tasks_keep_running(
     settings: Settings, destination: str
 ) -> None:
     recorder = Recorder()
+    now_ms = int(time.time() * 1000)
     good_headers = task_headers(
-        "garbage-ok-headers", due_ms=0, published_ms=0, route=route_headers(())
+        "garbage-ok-headers", due_ms=now_ms, published_ms=now_ms, route=route_headers(())
     )
     garbage = {
         "not json": aio_pika.Message(

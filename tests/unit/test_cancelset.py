@@ -149,14 +149,17 @@ def test_stamps_hold_order_when_the_clock_steps_back() -> None:
 
 
 def test_keys_roundtrip_through_the_headers() -> None:
-    headers = task_headers("id", due_ms=5, published_ms=7, route=route_headers(()), keys=("a", "b"))
+    t = 1_763_900_000_000  # plausible epoch milliseconds
+    headers = task_headers(
+        "id", due_ms=t + 5, published_ms=t + 7, route=route_headers(()), keys=("a", "b")
+    )
     task = decode_task(
         headers=headers, body=b"{}", content_type="application/json", routing_key="d"
     )
     assert task.keys == ("a", "b")
-    assert published_ms(task) == 7
-    assert decode_cancel(cancel_headers("a", 9)) == ("a", 9, None)
-    assert decode_cancel(cancel_headers("a", 9, 20)) == ("a", 9, 20)
+    assert published_ms(task) == t + 7
+    assert decode_cancel(cancel_headers("a", t + 9)) == ("a", t + 9, None)
+    assert decode_cancel(cancel_headers("a", t + 9, t + 20)) == ("a", t + 9, t + 20)
 
 
 @pytest.mark.parametrize(

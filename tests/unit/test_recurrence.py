@@ -106,9 +106,17 @@ def test_an_interval_is_anchored_and_does_not_drift() -> None:
         ({"cron": None, "every": None}, "exactly one of cron= and every="),
         ({"cron": "0 8 * * *", "every": 30}, "exactly one"),
         ({"cron": "61 * * * *", "every": None}, "'61 * * * *'"),
-        ({"cron": "0 8 * *", "every": None}, "'0 8 * *'"),
+        ({"cron": "0 8 * *", "every": None}, "'0 8 * *' has 4 fields; five fields"),
+        # cronsim reads a sixth field as seconds: refused, not a series every second
+        ({"cron": "* * * * * *", "every": None}, "has 6 fields; five fields"),
+        ({"cron": "@daily", "every": None}, "has 1 field; five"),
         ({"cron": "", "every": None}, "cron must be"),
         ({"cron": None, "every": 0.5}, "under the shortest interval"),
+        ({"cron": None, "every": timedelta(milliseconds=500)}, "every=500ms is under"),
+        (
+            {"cron": "0 8 * * *", "every": None, "tz": ""},
+            "IANA zone name like 'Europe/Berlin', got ''",
+        ),
         ({"cron": None, "every": float("nan")}, "under the shortest"),
         ({"cron": None, "every": -3}, "under the shortest"),
         ({"cron": None, "every": "30s"}, "timedelta or seconds"),

@@ -8,11 +8,17 @@ from rmqdelay.core.errors import InvalidPayloadError, MessageDecodeError
 from rmqdelay.core.wire import (
     ATTEMPT,
     DUE_MS,
+    EARLIEST_MS,
+    JSON,
     KEYS,
+    LATEST_MS,
     PUBLISHED_MS,
     TASK_ID,
+    cancel_headers,
+    decode_cancel,
     decode_task,
     encode_payload,
+    ms_to_datetime,
     parked_headers,
     rescheduled_headers,
     route_headers,
@@ -31,6 +37,10 @@ def test_route_headers_chain_levels_then_work() -> None:
     assert route_headers(()) == {"rmqdelay-route-in": "work"}
 
 
+#: A plausible time in milliseconds since the epoch (2025-11-23 12:13:20 UTC).
+T_MS = 1_763_900_000_000
+
+
 def test_task_headers_use_integer_milliseconds() -> None:
     headers = task_headers(
         "id1", due_ms=1_763_900_000_123, published_ms=1_763_900_000_000, route=route_headers((1,))
@@ -47,13 +57,13 @@ def test_json_payloads_roundtrip(payload: object) -> None:
     body, content_type = encode_payload(payload, None)
     assert content_type == "application/json"
     task = decode_task(
-        headers=task_headers("i", due_ms=1000, published_ms=0, route=route_headers(())),
+        headers=task_headers("i", due_ms=T_MS + 1000, published_ms=T_MS, route=route_headers(())),
         body=body,
         content_type=content_type,
         routing_key="alarms",
     )
     assert task.payload == payload
-    assert task.due_at == datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)
+    assert task.due_at == datetime(2025, 11, 23, 12, 13, 21, tzinfo=UTC)
     assert (task.id, task.destination, task.attempt) == ("i", "alarms", 1)
 
 
@@ -62,7 +72,7 @@ def test_bytes_need_a_content_type_and_come_back_as_bytes() -> None:
         encode_payload(b"\x00\x01", None)
     body, content_type = encode_payload(b"\x00\x01", "application/octet-stream")
     task = decode_task(
-        headers=task_headers("i", due_ms=0, published_ms=0, route=route_headers(())),
+        headers=task_headers("i", due_ms=T_MS, published_ms=T_MS, route=route_headers(())),
         body=body,
         content_type=content_type,
         routing_key="d",
@@ -84,7 +94,7 @@ def test_content_type_with_a_non_bytes_payload_is_refused() -> None:
         encode_payload({"a": 1}, "text/plain")
 
 
-GOOD = task_headers("i", due_ms=0, published_ms=0, route=route_headers(()))
+GOOD = task_headers("i", due_ms=T_MS, published_ms=T_MS, route=route_headers(()))
 
 
 @pytest.mark.parametrize(
@@ -167,13 +177,15 @@ def test_every_header_of_the_brokers_bookkeeping_is_stripped_and_nothing_else() 
 
 def test_rescheduled_headers_keep_identity_and_stamp_but_replace_the_route() -> None:
     original = {
-        **task_headers("i", due_ms=10, published_ms=5, route=route_headers((7, 2)), keys=("k",)),
+        **task_headers(
+            "i", due_ms=T_MS + 10, published_ms=T_MS + 5, route=route_headers((7, 2)), keys=("k",)
+        ),
         "x-death": [{}],
         "rmqdelay-parked-reason": "old",
     }
     again = rescheduled_headers(original, attempt=2, due_ms=99, route=route_headers((1,)))
     assert again[TASK_ID] == "i"
-    assert again[PUBLISHED_MS] == 5  # a cancel of the original still hits the retry
+    assert again[PUBLISHED_MS] == T_MS + 5  # a cancel of the original still hits the retry
     assert again[KEYS] == ["k"]
     assert (again[ATTEMPT], again[DUE_MS]) == (2, 99)
     assert {k for k in again if k.startswith("rmqdelay-route-")} == {
@@ -195,3 +207,57 @@ def test_content_types_outside_accept_are_refused() -> None:
         accept=frozenset({"application/xml"}),
     )
     assert task.payload == b"<x/>"
+
+
+@pytest.mark.parametrize(
+    ("due", "says"),
+    [
+        (T_MS // 1000, "would be one in seconds"),
+        (T_MS * 1000, "would be one in microseconds"),
+        (T_MS * 1_000_000, "would be one in nanoseconds"),
+        (-5, "a time before 1970"),
+        (0, "not a plausible time"),
+        (10**17, "not a plausible time"),
+    ],
+)
+def test_a_time_in_another_unit_is_refused_naming_the_likely_mistake(due: int, says: str) -> None:
+    headers = task_headers("i", due_ms=due, published_ms=T_MS, route=route_headers(()))
+    with pytest.raises(MessageDecodeError, match=f"'rmqdelay-due' is {due}: .*{says}"):
+        decode_task(headers=headers, body=b"{}", content_type=JSON, routing_key="d")
+    stamped = task_headers("i", due_ms=T_MS, published_ms=due, route=route_headers(()))
+    with pytest.raises(MessageDecodeError, match="'rmqdelay-published'"):
+        decode_task(headers=stamped, body=b"{}", content_type=JSON, routing_key="d")
+    with pytest.raises(MessageDecodeError, match=says):
+        decode_cancel(cancel_headers("k", due))
+    with pytest.raises(MessageDecodeError, match=says):
+        decode_cancel(cancel_headers("k", T_MS, due))
+
+
+def test_plausible_times_pass_from_2000_to_2200() -> None:
+    for due in (EARLIEST_MS, T_MS, LATEST_MS):
+        headers = task_headers("i", due_ms=due, published_ms=T_MS, route=route_headers(()))
+        task = decode_task(headers=headers, body=b"{}", content_type=JSON, routing_key="d")
+        assert task.due_at == ms_to_datetime(due)
+
+
+@pytest.mark.parametrize(
+    ("keys", "task_id", "says"),
+    [
+        ([f"k{n}" for n in range(33)], "i", "at most 32 keys"),
+        (["x" * 256], "i", "256 bytes; the limit is 255"),
+        (["é" * 128], "i", "256 bytes; the limit is 255"),
+        ([], "y" * 300, "the task id 'yyy"),
+    ],
+)
+def test_the_worker_holds_ids_and_keys_to_the_wire_formats_limits(
+    keys: list[str], task_id: str, says: str
+) -> None:
+    headers = {
+        **task_headers(task_id, due_ms=T_MS, published_ms=T_MS, route=route_headers(())),
+        KEYS: keys,
+    }
+    with pytest.raises(MessageDecodeError, match=says):
+        decode_task(headers=headers, body=b"{}", content_type=JSON, routing_key="d")
+    headers[KEYS] = keys[:32] if len(keys) > 32 else []
+    if len(task_id) <= 255:
+        decode_task(headers=headers, body=b"{}", content_type=JSON, routing_key="d")
