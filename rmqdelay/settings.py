@@ -7,7 +7,7 @@ import math
 import re
 from datetime import timedelta
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     BeforeValidator,
@@ -30,7 +30,7 @@ from rmqdelay.core.delays import (
 )
 from rmqdelay.core.errors import ConfigError, InvalidDelayError
 from rmqdelay.core.names import Names
-from rmqdelay.core.redact import redact_url, split_urls, userinfo
+from rmqdelay.core.redact import redact_url, split_urls, url_password, userinfo
 from rmqdelay.core.retry import RetryPolicy
 from rmqdelay.core.routes import Backend
 from rmqdelay.core.topology import UNLIMITED_DELIVERIES, Layout
@@ -369,6 +369,19 @@ class Settings(BaseSettings):
     def safe_url(self) -> str:
         """The URL (or URLs) without passwords."""
         return redact_url(self.url)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """What must never be shown: the passwords of the broker and management URLs (as
+        written and decoded) and the HTTP token."""
+        found: list[str] = []
+        for field in _URLS:
+            for url in split_urls(getattr(self, field) or ""):
+                if password := url_password(url):
+                    found += [password, unquote(password)]
+        if self.http_token is not None:
+            found.append(self.http_token.get_secret_value())
+        return tuple(dict.fromkeys(found))
 
     def __repr_args__(self) -> Any:
         for key, value in super().__repr_args__():

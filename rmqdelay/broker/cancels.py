@@ -56,6 +56,7 @@ from rmqdelay.core.wire import (
     decode_cancel,
     decode_snapshot_part,
     encode_snapshot_part,
+    ms_to_datetime,
 )
 from rmqdelay.settings import Settings
 
@@ -66,6 +67,12 @@ STREAM_PREFETCH = 1000
 #: Records acknowledged together (a stream ack only returns credit; one per record was a
 #: large share of replay time).
 ACK_EVERY = STREAM_PREFETCH // 4
+#: A cancel is stamped with the time it was made. One stamped further ahead of the worker's
+#: clock than this was written wrong (a due time for "now", another unit) and would cancel
+#: its key until then: it is ignored, with a warning. Ahead by more than CLOCK_SKEW_WARN_S,
+#: it is kept, and the clocks are said to disagree.
+MAX_CANCEL_AHEAD_S = 3600.0
+CLOCK_SKEW_WARN_S = 60.0
 #: How often expired cancels are forgotten and the need for a snapshot is checked.
 MAINTAIN_EVERY_S = 60.0
 #: A snapshot is due when the records since the last one reach max(this, live keys)...
@@ -109,9 +116,16 @@ class CancelFollower:
     """Keeps ``self.cancels`` in step with the broker's cancellation stream."""
 
     def __init__(
-        self, settings: Settings, on_cancel: Callable[[str, int], None] | None = None
+        self,
+        settings: Settings,
+        on_cancel: Callable[[str, int], None] | None = None,
+        *,
+        quiet: bool = False,
     ) -> None:
         self.settings = settings
+        #: Progress lines (snapshot loaded, caught up): a worker's log wants them, a tool
+        #: that reads the set once (``quiet``) does not print them among its output.
+        self._progress = log.debug if quiet else log.info
         self.cancels = CancelSet(int(settings.retention.total_seconds() * 1000))
         #: Set while every cancel confirmed before the last (re)sync is known.
         self.caught_up = asyncio.Event()
@@ -124,6 +138,8 @@ class CancelFollower:
         self._marker: str | None = None
         self._channel: AbstractChannel | None = None
         self._connected = False
+        #: Whether the current outage was reported already.
+        self._outage_said = False
         self._unacked_count = 0
         #: The newest snapshot known: loaded, written, or announced in the stream.
         self._snapshot_covers = -1
@@ -140,10 +156,13 @@ class CancelFollower:
                     await self._follow(stop)
                 except CONNECTION_EXCEPTIONS as e:
                     self.pause()
+                    # One warning an outage; each further attempt at debug (the line
+                    # "cancellation set caught up" says when it is over).
+                    say, self._outage_said = log.debug if self._outage_said else log.warning, True
                     if self._connected:  # a new outage, not another failed attempt
                         lost_at, self._connected = time.monotonic(), False
                     wait = reconnect_wait(time.monotonic() - lost_at)
-                    log.warning("cancellation stream lost (%s); reconnecting in %.1fs", e, wait)
+                    say("cancellation stream lost (%s); reconnecting in %.1fs", e, wait)
                     await _sleep_or_stop(stop, wait)
         finally:
             maintaining.cancel()
@@ -168,7 +187,7 @@ class CancelFollower:
     async def _follow(self, stop: asyncio.Event) -> None:
         # A plain connection: aio-pika's robust one would re-consume from the original
         # x-stream-offset after a reconnect, replaying everything; we resume ourselves.
-        connection = await connect_once(self.settings)
+        connection = await connect_once(self.settings, raw=True)  # run() retries
         # closed() only resolves on a close we asked for; a dropped link fires the callbacks.
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
@@ -200,7 +219,7 @@ class CancelFollower:
             # A consumer the broker cancels (the stream was deleted) looks like a lost link:
             # reconnecting finds the stream gone and says so, instead of following nothing.
             raw.on_consumer_cancel_callbacks.add(lambda *_: lost.set())
-            self._channel, self._connected = channel, True
+            self._channel, self._connected, self._outage_said = channel, True, False
             try:
                 await self.resync()
                 waits = {asyncio.ensure_future(lost.wait()), asyncio.ensure_future(stop.wait())}
@@ -222,7 +241,7 @@ class CancelFollower:
         if marker is not None:
             await self._ack(message, now=True)  # nothing may wait behind a marker
             if marker == self._marker:
-                log.info("cancellation set caught up: %d keys", len(self.cancels))
+                self._progress("cancellation set caught up: %d keys", len(self.cancels))
                 self.caught_up.set()
             return
         if SNAPSHOT in headers:
@@ -245,7 +264,22 @@ class CancelFollower:
         except MessageDecodeError as e:
             log.warning("ignoring a malformed cancel record: %s", e)
             return
-        if self.cancels.add(key, at_ms, _now_ms(), until_ms) and self._on_cancel is not None:
+        now_ms = _now_ms()
+        ahead_s = (at_ms - now_ms) / 1000
+        if ahead_s > MAX_CANCEL_AHEAD_S:
+            # It would suppress its key, tasks scheduled later included, until then.
+            log.warning(
+                "ignoring the cancel of key %r: it is stamped %s, %.0f s ahead of this "
+                "worker's clock; a cancel carries the time it was made, in integer ms",
+                key, ms_to_datetime(at_ms).isoformat(), ahead_s,
+            )  # fmt: skip
+            return
+        if ahead_s > CLOCK_SKEW_WARN_S:
+            log.warning(
+                "the cancel of key %r is stamped %.0f s ahead of this worker's clock: are "
+                "the clocks of its publisher and of this worker apart?", key, ahead_s,
+            )  # fmt: skip
+        if self.cancels.add(key, at_ms, now_ms, until_ms) and self._on_cancel is not None:
             self._on_cancel(key, at_ms)
 
     def _snapshot_announced(self, headers: Mapping[str, Any]) -> None:
@@ -289,7 +323,7 @@ class CancelFollower:
                 self._collect(snapshots, sid, headers, message.body)
         complete = [s for s in snapshots.values() if s.complete]
         if not complete:
-            log.info(
+            self._progress(
                 "no cancel snapshot in the last %.0fh: replaying the cancellation stream",
                 SNAPSHOT_LOOKBACK_S / 3600,
             )
@@ -302,7 +336,7 @@ class CancelFollower:
         self._offset = best.covers
         self._snapshot_covers, self._snapshot_taken_ms = best.covers, best.taken_ms
         self.loaded_snapshot = (len(self.cancels), best.covers)
-        log.info(
+        self._progress(
             "loaded a cancel snapshot of %d keys (to offset %d, %.0fs old) in %.1fs",
             len(self.cancels),
             best.covers,
@@ -402,7 +436,7 @@ async def load_cancels(settings: Settings) -> CancelSet:
     Raises:
         BrokerUnavailableError: it could not be loaded in time.
     """
-    follower = CancelFollower(settings)
+    follower = CancelFollower(settings, quiet=True)
     stop = asyncio.Event()
     following = asyncio.create_task(follower.run(stop))
     caught_up = asyncio.create_task(follower.caught_up.wait())

@@ -235,12 +235,13 @@ def _attempt_timeout(settings: Settings) -> float:
     return min(ATTEMPT_TIMEOUT_S, settings.connect_timeout.total_seconds())
 
 
-async def connect_once(settings: Settings) -> AbstractConnection:
-    """One plain (non-reconnecting) connection, TLS settings applied.
+async def connect_once(settings: Settings, *, raw: bool = False) -> AbstractConnection:
+    """One plain (non-reconnecting) connection, TLS settings applied, trying each node.
 
     Raises:
-        BrokerUnavailableError: for an unknown vhost (a refusal aiormq reports oddly);
-            other errors are aiormq's, for callers that retry.
+        BrokerUnavailableError: no node took it, saying why in one line (wrong
+            credentials, an unknown vhost, nothing listening...); with ``raw``, only for
+            what no retry fixes, the rest as aiormq raised it, for a caller that retries.
     """
     error: BaseException | None = None
     for url in settings.urls:
@@ -252,10 +253,12 @@ async def connect_once(settings: Settings) -> AbstractConnection:
             raise await unavailable(settings, e) from e
         except CONNECTION_EXCEPTIONS as e:
             if isinstance(e, _FINAL):
-                raise
+                raise await unavailable(settings, e) from e
             error = e  # the next node may answer
     assert error is not None
-    raise error
+    if raw:
+        raise error
+    raise await unavailable(settings, error) from error
 
 
 async def connect(settings: Settings) -> AbstractRobustConnection:

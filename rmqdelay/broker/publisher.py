@@ -94,6 +94,9 @@ class Publisher:
     def __init__(self, settings: Settings, channel: AbstractChannel) -> None:
         self.settings = settings
         self.channel = channel
+        #: When publishes began to fail (None: they work). Every publish under way in an
+        #: outage retries: one warning for all of them, and one line when they work again.
+        self._failing_since: float | None = None
 
     async def publish(
         self,
@@ -118,15 +121,17 @@ class Publisher:
         started = time.monotonic()
         try:
             await self._publish_once(body, props, exchange, routing_key, mandatory, what)
+            if self._failing_since is not None:
+                self._working_again()
             return  # the usual case: no retry machinery on the hot path
         except _RETRYABLE as e:
-            _log_failure(1, e)
+            self._failed(1, e)
         deadline = self.settings.publish_deadline.total_seconds()
         retrying = AsyncRetrying(
             stop=stop_after_delay(max(0.0, deadline - (time.monotonic() - started))),
             wait=wait_exponential(multiplier=0.1, max=2) + wait_random(0, 0.2),
             retry=retry_if_exception_type(_RETRYABLE),
-            before_sleep=lambda state: _log_failure(
+            before_sleep=lambda state: self._failed(
                 state.attempt_number + 1, state.outcome.exception() if state.outcome else None
             ),
             reraise=True,
@@ -135,6 +140,7 @@ class Publisher:
             async for attempt in retrying:
                 with attempt:
                     await self._publish_once(body, props, exchange, routing_key, mandatory, what)
+            self._working_again()
         except _Nacked as e:
             raise PublishNotConfirmedError(
                 f"the broker refused {what} (nack) until RMQDELAY_PUBLISH_DEADLINE "
@@ -146,6 +152,23 @@ class Publisher:
                 f"the broker at {self.settings.safe_url} is unreachable "
                 f"({e or type(e).__name__}); nothing was confirmed"
             ) from e
+
+    def _failed(self, attempt: int, error: BaseException | None) -> None:
+        """A publish attempt failed: said once an outage, the rest at debug."""
+        detail = str(error) or type(error).__name__
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            log.warning(
+                "publishing fails (%s); retrying each publish until RMQDELAY_PUBLISH_DEADLINE "
+                "(%gs)", detail, self.settings.publish_deadline.total_seconds(),
+            )  # fmt: skip
+        else:
+            log.debug("publish failed (attempt %d): %s; retrying", attempt, detail)
+
+    def _working_again(self) -> None:
+        if self._failing_since is not None:
+            log.info("publishing works again after %.1fs", time.monotonic() - self._failing_since)
+            self._failing_since = None
 
     async def _publish_once(
         self,
@@ -208,7 +231,3 @@ async def reopened(channel: AbstractChannel) -> None:
         async with asyncio.timeout(PUBLISH_TIMEOUT_S):
             while channel.is_closed:  # noqa: ASYNC110 - aio-pika offers no event for it
                 await asyncio.sleep(0.01)
-
-
-def _log_failure(attempt: int, error: BaseException | None) -> None:
-    log.warning("publish failed (attempt %d): %s; retrying", attempt, error)

@@ -12,11 +12,18 @@ from types import TracebackType
 from typing import Any, NamedTuple, Self
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
-from aiormq.exceptions import ChannelNotFoundEntity
+from aiormq.exceptions import AMQPConnectionError, ChannelNotFoundEntity
 from pamqp.commands import Basic
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+    wait_random,
+)
 
 from rmqdelay.broker.cancels import load_cancels
-from rmqdelay.broker.connection import connect
+from rmqdelay.broker.connection import PUBLISH_RETRYABLE, connect
 from rmqdelay.broker.declare import check_topology, declare_topology, resolve_backend
 from rmqdelay.broker.publisher import Publisher, properties
 from rmqdelay.broker.streams import read_stream
@@ -24,6 +31,7 @@ from rmqdelay.core.cancelset import Stamps
 from rmqdelay.core.delays import delay_to_us, describe_us
 from rmqdelay.core.errors import (
     BatchNotConfirmedError,
+    BrokerUnavailableError,
     InvalidDelayError,
     InvalidKeyError,
     InvalidTaskError,
@@ -223,6 +231,19 @@ class Scheduler:
         if self._connection is None:
             raise _not_started()
         return self._connection
+
+    @property
+    def connected(self) -> bool:
+        """Whether the link to the broker is up now (false while it is being restored)."""
+        connection = self._connection
+        return connection is not None and not connection.is_closed and connection.connected.is_set()
+
+    async def ping(self) -> None:
+        """One round trip to the broker on the scheduler's channel; raises what a broken
+        link raises. (basic.qos: an answer and nothing else on a channel that only
+        publishes.)"""
+        raw = await self._require_channel().get_underlay_channel()
+        await raw.basic_qos(prefetch_count=0)
 
     @property
     def publisher(self) -> Publisher:
@@ -539,8 +560,31 @@ class Scheduler:
         await self._queue_exists(destination)
 
     async def _queue_exists(self, destination: str) -> None:
+        """Ask the broker, through an outage as long as a publish would wait for it."""
+        deadline = self.settings.publish_deadline.total_seconds()
+        retrying = AsyncRetrying(
+            stop=stop_after_delay(deadline),
+            wait=wait_exponential(multiplier=0.1, max=2) + wait_random(0, 0.2),
+            retry=retry_if_exception_type(PUBLISH_RETRYABLE),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._passive_declare(destination)
+        except PUBLISH_RETRYABLE as e:
+            raise BrokerUnavailableError(
+                f"could not check that destination {destination!r} exists within "
+                f"RMQDELAY_PUBLISH_DEADLINE ({deadline:g}s): the broker at "
+                f"{self.settings.safe_url} is unreachable ({e or type(e).__name__}); "
+                "nothing was published"
+            ) from e
+
+    async def _passive_declare(self, destination: str) -> None:
         if self._connection is None:
             raise _not_started()
+        if not self._connection.transport:  # reconnecting: aio-pika would raise RuntimeError
+            raise AMQPConnectionError("the connection to the broker is down")
         queue = self.wiring.names.work_queue(destination)
         # A failed passive declare closes its channel: use a throwaway one.
         async with self._connection.channel() as probe:

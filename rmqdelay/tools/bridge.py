@@ -33,6 +33,7 @@ from rmqdelay.core.errors import (
     RmqDelayError,
     TopologyMismatchError,
 )
+from rmqdelay.core.redact import Redactor
 from rmqdelay.core.relay import bridged_headers, plugin_delay_ms
 from rmqdelay.core.topology import (
     BRIDGE_ARGUMENT,
@@ -367,7 +368,7 @@ class Bridge:
     ) -> None:
         assert self._publisher is not None
         names = self.settings.wiring.names
-        reason = f"{type(problem).__name__}: {problem}"
+        reason = Redactor(list(self.settings.secrets))(f"{type(problem).__name__}: {problem}")
         log.warning("parking message %s from %r: %s", message.message_id, self.plan.source, reason)
         parked = parked_headers(
             headers,

@@ -23,9 +23,8 @@ from rmqdelay.broker.cancels import CancelFollower
 from rmqdelay.broker.connection import connect
 from rmqdelay.broker.declare import check_topology, resolve_backend
 from rmqdelay.broker.publisher import Publisher
-from rmqdelay.core.errors import (
-    RmqDelayError,
-)
+from rmqdelay.core.errors import ConfigError, RmqDelayError
+from rmqdelay.core.redact import Redactor
 from rmqdelay.core.retry import RetryPolicy
 from rmqdelay.core.task import Handler
 from rmqdelay.core.topology import build_topology
@@ -86,6 +85,9 @@ class Worker:
         self.wiring = settings.wiring
         self.destination = self.wiring.names.check_destination(destination)
         self.handler = handler
+        _check_between("concurrency", concurrency, 1, 10_000)
+        _check_between("prefetch", prefetch, 1, 65_535)
+        _check_between("metrics_port", metrics_port, 0, 65_535)
         self.concurrency = concurrency or settings.concurrency
         self.prefetch = prefetch or settings.prefetch_for(self.concurrency)
         self.retry = retry or settings.retry_policy
@@ -146,7 +148,12 @@ class Worker:
             await channel.set_qos(prefetch_count=self.prefetch)
             publisher = Publisher(self.settings, channel)
             self._settler = Settler(
-                self.wiring, self.destination, publisher, self.retry, self._tally
+                self.wiring,
+                self.destination,
+                publisher,
+                self.retry,
+                self._tally,
+                Redactor(list(self.settings.secrets)),
             )
             self._execution.series = SeriesKeeper(self.wiring, publisher, self._follower.cancels)
             subscription = self._subscription = Subscription(
@@ -359,6 +366,14 @@ class Worker:
             await settler.park(
                 message, f"undecodable: {result.error}", error="MessageDecodeError", attempts=0
             )
+
+
+def _check_between(name: str, value: object, low: int, high: int) -> None:
+    """Refuse a worker argument out of range (None: the settings' value)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
 
 
 async def _until(following: asyncio.Task[None], *events: Awaitable[object]) -> None:

@@ -60,6 +60,11 @@ class Skipped:
     the next one is scheduled."""
 
 
+#: A due time this long before the publish time is accepted (``at=`` in the past runs a
+#: task now) but rather a mistake than a wish: said at WARNING, not only counted.
+ODD_PAST_DUE_MS = 86_400_000
+
+
 @dataclass(slots=True)
 class Deferred:
     """Not run: the next occurrence of its series could not be published. Requeued."""
@@ -137,6 +142,12 @@ class Execution:
             return instead
         now_ms = time.time() * 1000
         past_due = published_ms - due_ms > PAST_DUE_TOLERANCE_MS
+        if published_ms - due_ms > ODD_PAST_DUE_MS:
+            log.warning(
+                "task %s was published with a due time %.1f days before its publish time: it "
+                "runs now, as asked; was the due time meant in another unit or time zone?",
+                task.id, (published_ms - due_ms) / 86_400_000,
+            )  # fmt: skip
         # A task scheduled with a due time long gone counts from its publish time: that
         # lateness is the user's choice, not the pipeline's.
         lateness_s = (now_ms - (published_ms if past_due else due_ms)) / 1000

@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from rmqdelay.core.wire import DUE_MS
+from rmqdelay.core.wire import DUE_MS, EARLIEST_MS, LATEST_MS
 from rmqdelay.worker.metrics import WorkerMetrics
 from rmqdelay.worker.stats import Tally
 
@@ -21,10 +21,10 @@ MAX_HOLD_MARGIN_S = 5.0
 
 
 def due_s(headers: Mapping[str, Any] | None) -> float | None:
-    """The due time in epoch seconds, read before decoding (None when missing or odd:
-    decoding will say what is wrong)."""
+    """The due time in epoch seconds, read before decoding (None when missing or odd, a
+    time in another unit included: decoding will say what is wrong)."""
     due = headers.get(DUE_MS) if headers else None
-    return due / 1000 if type(due) is int else None
+    return due / 1000 if type(due) is int and EARLIEST_MS <= due <= LATEST_MS else None
 
 
 def max_hold_s(resolution_ms: int) -> float:

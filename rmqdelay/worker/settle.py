@@ -26,6 +26,7 @@ from pamqp.commands import Basic
 
 from rmqdelay.broker.publisher import Publisher, carried
 from rmqdelay.core.errors import InvalidDelayError, PublishNotConfirmedError
+from rmqdelay.core.redact import Redactor
 from rmqdelay.core.retry import RetryPolicy, decide
 from rmqdelay.core.task import Task
 from rmqdelay.core.wire import ATTEMPT, TASK_ID, parked_headers, rescheduled_headers
@@ -47,12 +48,16 @@ class Settler:
         publisher: Publisher,
         retry: RetryPolicy,
         tally: Tally,
+        redact: Redactor | None = None,
     ) -> None:
         self._wiring = wiring
         self._destination = destination
         self._publisher = publisher
         self._retry = retry
         self._tally = tally
+        #: What a parked reason must not show (a handler's exception text may hold the
+        #: broker URL, a webhook's token...): the rules of the logs.
+        self._redact = redact if redact is not None else Redactor()
 
     async def requeue(self, message: Delivery) -> None:
         """Return the delivery to the queue, counted toward its delivery limit (a publish
@@ -141,8 +146,8 @@ class Settler:
             message.properties,
             parked_headers(
                 message.headers,
-                reason=reason,
-                error=error,
+                reason=self._redact(reason),
+                error=self._redact(error),
                 attempts=attempts,
                 destination=self._destination,
                 now_ms=time.time_ns() // 1_000_000,
