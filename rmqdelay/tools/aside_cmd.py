@@ -11,6 +11,7 @@ from typing import Any
 from rmqdelay.broker.scheduler import Scheduler
 from rmqdelay.core.errors import ConfigError
 from rmqdelay.settings import Settings
+from rmqdelay.tools.logs import escape_controls
 from rmqdelay.tools.parking import AsideQueue, ParkingLot, UnroutableQueue
 
 QUEUES: dict[str, tuple[str, Callable[[Scheduler], AsideQueue]]] = {
@@ -56,25 +57,29 @@ async def run(
         if args.action == "delete":
             deleted = await aside.delete(args.id)
             if not deleted:
-                print(f"{args.id}: not in {aside.place}", file=sys.stderr)
+                print(escape_controls(f"{args.id}: not in {aside.place}"), file=sys.stderr)
                 return 1
             print(f"deleted {deleted} message(s) with id {args.id} from {aside.queue}")
             return 0
+        # Counted before the listing: the messages it gives back are not counted again
+        # until the broker has them ready, so a count after it can say 0.
+        total = await aside.count()
         for task in await aside.peek(args.limit):
             if args.json:
                 print(json.dumps(task.as_json(), ensure_ascii=False))
             else:
                 when = task.parked_at.isoformat(timespec="seconds") if task.parked_at else "-"
-                print(f"{task.id}  {task.destination}  {when}  {task.attempts}  {task.reason}")
+                line = f"{task.id}  {task.destination}  {when}  {task.attempts}  {task.reason}"
+                print(escape_controls(line))  # ids and reasons are anyone's text
         if not args.json:
-            print(f"{await aside.count()} {args.command} in {aside.queue}", file=sys.stderr)
+            print(f"{total} {args.command} in {aside.queue}", file=sys.stderr)
     return 0
 
 
 async def _show(aside: AsideQueue, task_id: str) -> int:
     found = await aside.show(task_id)
     if found is None:
-        print(f"{task_id}: not in {aside.place}", file=sys.stderr)
+        print(escape_controls(f"{task_id}: not in {aside.place}"), file=sys.stderr)
         return 1
     print(json.dumps(found.as_json(), indent=2, ensure_ascii=False, default=str))
     return 0
@@ -86,7 +91,7 @@ async def _requeue(aside: AsideQueue, args: argparse.Namespace) -> int:
     sent, stayed = await aside.requeue(None if args.all else set(args.ids))
     print(f"requeued {sent} {args.command} task(s) to their destinations")
     for line in stayed:
-        print(f"  still in {aside.queue}: {line}", file=sys.stderr)
+        print(escape_controls(f"  still in {aside.queue}: {line}"), file=sys.stderr)
     return 1 if stayed else 0
 
 

@@ -18,24 +18,29 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from importlib.metadata import version
 from typing import Any
-from urllib.parse import unquote
 
 from rmqdelay.broker.management import vhost_of
 from rmqdelay.broker.scheduler import Scheduler, TaskSpec, check_task
 from rmqdelay.core.definitions import DefinitionOptions, render_definitions
-from rmqdelay.core.delays import parse_duration
 from rmqdelay.core.errors import ConfigError, RmqDelayError
-from rmqdelay.core.redact import Redactor, split_urls, url_password
+from rmqdelay.core.redact import Redactor
 from rmqdelay.core.task import Handler
 from rmqdelay.core.topology import build_topology
 from rmqdelay.settings import Settings
 from rmqdelay.tools import aside_cmd, recurring_cmd
+from rmqdelay.tools.arguments import (
+    duration,
+    hops,
+    int_between,
+    join_negative_values,
+    signed_duration,
+)
 from rmqdelay.tools.bridge import Bridge, drain, plan_bridge
 from rmqdelay.tools.demo import run_demo
 from rmqdelay.tools.destroy import destroy as destroy_namespace
 from rmqdelay.tools.destroy import plan_destroy
 from rmqdelay.tools.forward import Forwarder, parse_target
-from rmqdelay.tools.logs import LOG_LEVELS, configure_logging
+from rmqdelay.tools.logs import LOG_LEVELS, configure_logging, escape_controls
 from rmqdelay.tools.pending import pending as pending_of
 from rmqdelay.tools.pending import render as render_pending
 from rmqdelay.tools.policies import apply_policies
@@ -77,25 +82,46 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("destination")
     handler = consume.add_mutually_exclusive_group(required=True)
     handler.add_argument("--handler", help="package.module:function")
-    handler.add_argument("--webhook", metavar="URL", help="POST each task as JSON to URL")
+    handler.add_argument(
+        "--webhook",
+        metavar="URL",
+        help="POST each task as JSON to URL (shows in 'ps': prefer --webhook-env or "
+        "--webhook-file for a URL that holds a token)",
+    )
+    handler.add_argument(
+        "--webhook-env", metavar="NAME", help="like --webhook, the URL read from variable NAME"
+    )
+    handler.add_argument(
+        "--webhook-file", metavar="FILE", help="like --webhook, the URL read from FILE"
+    )
     handler.add_argument(
         "--forward",
         metavar="EXCHANGE[:ROUTING_KEY]",
         help="publish each task's original message to EXCHANGE (split at the first colon; "
         "routing key default: the destination)",
     )
-    consume.add_argument("--concurrency", type=int, help="handlers at once")
-    consume.add_argument("--prefetch", type=int, help="unacked deliveries")
     consume.add_argument(
-        "--metrics-port", type=int, help="serve Prometheus /metrics and /healthz on this port"
+        "--concurrency", type=int_between(1, 10_000), help="handlers at once (1-10000)"
     )
-    consume.add_argument("--max-attempts", type=int, help="executions before parking")
     consume.add_argument(
-        "--backoff-base", type=_duration, metavar="SECONDS", help="first backoff (or 500ms, 2m)"
+        "--prefetch", type=int_between(1, 65_535), help="unacked deliveries (1-65535)"
     )
-    consume.add_argument("--backoff-cap", type=_duration, metavar="SECONDS", help="longest backoff")
     consume.add_argument(
-        "--handler-timeout", type=_duration, metavar="SECONDS", help="a longer run has failed"
+        "--metrics-port",
+        type=int_between(0, 65_535),
+        help="serve Prometheus /metrics and /healthz on this port (0: any free one)",
+    )
+    consume.add_argument(
+        "--max-attempts", type=int_between(1, 1000), help="executions before parking (1-1000)"
+    )
+    consume.add_argument(
+        "--backoff-base", type=duration, metavar="DURATION", help="first backoff, e.g. 1s, 500ms"
+    )
+    consume.add_argument(
+        "--backoff-cap", type=duration, metavar="DURATION", help="longest backoff, e.g. 1h"
+    )
+    consume.add_argument(
+        "--handler-timeout", type=duration, metavar="DURATION", help="a longer run has failed"
     )
     consume.add_argument(
         "--accept",
@@ -132,11 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only wait until the plugin's exchange FROM holds no delayed messages",
     )
-    bridge.add_argument("--timeout", type=_duration, metavar="SECONDS", help="--drain's limit")
+    bridge.add_argument("--timeout", type=duration, metavar="DURATION", help="--drain's limit")
     bridge.add_argument(
         "--declare-only", action="store_true", help="declare (or switch), then exit"
     )
-    bridge.add_argument("--concurrency", type=int, help="forwards at once")
+    bridge.add_argument(
+        "--concurrency", type=int_between(1, 10_000), help="forwards at once (1-10000)"
+    )
 
     serve = commands.add_parser(
         "serve",
@@ -145,9 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Set RMQDELAY_HTTP_TOKEN; without it only a loopback address is served.",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=8080, help="port to listen on")
+    serve.add_argument(
+        "--port", type=int_between(0, 65_535), default=8080, help="port to listen on"
+    )
 
-    recurring_cmd.add_parser(commands, _duration)
+    recurring_cmd.add_parser(commands, duration)
 
     schedule = commands.add_parser("schedule", help="schedule one task")
     schedule.add_argument("destination")
@@ -222,7 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("destinations", nargs="*", help="destinations to show (default: all)")
     status.add_argument("--json", action="store_true", help="one JSON document")
     status.add_argument(
-        "--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until interrupted"
+        "--watch",
+        type=duration,
+        metavar="DURATION",
+        help="refresh every DURATION (e.g. 5s) until interrupted",
     )
 
     pending = commands.add_parser(
@@ -247,18 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _duration(text: str) -> timedelta:
-    """Seconds as a number (the unit the flags document), or a duration like 500ms."""
-    try:
-        return timedelta(seconds=float(text))
-    except ValueError:
-        pass
-    try:
-        return parse_duration(text)
-    except RmqDelayError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-
-
 def _settings(args: argparse.Namespace) -> Settings:
     fields = (
         "url",
@@ -279,13 +300,33 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
+def _webhook_url(args: argparse.Namespace) -> str | None:
+    """The webhook URL from --webhook, --webhook-env or --webhook-file (None: no hook).
+    The last two keep a token in the URL out of the process list."""
+    if args.webhook_env:
+        url = os.environ.get(args.webhook_env, "").strip()
+        if not url:
+            raise ConfigError(f"--webhook-env {args.webhook_env}: that variable is unset or empty")
+        return url
+    if args.webhook_file:
+        try:
+            with open(args.webhook_file, encoding="utf-8") as file:
+                url = file.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--webhook-file {args.webhook_file!r}: {e}") from None
+        if not url:
+            raise ConfigError(f"--webhook-file {args.webhook_file!r} holds no URL")
+        return url
+    return args.webhook or None
+
+
 async def _consume(args: argparse.Namespace, settings: Settings) -> int:
     if args.forward:
         exchange, routing_key = parse_target(args.forward)
         async with Forwarder(settings, exchange, routing_key) as forwarder:
             return await _run_worker(args, settings, forwarder, raw=True)
-    if args.webhook:
-        async with WebhookHandler(args.webhook) as webhook:
+    if hook := _webhook_url(args):
+        async with WebhookHandler(hook) as webhook:
             _secrets.add(*webhook.redact.secrets)
             return await _run_worker(args, settings, webhook)
     # As other worker commands do: `--handler tasks:fn` finds tasks.py in this folder.
@@ -367,15 +408,26 @@ def _stopper(stop: asyncio.Event, sig: signal.Signals) -> Any:
     return handle
 
 
-def _payload(args: argparse.Namespace) -> Any:
-    text = sys.stdin.read() if args.payload == "-" else args.payload
+def _payload(args: argparse.Namespace, limit: int) -> Any:
+    """The payload as given: bytes with --content-type, else parsed JSON. From stdin
+    ('-') it is read as bytes, at most ``limit`` (RMQDELAY_MAX_MESSAGE_SIZE) of them."""
+    if args.payload == "-":
+        data = sys.stdin.buffer.read(limit + 1)
+        if len(data) > limit:
+            raise ConfigError(
+                f"the payload on stdin is over {limit} bytes (RMQDELAY_MAX_MESSAGE_SIZE); "
+                "keep large data elsewhere and schedule a reference to it"
+            )
+    else:  # the bytes the shell passed, even those that are not UTF-8
+        data = os.fsencode(args.payload)
     if args.content_type:
-        return text.encode()
+        return data
     try:
-        return json.loads(text)
+        return json.loads(data)
     except ValueError as e:
+        shown = data[:60].decode(errors="replace")
         raise ConfigError(
-            f"payload {text[:60]!r} is not JSON ({e}); quote strings as '\"text\"' or "
+            f"payload {shown!r} is not JSON ({e}); quote strings as '\"text\"' or "
             "pass --content-type to send raw bytes"
         ) from e
     except RecursionError as e:
@@ -390,9 +442,9 @@ def _at(text: str) -> datetime:
 
 
 async def _schedule(args: argparse.Namespace, settings: Settings) -> int:
-    payload = _payload(args)
+    payload = _payload(args, settings.max_message_size)
     when: dict[str, Any] = (
-        {"delay": parse_duration(args.delay)} if args.delay is not None else {"at": _at(args.at)}
+        {"delay": signed_duration(args.delay)} if args.delay is not None else {"at": _at(args.at)}
     )
     task: dict[str, Any] = {
         "content_type": args.content_type,
@@ -407,28 +459,32 @@ async def _schedule(args: argparse.Namespace, settings: Settings) -> int:
     under = f" under {', '.join(s.keys)}" if s.keys else ""
     replaced = " (earlier tasks under them cancelled)" if args.replace else ""
     print(
-        f"scheduled {s.id} for {s.destination}{under}{replaced}, due {s.due_at.isoformat()} "
-        f"({s.hops} hops)"
+        escape_controls(
+            f"scheduled {s.id} for {s.destination}{under}{replaced}, due "
+            f"{s.due_at.isoformat()} ({hops(s.hops)})"
+        )
     )
     return RET_OK
 
 
 async def _recurring(args: argparse.Namespace, settings: Settings) -> int:
-    payload = _payload(args) if args.action == "add" else None
+    payload = _payload(args, settings.max_message_size) if args.action == "add" else None
     return await recurring_cmd.run(args, settings, payload)
 
 
 async def _cancel(args: argparse.Namespace, settings: Settings) -> int:
     until = None
     if args.until is not None:
-        until = _at(args.until) if "T" in args.until else parse_duration(args.until)
+        until = _at(args.until) if "T" in args.until else signed_duration(args.until)
     async with Scheduler(settings) as scheduler:
         for key in args.keys:
             c = await scheduler.cancel(key, until=until)
             print(
-                f"cancelled {c.key!r} at {c.at.isoformat()}: tasks under it published before "
-                "then will not run (workers log each one they skip; whether any was pending "
-                "is not known here)"
+                escape_controls(
+                    f"cancelled {c.key!r} at {c.at.isoformat()}: tasks under it published "
+                    "before then will not run (workers log each one they skip; whether any "
+                    "was pending is not known here)"
+                )
             )
     return RET_OK
 
@@ -479,8 +535,8 @@ def _definitions(args: argparse.Namespace, settings: Settings) -> int:
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
     for destination in args.destinations:
         settings.names.check_destination(destination)
-    if args.watch is not None and args.watch <= 0:
-        raise ConfigError(f"--watch must be a positive number of seconds, got {args.watch}")
+    if args.watch is not None and args.watch <= timedelta(0):
+        raise ConfigError(f"--watch must be a positive duration, got {args.watch}")
     while True:
         status = await collect(settings, args.destinations)
         if args.json:
@@ -491,7 +547,7 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
             print(render(status), flush=True)
         if args.watch is None:
             return RET_OK
-        await asyncio.sleep(args.watch)
+        await asyncio.sleep(args.watch.total_seconds())
 
 
 async def _pending(args: argparse.Namespace, settings: Settings) -> int:
@@ -559,13 +615,13 @@ _secrets = Redactor()
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(
+        join_negative_values(list(sys.argv[1:] if argv is None else argv))
+    )
     configure_logging(args.log_level, args.log_format, _secrets)
     try:
         settings = _settings(args)
-        for url in (*settings.urls, *split_urls(settings.management_url or "")):
-            if password := url_password(url):
-                _secrets.add(password, unquote(password))
+        _secrets.add(*settings.secrets)
         if args.command == "definitions":  # no broker, no event loop
             return _definitions(args, settings)
         return asyncio.run(_COMMANDS[args.command](args, settings))
@@ -574,3 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return RET_ERROR
     except KeyboardInterrupt:
         return RET_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away ('| head -1'): stop quietly, as other Unix tools do, and
+        # keep the interpreter from failing to flush at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return RET_ERROR

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from rmqdelay.broker.scheduler import Scheduler
 from rmqdelay.core.task import Task
 from rmqdelay.settings import Settings
+from rmqdelay.tools.arguments import hops
 from rmqdelay.worker.consume import Worker
 
 DESTINATION = "demo"
@@ -55,7 +56,7 @@ async def run_demo(settings: Settings, out: Callable[[str], None] = print) -> in
                     keys=keys,
                     replace=replace,
                 )
-                out(f"  scheduled {name:<26} due {_clock(s.due_at)}  ({s.hops} hops)")
+                out(f"  scheduled {name:<26} due {_clock(s.due_at)}  ({hops(s.hops)})")
                 return s.id
 
             for ms in DELAYS_MS:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Annotated, Any
+from urllib.parse import unquote_to_bytes
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +27,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rmqdelay.broker.health import Reachability
 from rmqdelay.broker.scheduler import Scheduler
 from rmqdelay.core.delays import parse_duration
 from rmqdelay.core.errors import (
@@ -39,6 +41,7 @@ from rmqdelay.core.errors import (
     RmqDelayError,
     UnroutableError,
 )
+from rmqdelay.core.redact import without_urls
 from rmqdelay.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -322,11 +325,12 @@ async def _cancel(
     "/healthz",
     response_model=Health,
     responses={503: {"model": Problem, "description": "The broker is out of reach."}},
-    summary="Liveness: the broker connection is open",
+    summary="Readiness: the broker answers this process within 2 s",
 )
-async def _healthz(scheduler: Annotated[Scheduler, Depends(_scheduler)]) -> Any:
-    if scheduler.connection.is_closed:
-        return _problem(503, "BrokerUnavailable", "the connection to the broker is down")
+async def _healthz(request: Request) -> Any:
+    reachability: Reachability = request.app.state.reachability
+    if (problem := await reachability.problem()) is not None:
+        return _problem(503, "BrokerUnavailable", problem)
     return Health(status="ok")
 
 
@@ -342,9 +346,13 @@ async def _on_unauthorized(_: Request, __: Exception) -> JSONResponse:
 async def _on_refused(_: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RmqDelayError)
     status = _status(error)
+    message = str(error)
     if status >= 500:
-        log.error("%s: %s", type(error).__name__, error)
-    return _problem(status, type(error).__name__, str(error))
+        # Where the broker is (user, host, port, vhost) is for the server's log, not for
+        # whoever calls the API.
+        log.error("%s: %s", type(error).__name__, message)
+        message = without_urls(message, "<the broker>")
+    return _problem(status, type(error).__name__, message)
 
 
 async def _on_http(_: Request, error: Exception) -> JSONResponse:
@@ -366,9 +374,11 @@ def create_app(settings: Settings) -> FastAPI:
         scheduler = Scheduler(settings)
         await scheduler.start()
         app.state.scheduler = scheduler
+        app.state.reachability = reachability = Reachability(scheduler)
         try:
             yield
         finally:
+            await reachability.close()
             await scheduler.close()
 
     app = FastAPI(
@@ -428,23 +438,43 @@ class AccessLog:
             await send(message)
 
         try:
-            await self.app(scope, receive, sending)
+            if _utf8_path(scope):
+                await self.app(scope, receive, sending)
+            else:
+                await _problem(
+                    400, "InvalidRequest", "the path is not UTF-8 text once percent-decoded"
+                )(scope, receive, sending)
         finally:
             client = scope.get("client")
+            duration_ms = round((time.perf_counter() - started) * 1000, 2)
             access_log.info(
-                "%s %s %d",
+                "%s %s %d %.2f ms client %s request %s",
                 scope["method"],
-                scope["path"],
+                scope["path"],  # user data: the log formatter escapes control characters
                 status,
+                duration_ms,
+                client[0] if client else "-",
+                request_id,
                 extra={
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    "duration_ms": duration_ms,
                     "client": client[0] if client else None,
                     "request_id": request_id,
                 },
             )
+
+
+def _utf8_path(scope: Scope) -> bool:
+    """Whether the request's path is UTF-8 once percent-decoded: the framework would read
+    '%ff' as U+FFFD, and a key that is not the one sent would be cancelled."""
+    raw = scope.get("raw_path")
+    try:
+        unquote_to_bytes(raw if isinstance(raw, bytes) else b"").decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def check_bind(host: str, token: str | None) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Literal, TextIO
@@ -45,7 +46,23 @@ class TextFormatter(logging.Formatter):
         self.redact = redact
 
     def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if _CONTROL.search(message):
+            # User data (a key, an id, a request path) must not start a line of its own
+            # or write a NUL: one record, one line. Tracebacks keep their lines.
+            record = logging.makeLogRecord(
+                {**record.__dict__, "msg": escape_controls(message), "args": None}
+            )
         return self.redact(super().format(record))
+
+
+#: Control characters (C0, DEL, C1) and the Unicode line and paragraph separators.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with each control character written as its escape (``\\n``, ``\\x00``)."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -72,6 +89,37 @@ class JsonFormatter(logging.Formatter):
         )
 
 
+#: What aiormq and aio-pika say, at WARNING or ERROR and often with a traceback, each time
+#: a link drops or a reconnect attempt fails. rmqdelay says it once an outage (the link
+#: lost, then back): these go to debug, where they are shown at DEBUG and TRACE only.
+_LINK_NOISE = re.compile(
+    "Unexpected connection close|reader exited abnormally|error when creating transport|"
+    "Connection attempt .* failed|Callback <OneShotCallback.*(closed|Connection)|"
+    "Server connection .* was stuck|cancelled by the broker on <Channel"
+)
+
+
+class LinkNoise(logging.Filter):
+    """Demotes the libraries' lines about a lost link to DEBUG, without their traceback,
+    and keeps them only when rmqdelay's level shows the libraries' INFO (``--log-level
+    DEBUG`` and below)."""
+
+    def __init__(self, show_below_warning: bool) -> None:
+        super().__init__()
+        self._show = show_below_warning
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not record.name.startswith(("aiormq", "aio_pika")):
+            return True
+        if not _LINK_NOISE.search(record.getMessage()):
+            return True
+        if not self._show:
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info = record.exc_text = None
+        return True
+
+
 def configure_logging(level: LogLevel, fmt: LogFormat, redact: Redactor | None = None) -> None:
     """Send logs to stderr in ``fmt``, masking what ``redact`` knows of.
 
@@ -85,6 +133,7 @@ def configure_logging(level: LogLevel, fmt: LogFormat, redact: Redactor | None =
     logging.addLevelName(TRACE, "TRACE")
     own = TRACE if level == "TRACE" else logging.getLevelName(level)
     libraries = {"TRACE": logging.DEBUG, "DEBUG": logging.INFO}.get(level, logging.WARNING)
+    handler.addFilter(LinkNoise(show_below_warning=libraries < logging.WARNING))
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == "rmqdelay"]:
         root.removeHandler(old)  # ours from an earlier call; others are not ours to touch

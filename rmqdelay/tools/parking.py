@@ -200,7 +200,11 @@ class AsideQueue:
                     continue
                 try:
                     await self._send_back(message, parked)
-                except (MessageDecodeError, RmqDelayError) as e:
+                except MessageDecodeError as e:
+                    # As the worker said when it parked it: the same words for one problem.
+                    stayed.append(f"{parked.id}: undecodable: {e}")
+                    continue
+                except RmqDelayError as e:
                     stayed.append(f"{parked.id}: {e}")
                     continue
                 await message.ack()

@@ -13,6 +13,7 @@ from rmqdelay.broker.scheduler import Scheduler
 from rmqdelay.core.errors import ConfigError
 from rmqdelay.core.recurrence import CATCH_UPS, check_rule
 from rmqdelay.settings import Settings
+from rmqdelay.tools.logs import escape_controls
 
 
 def add_parser(commands: Any, duration: Callable[[str], timedelta]) -> None:
@@ -60,6 +61,8 @@ async def run(args: argparse.Namespace, settings: Settings, payload: Any) -> int
     """Carry out ``args.action``; the exit code."""
     if args.action == "preview":
         return _preview(args)
+    if args.action == "add":  # a bad rule is refused before anything connects
+        check_rule(cron=args.cron, every=args.every, tz=args.tz, now_ms=time.time_ns() // 10**6)
     async with Scheduler(settings) as scheduler:
         if args.action == "add":
             series = await scheduler.recurring(
@@ -73,8 +76,17 @@ async def run(args: argparse.Namespace, settings: Settings, payload: Any) -> int
                 content_type=args.content_type,
             )
             upcoming = _times(series.upcoming)
-            print(f"{series.key}: {series.rule} -> {series.destination}; next {upcoming}")
+            print(
+                escape_controls(
+                    f"{series.key}: {series.rule} -> {series.destination}; next {upcoming}"
+                )
+            )
         elif args.action == "remove":
+            if args.key not in {series.key for series in await scheduler.series()}:
+                raise ConfigError(
+                    f"no series under key {args.key!r} ('rmqdelay recurring list' shows them); "
+                    "nothing was changed"
+                )
             await scheduler.remove_series(args.key)
             print(f"removed series {args.key!r} (its pending occurrence is cancelled)")
         else:
@@ -83,8 +95,10 @@ async def run(args: argparse.Namespace, settings: Settings, payload: Any) -> int
                     print(json.dumps(series.as_json(), ensure_ascii=False))
                 else:
                     print(
-                        f"{series.key}  {series.destination}  {series.rule}  "
-                        f"catch-up {series.catch_up}  next {_times(series.upcoming)}"
+                        escape_controls(
+                            f"{series.key}  {series.destination}  {series.rule}  "
+                            f"catch-up {series.catch_up}  next {_times(series.upcoming)}"
+                        )
                     )
     return 0
 

@@ -20,6 +20,9 @@ class Proxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.connections = 0
+        #: Cleared by ``stall``: bytes stop flowing, connections stay open.
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def __aenter__(self) -> Proxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self._tls)
@@ -54,6 +57,15 @@ class Proxy:
         scheme = "amqps" if self._tls else self._url.scheme
         return urlunsplit(self._url._replace(netloc=netloc, scheme=scheme))
 
+    def stall(self) -> None:
+        """Stop forwarding, both ways, and keep every connection open: a peer gone silent
+        (a cut cable, a partition), which no socket error reports."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        """Forward again what waited."""
+        self._flowing.set()
+
     def cut(self) -> None:
         """Abort every connection through the proxy, as a network failure would."""
         for writer in list(self._writers):
@@ -71,6 +83,7 @@ class Proxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         finally:

@@ -16,14 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from rmqdelay import InvalidPayloadError, Scheduler, Settings, Task
+from rmqdelay import InvalidPayloadError, RetryPolicy, Scheduler, Settings, Task
 from rmqdelay.broker.declare import apply_topology
 from rmqdelay.core.topology import build_topology
 from rmqdelay.core.wire import PARKED_REASON, TASK_ID
 from rmqdelay.tools.cli import RET_ABANDONED, RET_ERROR, RET_OK, main
+from rmqdelay.tools.parking import ParkingLot
 
 from .conftest import make_settings, management_api, need_management
 from .helpers import Recorder, depth, get_all, running_worker, subprocess_env, use_in_cli
+from .proxy import Proxy
 from .test_cli import _line_with
 from .webhook_target import WebhookTarget
 
@@ -153,6 +155,102 @@ async def test_no_webhook_or_broker_secret_reaches_logs_or_the_parking_lot(
     for secret in (*secrets, "guest:guest"):
         assert secret not in everything, secret
     assert json.loads(as_json.stdout)["error"] == "WebhookError"
+
+
+@pytest.mark.parametrize("way", ["--webhook-env", "--webhook-file"])
+async def test_a_webhook_url_can_stay_out_of_the_process_list(
+    own_settings: Settings, way: str, tmp_path: Path
+) -> None:
+    settings, destination = own_settings, "dest"
+    target = WebhookTarget()
+    await target.up()
+    hook = f"http://127.0.0.1:{target.port}/send/TOKENabc123"
+    where = tmp_path / "hook-url"
+    where.write_text(hook + "\n")
+    given = {"--webhook-env": "MY_HOOK", "--webhook-file": str(where)}[way]
+    worker = await _worker(settings, "consume", destination, way, given, MY_HOOK=hook)
+    assert worker.stderr is not None
+    try:
+        await _line_with(worker.stderr, "consuming", within=30)
+        command_line = Path(f"/proc/{worker.pid}/cmdline").read_bytes()  # noqa: ASYNC240
+        assert b"TOKENabc123" not in command_line
+        async with Scheduler(settings) as scheduler:
+            await scheduler.schedule(destination, {"incident": 7}, delay=0)
+        async with asyncio.timeout(20):
+            while not target.received:  # noqa: ASYNC110 - another process posts it
+                await asyncio.sleep(0.05)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(worker.communicate(), 30)
+        await target.down()
+    assert target.received[0][1]["payload"] == {"incident": 7}
+
+
+async def test_a_handlers_exception_text_is_redacted_before_it_is_parked(
+    own_settings: Settings,
+) -> None:
+    settings, destination = own_settings, "dest"
+    leaks = (
+        f"broker {settings.url}",  # the broker URL, password and all
+        "https://robot:hunter2pw@api.example.com/v1",  # user info
+        "https://hooks.example.com/services/TOKENabc123",  # a token in the path
+        "http://api.example.com/send?key=QUERYsecret9",  # a token in the query
+        "https://BAREtoken77@api.example.com/",  # a token as the user part
+    )
+
+    async def leaky(task: Task) -> None:
+        raise ConnectionError("could not reach " + "; ".join(leaks))
+
+    once = RetryPolicy(max_attempts=1, base_ms=1, cap_ms=1)
+    async with (
+        running_worker(settings, destination, leaky, retry=once) as worker,
+        Scheduler(settings) as scheduler,
+    ):
+        s = await scheduler.schedule(destination, {}, delay=0)
+        async with asyncio.timeout(20):
+            await worker.wait_for(lambda st: st.parked == 1)
+        shown = await ParkingLot(scheduler).show(s.id)
+    assert shown is not None
+    reason = str(shown.headers[PARKED_REASON])
+    assert "ConnectionError: could not reach broker amqp://" in reason
+    for secret in ("guest@", ":guest", "hunter2pw", "TOKENabc123", "QUERYsecret9", "BAREtoken77"):
+        assert secret not in reason, (secret, reason)
+    assert "https://robot:******@api.example.com/..." in reason, "where, not what"
+    assert "https://hooks.example.com/..." in reason
+    listing = _rmqdelay(settings, "parked", "--json")
+    assert "hunter2pw" not in listing.stdout
+    assert "TOKENabc123" not in listing.stdout
+
+
+async def test_binary_payloads_from_stdin_arrive_byte_for_byte_and_memory_is_bounded(
+    own_settings: Settings,
+) -> None:
+    settings, destination = own_settings, "dest"
+    binary = b"\xff\xfe\x00\x01" + bytes(range(256))
+    argv = [sys.executable, "-m", "rmqdelay", "schedule", destination, "-", "--delay", "0s",
+            "--content-type", "application/octet-stream"]  # fmt: skip
+    done = await asyncio.to_thread(
+        subprocess.run, argv, input=binary, capture_output=True, timeout=60,
+        env=subprocess_env(settings),
+    )  # fmt: skip
+    assert done.returncode == RET_OK, done.stderr.decode()
+    task_id = done.stdout.decode().split()[1]  # "scheduled <id> for ..."
+    recorder = Recorder()
+    async with running_worker(settings, destination, recorder):
+        await recorder.wait_for({task_id}, within=20)
+    assert recorder.runs[0][0].body == binary
+    # Over the size limit: refused having read no more than the limit (here 1,000 bytes of
+    # 50 MB offered), in one line.
+    small = {**subprocess_env(settings), "RMQDELAY_MAX_MESSAGE_SIZE": "1000"}
+    done = await asyncio.to_thread(
+        subprocess.run, argv, input=b"\0" * 50_000_000, capture_output=True, timeout=60,
+        env=small,
+    )  # fmt: skip
+    assert done.returncode == RET_ERROR
+    assert done.stderr.decode().splitlines() == [
+        "rmqdelay: error: the payload on stdin is over 1000 bytes (RMQDELAY_MAX_MESSAGE_SIZE); "
+        "keep large data elsewhere and schedule a reference to it"
+    ]
 
 
 async def test_unknown_vhost_and_a_silent_port_are_one_line_each(
@@ -322,3 +420,42 @@ async def test_status_says_when_it_read_and_agrees_with_parked(own_settings: Set
         assert status["warnings"] == [], "this broker has file-handle headroom"
     text = _rmqdelay(settings, "status", destination).stdout
     assert f"read {status['sampled_at'][:10]}" in text
+
+
+@pytest.mark.timeout(120)
+async def test_an_outage_is_one_warning_per_link_and_one_line_when_back(
+    own_settings: Settings,
+) -> None:
+    async with Proxy(own_settings.url) as proxy:
+        settings = make_settings(proxy.url, namespace=own_settings.namespace, max_delay="1h")
+        worker = await _worker(
+            settings, "consume", "dest", "--handler", "tests.integration.handlers:report"
+        )
+        assert worker.stderr is not None
+        lines: list[str] = []
+
+        async def until(text: str, within: float) -> None:
+            async with asyncio.timeout(within):
+                while line := (await worker.stderr.readline()).decode():  # type: ignore[union-attr]
+                    lines.append(line)
+                    if text in line:
+                        return
+            raise AssertionError(f"no line with {text!r} in {lines}")
+
+        try:
+            await until("consuming", 30)
+            start = len(lines)
+            await proxy.down()
+            await asyncio.sleep(10)  # the outage itself: a test of what ten seconds of it log
+            await proxy.up()
+            await until("reconnected", 60)
+            await until("cancellation set caught up", 30)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            rest = (await asyncio.wait_for(worker.communicate(), 30))[1].decode()
+    during = lines[start:] + rest.splitlines(keepends=True)
+    loud = [line for line in during if " WARNING " in line or " ERROR " in line]
+    assert "Traceback" not in "".join(during)
+    # the worker's connection and the cancel follower's: one warning each
+    assert len(loud) <= 3, "".join(loud)
+    assert any("reconnected" in line for line in during), "one line when it is back"

@@ -7,6 +7,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -18,10 +19,13 @@ from pydantic import SecretStr
 from schemathesis.checks import positive_data_acceptance
 
 from rmqdelay import ConfigError, Scheduler, Settings
+from rmqdelay.core.redact import Redactor
 from rmqdelay.tools.cli import main
 from rmqdelay.tools.http_api import check_bind, server_config
+from rmqdelay.tools.logs import TextFormatter
 
 from .helpers import Recorder, running_worker
+from .proxy import Proxy
 
 pytestmark = pytest.mark.integration
 
@@ -233,11 +237,19 @@ async def test_access_log_has_one_structured_line_and_no_secret(
     try:
         reply = await client.delete("/v1/keys/some-key?until=2h")
         await asyncio.wait_for(written.wait(), 10)
+        written.clear()
+        # A key that would forge a second log line, or write a NUL.
+        forged = await client.delete("/v1/keys/k%0A2026-12-04%20ERROR%20forged%00x")
+        await asyncio.wait_for(written.wait(), 10)
+        written.clear()
+        # Not UTF-8: refused, not read as U+FFFD (which would cancel another key).
+        not_utf8 = await client.delete("/v1/keys/k%ff")
+        await asyncio.wait_for(written.wait(), 10)
     finally:
         access.removeHandler(collect)
         access.setLevel(level)
     assert reply.status_code == 200
-    [record] = records
+    record, forging, refused = records
     assert record.method == "DELETE"  # type: ignore[attr-defined]
     assert record.path == "/v1/keys/some-key"  # type: ignore[attr-defined]
     assert record.status == 200  # type: ignore[attr-defined]
@@ -245,6 +257,63 @@ async def test_access_log_has_one_structured_line_and_no_secret(
     text = logging.Formatter().format(record) + repr(vars(record))
     assert TOKEN not in text
     assert "until" not in text, "query strings stay out of the log"
+    line = TextFormatter(Redactor()).format(record)
+    assert "DELETE /v1/keys/some-key 200 " in line
+    assert f"client 127.0.0.1 request {reply.headers['x-request-id']}" in line
+    assert " ms " in line, "the duration, in the text format too"
+    assert forged.status_code == 200
+    forged_line = TextFormatter(Redactor()).format(forging)
+    assert "\n" not in forged_line
+    assert "\x00" not in forged_line
+    assert "k\\n2026-12-04 ERROR forged\\x00x" in forged_line
+    assert not_utf8.status_code == 400
+    assert not_utf8.json()["message"] == "the path is not UTF-8 text once percent-decoded"
+    assert refused.status == 400  # type: ignore[attr-defined]
+
+
+async def test_healthz_says_503_within_seconds_of_losing_the_broker_and_200_once_back(
+    api_settings: Settings,
+) -> None:
+    async def health(client: httpx.AsyncClient) -> int:
+        return (await client.get("/healthz")).status_code
+
+    async def until(client: httpx.AsyncClient, status: int, within: float) -> float:
+        started = asyncio.get_running_loop().time()
+        async with asyncio.timeout(within):
+            while await health(client) != status:  # noqa: ASYNC110 - a load balancer polls too
+                await asyncio.sleep(0.2)
+        return asyncio.get_running_loop().time() - started
+
+    async with Proxy(api_settings.url) as proxy:
+        via_proxy = api_settings.model_copy(
+            update={"url": proxy.url, "publish_deadline": timedelta(seconds=1)}
+        )
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        server = Server(via_proxy)
+        # Started off this loop: the proxy it connects through runs on it.
+        url = await asyncio.to_thread(server.__enter__)
+        try:
+            async with httpx.AsyncClient(base_url=url, timeout=30, headers=auth) as client:
+                assert await health(client) == 200
+                await proxy.down()
+                assert await until(client, 503, 5) < 5
+                body = (await client.get("/healthz")).json()
+                assert body["error"] == "BrokerUnavailable"
+                assert "127.0.0.1" not in body["message"], "no host for API clients"
+                refused = await client.post(
+                    "/v1/tasks", json={"destination": "d", "payload": {}, "delay": "1s"}
+                )
+                assert refused.status_code == 503
+                for private in ("127.0.0.1", "guest", "%2F", f":{urlsplit(proxy.url).port}"):
+                    assert private not in refused.json()["message"], private
+                await proxy.up()
+                await until(client, 200, 30)
+                proxy.stall()  # silent: the link still looks up, only no answer comes
+                assert await until(client, 503, 10) < 10
+                proxy.resume()
+                await until(client, 200, 30)
+        finally:
+            await asyncio.to_thread(server.__exit__)
 
 
 def test_serving_beyond_loopback_needs_a_token() -> None:

@@ -267,7 +267,7 @@ async def test_status_watch_refreshes_until_interrupted(small: Settings) -> None
     env = subprocess_env(small)
     env["RMQDELAY_MAX_DELAY"] = "1h"
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "rmqdelay", "status", "--json", "--watch", "0.2",
+        sys.executable, "-m", "rmqdelay", "status", "--json", "--watch", "200ms",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=env,
     )  # fmt: skip
     assert process.stdout is not None
@@ -363,6 +363,23 @@ def test_credentials_never_reach_errors_or_logs(settings: Settings) -> None:
         assert "cannot connect to RabbitMQ" in done.stderr
         assert secret not in done.stdout + done.stderr
         assert "guest:******@" in done.stderr
+        for command in (
+            ["status"],
+            ["pending"],
+            ["parked"],
+            ["schedule", "x", "{}", "--delay", "1s"],
+        ):
+            done = subprocess.run(
+                [sys.executable, "-m", "rmqdelay", *command],
+                capture_output=True, text=True, env=env, timeout=60,
+            )  # fmt: skip
+            assert done.returncode == 1, command
+            lines = done.stderr.splitlines()
+            assert lines[-1].startswith("rmqdelay: error: cannot connect to RabbitMQ"), command
+            assert "Traceback" not in done.stderr
+            if "127.0.0.1:9/" not in url:  # refused at once: no retries to tell of
+                assert len(lines) == 1, f"one line from {command}: {done.stderr}"
+            assert secret not in done.stdout + done.stderr
 
 
 @pytest.fixture

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -12,7 +15,7 @@ from rmqdelay.broker.declare import apply_topology
 from rmqdelay.core.topology import destination_topology
 from rmqdelay.tools.cli import RET_ERROR, RET_OK, main
 
-from .helpers import Recorder, depth, get_all, running_worker, use_in_cli
+from .helpers import Recorder, depth, get_all, running_worker, subprocess_env, use_in_cli
 
 pytestmark = pytest.mark.integration
 
@@ -52,6 +55,21 @@ def test_parked_lists_requeues_and_purges(
     assert {t["error"] for t in listed} == {"LookupError"}
     assert all(t["destination"] == destination and t["attempts"] == 1 for t in listed)
     assert asyncio.run(depth(settings, settings.names.parked)) == 3, "listing consumed nothing"
+    # A reader that went away ('parked --json | head -1'): a quiet exit, no traceback.
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        gone = subprocess.run(
+            [sys.executable, "-m", "rmqdelay", "parked", "--json"], stdout=writer,
+            stderr=subprocess.PIPE, text=True, env=subprocess_env(settings), timeout=60,
+        )  # fmt: skip
+    finally:
+        os.close(writer)
+    assert (gone.returncode, gone.stderr) == (RET_ERROR, "")
+    assert main([*common, "parked"]) == RET_OK
+    text = capsys.readouterr()
+    assert len(text.out.splitlines()) == 3
+    assert text.err.startswith(f"3 parked in {settings.names.parked}"), "counted as listed"
 
     assert main([*common, "parked", "requeue", ids[0], "no-such-id"]) == RET_ERROR
     captured = capsys.readouterr()

@@ -228,6 +228,9 @@ async def test_cli_adds_lists_and_removes_a_series(
     capsys.readouterr()
     assert await asyncio.to_thread(main, ["recurring", "list"]) == 0
     assert key not in capsys.readouterr().out
+    # gone now: a second remove says so, and fails
+    assert await asyncio.to_thread(main, ["recurring", "remove", key]) == 1
+    assert f"no series under key {key!r}" in capsys.readouterr().err
     bad = ["recurring", "add", destination, "{}", "--every", "30s", "--key", key, "--tz", "X/Y"]
     assert await asyncio.to_thread(main, bad) == 1
     assert "'X/Y'" in capsys.readouterr().err

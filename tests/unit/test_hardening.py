@@ -13,8 +13,23 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from rmqdelay import HandlerError, InvalidKeyError, InvalidPayloadError, Task, WebhookError
-from rmqdelay.core.redact import Redactor, redact_url, safe_webhook_url, webhook_secrets
+from rmqdelay import (
+    ConfigError,
+    HandlerError,
+    InvalidKeyError,
+    InvalidPayloadError,
+    Settings,
+    Task,
+    WebhookError,
+    Worker,
+)
+from rmqdelay.core.redact import (
+    Redactor,
+    redact_url,
+    redact_urls,
+    safe_webhook_url,
+    webhook_secrets,
+)
 from rmqdelay.core.wire import check_key, check_keys, check_size, decode_task, encode_payload
 from rmqdelay.tools.cli import RET_ERROR, RET_OK, main
 from rmqdelay.tools.logs import THIRD_PARTY, TRACE, JsonFormatter, TextFormatter, configure_logging
@@ -215,6 +230,11 @@ def test_low_broker_headroom_is_warned_about() -> None:
         (["schedule", "café", "{}", "--delay", "1s"], "may hold only letters"),
         (["schedule", "d", "[" * 50_000 + "]" * 50_000, "--delay", "1s"], "nested too deeply"),
         (["schedule", "d", "{}", "--delay", "99999d"], "exceeds the maximum of 3653d"),
+        # a leading '-' reaches the check instead of argparse's "expected one argument"
+        (["schedule", "d", "{}", "--delay", "-5s"], "delay must not be negative, got -5s"),
+        (["recurring", "add", "d", "{}", "--every", "500ms", "--key", "k"], "every=500ms"),
+        (["recurring", "add", "d", "{}", "--cron", "0 8 * * *", "--tz", "", "--key", "k"], "''"),
+        (["recurring", "add", "d", "{}", "--cron", "* * * * * *", "--key", "k"], "6 fields"),
         (["--url", "amqp://u:p[ss@localhost/", "cancel", "k"], "percent-encode"),
     ],
 )
@@ -305,3 +325,58 @@ def test_a_stream_replica_catching_up_after_a_restart_is_transient() -> None:
     other = ChannelPreconditionFailed("PRECONDITION_FAILED - inequivalent arg 'x-max-age'")
     assert queue_starting(catching_up)
     assert not queue_starting(other)
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("https://bot:pw123456@api.example.com/v1", "https://bot:******@api.example.com/..."),
+        ("see https://hooks.example.com/services/T0/B0/XYZ.", "see https://hooks.example.com/..."),
+        ("GET http://api.example.com/send?key=abc fails", "GET http://api.example.com/... fails"),
+        ("https://TOKEN123@api.example.com/", "https://******@api.example.com"),
+        ("amqp://guest:guest@localhost:5672/%2F", "amqp://guest:******@localhost:5672/%2F"),
+        ("http://localhost:15672", "http://localhost:15672"),
+        ("(at https://[::1]:8080/x?y)", "(at https://[::1]:8080/...)"),
+        ("no URL here", "no URL here"),
+    ],
+)
+def test_any_url_in_text_loses_its_credentials_path_and_query(text: str, shown: str) -> None:
+    assert redact_urls(text) == shown
+    assert Redactor()(text) == shown, "the same rules wherever text is shown"
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["consume", "d", "--handler", "m:f", "--prefetch", "-1"], "--prefetch: must be from 1"),
+        (["consume", "d", "--handler", "m:f", "--concurrency", "0"], "--concurrency: must be from"),
+        (["consume", "d", "--handler", "m:f", "--metrics-port", "99999"], "from 0 to 65535"),
+        (["consume", "d", "--handler", "m:f", "--max-attempts", "x"], "'x' is not a whole number"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_by_the_parser_in_one_line(
+    argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"concurrency": 0}, "concurrency must be a whole number from 1"),
+        ({"prefetch": -1}, "prefetch must be"),
+        ({"metrics_port": 99999}, "metrics_port must be"),
+        ({"concurrency": True}, "concurrency must be"),
+    ],
+)
+def test_a_worker_refuses_arguments_out_of_range(kwargs: dict[str, object], fragment: str) -> None:
+    async def handler(task: object) -> None:
+        pass
+
+    with pytest.raises(ConfigError, match=fragment):
+        Worker(Settings(_env_file=None), "d", handler, **kwargs)  # type: ignore[arg-type]
