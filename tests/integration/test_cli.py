@@ -118,3 +118,27 @@ def test_cli_cancel_and_replace_take_effect(
         return [task.payload for task, _ in recorder.runs], worker.stats.cancelled
 
     assert asyncio.run(run_worker()) == (["new"], 2)
+
+
+def test_control_characters_in_ids_and_keys_are_escaped_in_what_the_cli_prints(
+    settings: Settings,
+    destination: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An id or key is anyone's text: printed raw, an escape sequence would rewrite the
+    operator's terminal and a newline forge a line of output."""
+    use_in_cli(monkeypatch, settings)
+    common = ["--url", settings.url, "--namespace", settings.namespace]
+    assert main([*common, "declare", destination]) == RET_OK
+    capsys.readouterr()
+    evil_id, evil_key = "id\x1b[2J\nscheduled forged", "key\u2028\x00x"
+    schedule = [*common, "schedule", destination, "{}", "--delay", "1h"]
+    assert main([*schedule, "--id", evil_id, "--key", evil_key]) == RET_OK
+    assert main([*common, "cancel", evil_key]) == RET_OK
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 2, out
+    for raw in ("\x1b", "\x00", "\u2028"):
+        assert raw not in out
+    assert "id\\x1b[2J\\nscheduled forged" in out
+    assert "key\\u2028\\x00x" in out
