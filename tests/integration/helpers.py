@@ -19,7 +19,7 @@ import aio_pika
 import pytest
 from pydantic import SecretStr
 
-from rmqdelay import Settings, Task, Worker
+from rmqdelay import Scheduler, Settings, Task, Worker
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -163,6 +163,17 @@ async def depth(settings: Settings, queue: str) -> int:
         q = await channel.declare_queue(queue, passive=True)
         assert q.declaration_result.message_count is not None
         return q.declaration_result.message_count
+
+
+async def strand(scheduler: Scheduler, destination: str, count: int) -> None:
+    """Delete ``destination``'s work queue under the tasks scheduled for it and wait until
+    ``count`` of them have reached the unroutable queue (there is no event to await)."""
+    names = scheduler.settings.names
+    channel = await scheduler.connection.channel()
+    await channel.queue_delete(names.work_queue(destination))
+    async with asyncio.timeout(30):
+        while await depth(scheduler.settings, names.unroutable) < count:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
 
 
 async def eventually(condition: Any, within: float, what: str) -> None:

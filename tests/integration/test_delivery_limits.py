@@ -25,6 +25,7 @@ from .helpers import (
     kill_a_worker_mid_handler,
     logged,
     running_worker,
+    strand,
     use_in_cli,
 )
 
@@ -67,14 +68,9 @@ async def _park_one(settings: Settings) -> str:
 
 async def _strand_one(settings: Settings) -> str:
     """A task whose destination's work queue was deleted while it waited."""
-    names = settings.names
     async with Scheduler(settings) as scheduler:
         s = await scheduler.schedule("gone", {"n": 2}, delay=0.3)
-        channel = await scheduler.connection.channel()
-        await channel.queue_delete(names.work_queue("gone"))
-    async with asyncio.timeout(30):
-        while await depth(settings, names.unroutable) < 1:  # noqa: ASYNC110 - no event
-            await asyncio.sleep(0.05)
+        await strand(scheduler, "gone", 1)
     return s.id
 
 

@@ -15,7 +15,15 @@ from rmqdelay.broker.declare import apply_topology
 from rmqdelay.core.topology import destination_topology
 from rmqdelay.tools.cli import RET_ERROR, RET_OK, main
 
-from .helpers import Recorder, depth, get_all, running_worker, subprocess_env, use_in_cli
+from .helpers import (
+    Recorder,
+    depth,
+    get_all,
+    running_worker,
+    strand,
+    subprocess_env,
+    use_in_cli,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -123,11 +131,7 @@ async def test_unroutable_lists_shows_and_requeues_what_lost_its_destination(
         await scheduler.declare_destination("gone")
         kept = await scheduler.schedule("gone", {"n": 1}, delay=0.3, keys=["k1"])
         other = await scheduler.schedule("gone", {"n": 2}, delay=0.3)
-        channel = await scheduler.connection.channel()
-        await channel.queue_delete(names.work_queue("gone"))
-        async with asyncio.timeout(30):
-            while await depth(settings, names.unroutable) < 2:  # noqa: ASYNC110 - no event
-                await asyncio.sleep(0.05)
+        await strand(scheduler, "gone", 2)
     use_in_cli(monkeypatch, settings)
     assert await asyncio.to_thread(main, ["unroutable", "--json"]) == RET_OK
     listed = {t["id"]: t for t in map(json.loads, capsys.readouterr().out.splitlines())}
