@@ -120,22 +120,23 @@ def test_cli_cancel_and_replace_take_effect(
     assert asyncio.run(run_worker()) == (["new"], 2)
 
 
-def test_control_characters_in_ids_and_keys_are_escaped_in_what_the_cli_prints(
-    settings: Settings,
-    destination: str,
+async def test_control_characters_in_ids_and_keys_are_escaped_in_what_the_cli_prints(
+    own_settings: Settings,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An id or key is anyone's text: printed raw, an escape sequence would rewrite the
     operator's terminal and a newline forge a line of output."""
+    # A namespace of its own: the task waits in a level, and leaves with the namespace.
+    settings, destination = own_settings, "dest"
     use_in_cli(monkeypatch, settings)
     common = ["--url", settings.url, "--namespace", settings.namespace]
-    assert main([*common, "declare", destination]) == RET_OK
+    assert await asyncio.to_thread(main, [*common, "declare", destination]) == RET_OK
     capsys.readouterr()
     evil_id, evil_key = "id\x1b[2J\nscheduled forged", "key\u2028\x00x"
     schedule = [*common, "schedule", destination, "{}", "--delay", "1h"]
-    assert main([*schedule, "--id", evil_id, "--key", evil_key]) == RET_OK
-    assert main([*common, "cancel", evil_key]) == RET_OK
+    assert await asyncio.to_thread(main, [*schedule, "--id", evil_id, "--key", evil_key]) == RET_OK
+    assert await asyncio.to_thread(main, [*common, "cancel", evil_key]) == RET_OK
     out = capsys.readouterr().out
     assert len(out.splitlines()) == 2, out
     for raw in ("\x1b", "\x00", "\u2028"):

@@ -222,18 +222,30 @@ async def test_a_handlers_exception_text_is_redacted_before_it_is_parked(
     assert "TOKENabc123" not in listing.stdout
 
 
+_PEAK_RSS = (
+    "import resource, subprocess, sys; done = subprocess.run(sys.argv[1:]); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+    "sys.exit(done.returncode)"
+)
+
+
 async def test_binary_payloads_from_stdin_arrive_byte_for_byte_and_memory_is_bounded(
     own_settings: Settings,
 ) -> None:
     settings, destination = own_settings, "dest"
     binary = b"\xff\xfe\x00\x01" + bytes(range(256))
-    argv = [sys.executable, "-m", "rmqdelay", "schedule", destination, "-", "--delay", "0s",
-            "--content-type", "application/octet-stream"]  # fmt: skip
+    # Through a parent that reports its one child's peak memory on its last stderr line.
+    argv = [
+        sys.executable, "-c", _PEAK_RSS,
+        sys.executable, "-m", "rmqdelay", "schedule", destination, "-", "--delay", "0s",
+        "--content-type", "application/octet-stream",
+    ]  # fmt: skip
     done = await asyncio.to_thread(
         subprocess.run, argv, input=binary, capture_output=True, timeout=60,
         env=subprocess_env(settings),
     )  # fmt: skip
     assert done.returncode == RET_OK, done.stderr.decode()
+    small_kib = int(done.stderr.decode().splitlines()[-1])
     task_id = done.stdout.decode().split()[1]  # "scheduled <id> for ..."
     recorder = Recorder()
     async with running_worker(settings, destination, recorder):
@@ -247,10 +259,13 @@ async def test_binary_payloads_from_stdin_arrive_byte_for_byte_and_memory_is_bou
         env=small,
     )  # fmt: skip
     assert done.returncode == RET_ERROR
-    assert done.stderr.decode().splitlines() == [
+    *lines, large_kib = done.stderr.decode().splitlines()
+    assert lines == [
         "rmqdelay: error: the payload on stdin is over 1000 bytes (RMQDELAY_MAX_MESSAGE_SIZE); "
         "keep large data elsewhere and schedule a reference to it"
     ]
+    # Reading all 50 MB first (as text, before) took over 100 MB more than a tiny payload.
+    assert int(large_kib) < small_kib + 10_000, (small_kib, large_kib)
 
 
 async def test_unknown_vhost_and_a_silent_port_are_one_line_each(
