@@ -583,20 +583,22 @@ class Scheduler:
     async def _passive_declare(self, destination: str) -> None:
         if self._connection is None:
             raise _not_started()
-        if not self._connection.transport:  # reconnecting: aio-pika would raise RuntimeError
-            raise AMQPConnectionError("the connection to the broker is down")
         queue = self.wiring.names.work_queue(destination)
-        # A failed passive declare closes its channel: use a throwaway one.
-        async with self._connection.channel() as probe:
-            try:
+        try:
+            # A failed passive declare closes its channel: use a throwaway one.
+            async with self._connection.channel() as probe:
                 await probe.declare_queue(queue, passive=True)
-            except ChannelNotFoundEntity as e:
-                raise UnroutableError(
-                    f"destination {destination!r} has no work queue ({queue!r}): start a "
-                    f"worker ('rmqdelay consume {destination}') or declare it "
-                    f"('rmqdelay declare {destination}') first",
-                    destination=destination,
-                ) from e
+        except ChannelNotFoundEntity as e:
+            raise UnroutableError(
+                f"destination {destination!r} has no work queue ({queue!r}): start a "
+                f"worker ('rmqdelay consume {destination}') or declare it "
+                f"('rmqdelay declare {destination}') first",
+                destination=destination,
+            ) from e
+        except RuntimeError as e:
+            # aio-pika's word for a connection that is down or closed while a channel
+            # opened ("Connection was not opened", "<Connection ...> closed"): retryable.
+            raise AMQPConnectionError(f"the connection to the broker is down: {e}") from e
 
     def _require_channel(self) -> AbstractChannel:
         if self._channel is None:
