@@ -24,6 +24,7 @@ from rmqdelay.core.delays import (
     BROKER_MAX_TTL_MS,
     DelayLimits,
     delay_to_us,
+    describe_us,
     level_count,
     level_ttl_ms,
     parse_duration,
@@ -40,6 +41,10 @@ ENV_PREFIX = "RMQDELAY_"
 #: Task arrival rate (per second) a worker's default prefetch has room to hold early tasks
 #: for: twice the 2,000/s one worker is meant to sustain.
 HOLD_RATE_PER_S = 4000
+#: The widest hold window: held tasks are unacked deliveries in a worker's memory, and
+#: redelivered when it dies. (Beyond 16 s, a prefetch of 65,535 holds HOLD_RATE_PER_S of
+#: arrivals no longer: wider windows suit lower rates only.)
+MAX_HOLD_WINDOW = timedelta(seconds=60)
 _NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
 
@@ -124,6 +129,12 @@ class Settings(BaseSettings):
         # Ten calendar years, leap days included: 29 levels at 1024 ms.
         default=timedelta(days=3653),
         description="Longest delay accepted (e.g. 3653d).",
+    )
+    hold_window: Duration | None = Field(
+        default=None,
+        description="How early the levels may deliver a task, for workers to hold until "
+        "due: a wider window takes fewer hops, and workers hold more (at least the "
+        "resolution, at most 60s; default: one resolution unit).",
     )
     prefetch: int | None = Field(
         default=None,
@@ -282,6 +293,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "RMQDELAY_TLS_CERT_FILE and RMQDELAY_TLS_KEY_FILE go together: give both or neither"
             )
+        if self.hold_window is not None and not (
+            timedelta(milliseconds=self.resolution_ms) <= self.hold_window <= MAX_HOLD_WINDOW
+        ):
+            raise ValueError(
+                f"hold_window={describe_us(delay_to_us(self.hold_window))} must be from the "
+                f"resolution ({self.resolution_ms} ms: the levels cannot deliver a task any "
+                f"closer to its due time) to {describe_us(delay_to_us(MAX_HOLD_WINDOW))} (held "
+                "tasks are unacked deliveries in a worker's memory)"
+            )
         if self.cancel_retention is not None and self.cancel_retention < self.max_delay:
             raise ValueError(
                 f"cancel_retention={self.cancel_retention} is shorter than max_delay="
@@ -294,13 +314,20 @@ class Settings(BaseSettings):
         """Unacked deliveries a worker asks for: the setting, or enough for ``concurrency``
         running handlers plus the early tasks it holds (unacked) until they are due.
 
-        Tasks arrive up to one resolution unit early, so at HOLD_RATE_PER_S a worker holds
-        up to ``HOLD_RATE_PER_S * resolution`` of them at once; with fewer deliveries
+        Tasks arrive up to the hold window early, so at HOLD_RATE_PER_S a worker holds
+        up to ``HOLD_RATE_PER_S * hold window`` of them at once; with fewer deliveries
         allowed, held tasks would throttle the worker.
         """
         if self.prefetch is not None:
             return self.prefetch
-        return min(65535, concurrency + math.ceil(HOLD_RATE_PER_S * self.resolution_ms / 1000))
+        return min(65535, concurrency + math.ceil(HOLD_RATE_PER_S * self.hold_window_s))
+
+    @property
+    def hold_window_s(self) -> float:
+        """How early the levels may deliver a task, in seconds (at least one unit)."""
+        if self.hold_window is None:
+            return self.resolution_ms / 1000
+        return self.hold_window.total_seconds()
 
     @property
     def retry_policy(self) -> RetryPolicy:
@@ -340,7 +367,7 @@ class Settings(BaseSettings):
     def limits(self) -> DelayLimits:
         """Delay arithmetic for these settings (computed once per resolution and maximum:
         every schedule() routes through it)."""
-        return _limits(self.resolution_ms, self.max_delay)
+        return _limits(self.resolution_ms, self.max_delay, self.hold_window)
 
     @property
     def wiring(self) -> Wiring:
@@ -389,9 +416,12 @@ class Settings(BaseSettings):
 
 
 @functools.lru_cache(maxsize=64)
-def _limits(resolution_ms: int, max_delay: timedelta) -> DelayLimits:
+def _limits(resolution_ms: int, max_delay: timedelta, hold_window: timedelta | None) -> DelayLimits:
     max_delay_us = delay_to_us(max_delay)
-    return DelayLimits(resolution_ms, level_count(resolution_ms, max_delay_us), max_delay_us)
+    window_us = None if hold_window is None else delay_to_us(hold_window)
+    return DelayLimits(
+        resolution_ms, level_count(resolution_ms, max_delay_us), max_delay_us, window_us
+    )
 
 
 def _whole_ms(value: timedelta) -> int:

@@ -109,10 +109,32 @@ def units_for(delay_us: int, resolution_ms: int) -> int:
     return -(-delay_us // unit_us)
 
 
-def units_within(delay_us: int, resolution_ms: int) -> int:
-    """Whole resolution units within a delay, rounded down: the time a task spends in the
-    levels, arriving at most one unit before it is due."""
-    return delay_us // (resolution_ms * _US_PER_MS)
+def units_within(delay_us: int, resolution_ms: int, window_us: int | None = None) -> int:
+    """The units a task spends in the levels: never more than its delay, and at most
+    ``window_us`` (default: one unit) less, so that it reaches its work queue no later
+    than due and at most that early (the worker holds it the rest). Of the counts that
+    qualify, the one with the fewest hops: a wider window saves hops."""
+    unit_us = resolution_ms * _US_PER_MS
+    most = delay_us // unit_us
+    if window_us is None or window_us <= unit_us:
+        return most
+    return fewest_hops(max(0, -(-(delay_us - window_us) // unit_us)), most)
+
+
+def fewest_hops(low: int, high: int) -> int:
+    """The count in ``low..high`` whose hop plan is shortest (fewest set bits).
+
+    All counts in the range share the bits above the highest bit where ``low`` and
+    ``high`` differ; ``high`` has a 1 there. The count that keeps those bits and that 1
+    and clears the rest has one set bit more than the shared part, and every other count
+    in the range has at least as many, unless ``low`` is the shared part alone (then it
+    has fewer)."""
+    if low >= high:
+        return high
+    top = (low ^ high).bit_length() - 1
+    if low & ((2 << top) - 1) == 0:
+        return low
+    return high >> top << top
 
 
 def level_ttl_ms(level: int, resolution_ms: int) -> int:
@@ -134,6 +156,8 @@ class DelayLimits:
     resolution_ms: int
     levels: int
     max_delay_us: int
+    #: How early the levels may deliver a task (None: one unit); workers hold it until due.
+    window_us: int | None = None
 
     def units(self, delay_us: int) -> int:
         """Units for ``delay_us``, refusing a delay over the configured maximum."""
@@ -146,10 +170,10 @@ class DelayLimits:
 
     def whole_units(self, delay_us: int) -> int:
         """The whole units a task spends in the levels for ``delay_us`` (so it arrives at
-        most one unit early: the worker holds the rest; its hop plan is ``hop_plan`` of
-        them), refusing a delay over the maximum."""
+        most the hold window early: the worker holds the rest; its hop plan is
+        ``hop_plan`` of them), refusing a delay over the maximum."""
         self.units(delay_us)
-        return units_within(delay_us, self.resolution_ms)
+        return units_within(delay_us, self.resolution_ms, self.window_us)
 
 
 #: Units for describing a duration, largest first (weeks are left out: ``3653d`` reads

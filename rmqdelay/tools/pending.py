@@ -78,7 +78,7 @@ async def pending(settings: Settings, destinations: list[str] | None = None) -> 
         namespace=status.namespace,
         sampled_at=status.sampled_at,
         resolution_ms=settings.resolution_ms,
-        windows=windows(levels, work, settings.resolution_ms),
+        windows=windows(levels, work, settings.resolution_ms, settings.hold_window_s),
         destinations=[DestinationPending(d.name, d.ready, d.unacked) for d in status.destinations],
         notes=status.notes,
     )

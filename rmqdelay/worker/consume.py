@@ -108,7 +108,7 @@ class Worker:
         self._stopping = False
         self._follower = CancelFollower(settings)
         self._holder = Holder(self._tally, self.metrics)
-        self._max_hold_s = max_hold_s(settings.resolution_ms)
+        self._max_hold_s = max_hold_s(settings.resolution_ms, settings.hold_window_s)
         # Both made in run(), once the channel (and so the publisher) exists.
         self._execution: Execution | None = None
         self._settler: Settler | None = None

@@ -1,6 +1,7 @@
-"""Holding early tasks: the levels deliver a task up to one resolution unit before it is
-due; the worker keeps it (unacked, outside the concurrency slots) and releases it at its
-due time, by the wall clock the publisher stamped it with."""
+"""Holding early tasks: the levels deliver a task up to the hold window (by default one
+resolution unit) before it is due; the worker keeps it (unacked, outside the concurrency
+slots) and releases it at its due time, by the wall clock the publisher stamped it
+with."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from rmqdelay.worker.stats import Tally
 
 log = logging.getLogger(__name__)
 
-#: Held beyond two resolution units: clock skew between publisher and worker hosts.
+#: Held beyond the hold window and one more unit (hop time, rounding): clock skew
+#: between publisher and worker hosts.
 MAX_HOLD_MARGIN_S = 5.0
 
 
@@ -27,10 +29,11 @@ def due_s(headers: Mapping[str, Any] | None) -> float | None:
     return due / 1000 if type(due) is int and EARLIEST_MS <= due <= LATEST_MS else None
 
 
-def max_hold_s(resolution_ms: int) -> float:
+def max_hold_s(resolution_ms: int, hold_window_s: float) -> float:
     """Longer than this before its due time, a task goes back through the levels rather
-    than sitting in a worker's memory (a publisher's wrong plan, a skewed clock)."""
-    return 2 * resolution_ms / 1000 + MAX_HOLD_MARGIN_S
+    than sitting in a worker's memory (a publisher's wrong plan or wider window, a skewed
+    clock). Publishers and workers should share RMQDELAY_HOLD_WINDOW."""
+    return hold_window_s + resolution_ms / 1000 + MAX_HOLD_MARGIN_S
 
 
 class Holder:

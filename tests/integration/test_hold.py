@@ -225,3 +225,26 @@ async def test_a_task_due_beyond_the_maximum_delay_is_parked_not_left_unsettled(
     assert parked.headers["rmqdelay-id"] == task_id
     assert "cannot send back" in parked.headers["rmqdelay-parked-reason"]
     assert "exceeds the maximum of 1h" in parked.headers["rmqdelay-parked-reason"]
+
+
+async def test_a_hold_window_sends_tasks_due_within_it_straight_to_a_worker_never_early(
+    coarse: Settings,
+) -> None:
+    """With a 2 s window at 200 ms units, a task due within 2 s takes no hop, and one due
+    later takes the fewest hops that bring it within 2 s; the worker (same window) holds
+    each until due."""
+    windowed = coarse.model_copy(update={"hold_window": timedelta(seconds=2)})
+    recorder = Recorder()
+    delays_s = [0.3, 1.1, 1.9, 3.0, 3.9]
+    async with (
+        running_worker(windowed, "dest", recorder) as worker,
+        Scheduler(windowed) as scheduler,
+    ):
+        scheduled = [await scheduler.schedule("dest", {}, delay=d) for d in delays_s]
+        await recorder.wait_for({s.id for s in scheduled}, within=20)
+    # 3.0 s: 5-15 units qualify, 8 is one hop; 3.9 s: 10-19 units, 16 is one hop.
+    assert [s.hops for s in scheduled] == [0, 0, 0, 1, 1]
+    assert worker.stats.held == len(delays_s)
+    assert min(recorder.lateness_ms().values()) >= 0, "never early"
+    async with Scheduler(coarse) as scheduler:  # one unit's window: more hops
+        assert (await scheduler.schedule("dest", {}, delay=3.9)).hops == 3

@@ -6,11 +6,13 @@ from rmqdelay.core.delays import (
     DelayLimits,
     delay_to_us,
     describe_us,
+    fewest_hops,
     hop_plan,
     level_count,
     level_ttl_ms,
     parse_duration,
     units_for,
+    units_within,
 )
 from rmqdelay.core.errors import InvalidDelayError
 
@@ -169,6 +171,50 @@ def test_plans_arrive_at_most_one_unit_early_and_never_late(
     assert in_levels_us <= delay_us, "never late by the levels' own doing"
     assert delay_us - in_levels_us < resolution_ms * 1000, "at most one unit early: held"
     assert all(level < limits.levels for level in plan)
+
+
+def test_fewest_hops_is_the_largest_count_with_the_fewest_set_bits() -> None:
+    for low in range(260):
+        for high in range(low, 260):
+            fewest = min(n.bit_count() for n in range(low, high + 1))
+            best = max(n for n in range(low, high + 1) if n.bit_count() == fewest)
+            assert fewest_hops(low, high) == best, (low, high)
+    # far beyond what a loop checks: 2^40 - 3 .. 2^40 + 5 holds 2^40
+    assert fewest_hops(2**40 - 3, 2**40 + 5) == 2**40
+
+
+@pytest.mark.parametrize("resolution_ms", [1, 256, 1024])
+@pytest.mark.parametrize("window_ms", [None, 1024, 2000, 4096, 10_000])
+def test_a_window_lets_the_levels_deliver_that_early_with_the_fewest_hops(
+    resolution_ms: int, window_ms: int | None
+) -> None:
+    unit_us = resolution_ms * 1000
+    window_us = None if window_ms is None else window_ms * 1000
+    # A window of one unit or less is the default: less than one unit early.
+    early_us = window_us if window_us is not None and window_us > unit_us else unit_us - 1
+    for delay_us in [
+        *range(0, 12 * unit_us, max(1, unit_us // 7)),
+        *(n * unit_us for n in EDGE_UNITS),
+    ]:
+        units = units_within(delay_us, resolution_ms, window_us)
+        in_levels_us = units * unit_us
+        assert in_levels_us <= delay_us, "never late by the levels' own doing"
+        assert delay_us - in_levels_us <= early_us, "never earlier than the window"
+        qualifying = [
+            n
+            for n in range(max(0, (delay_us - early_us) // unit_us), delay_us // unit_us + 1)
+            if delay_us - early_us <= n * unit_us <= delay_us
+        ]
+        assert units.bit_count() == min(n.bit_count() for n in qualifying), delay_us
+
+
+def test_a_wider_window_saves_hops_for_short_delays() -> None:
+    # 0.05-5 s at 1,024 ms: up to two hops in one unit's window, none in a 5 s one.
+    delays_us = range(50_000, 5_000_001, 10_000)
+    one_unit = sum(units_within(d, 1024).bit_count() for d in delays_us) / len(delays_us)
+    wide = sum(units_within(d, 1024, 5_000_000).bit_count() for d in delays_us) / len(delays_us)
+    assert one_unit > 1.0
+    assert wide == 0.0
 
 
 def test_limits_refuse_delays_over_the_maximum_and_name_both() -> None:

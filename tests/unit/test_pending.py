@@ -45,3 +45,10 @@ def test_levels_and_work_queues_fall_into_their_windows() -> None:
 def test_with_a_fine_resolution_work_queues_count_under_the_second() -> None:
     counted = windows(levels=[(0, 1)], work=[(3, 4)], resolution_ms=100)
     assert (counted[0].in_levels, counted[0].ready, counted[0].held_or_running) == (1, 3, 4)
+
+
+def test_a_wider_hold_window_widens_every_bound_by_the_difference() -> None:
+    assert level_bound_s(0, 1024, 1.024) == level_bound_s(0, 1024) == 2.048
+    assert level_bound_s(0, 1024, 8.0) == pytest.approx(9.024)
+    counted = windows(levels=[(0, 1)], work=[(3, 4)], resolution_ms=1024, hold_window_s=8.0)
+    assert (counted[1].in_levels, counted[1].ready, counted[1].held_or_running) == (1, 3, 4)

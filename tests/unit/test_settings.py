@@ -18,6 +18,19 @@ def test_defaults() -> None:
     assert s.declare is True
 
 
+def test_a_hold_window_sets_how_early_tasks_arrive_and_the_room_to_hold_them() -> None:
+    s = Settings(_env_file=None, hold_window="4s")
+    assert s.hold_window_s == 4.0
+    assert s.prefetch_for(16) == 16 + 16_000
+    assert s.limits.whole_units(3_900_000) == 0, "due within the window: straight to work"
+    assert s.limits.whole_units(7_500_000) == 4, "one hop (4 units), held 3.4 s"
+    assert Settings(_env_file=None).limits.whole_units(7_500_000) == 7, "three hops"
+    for wrong, fragment in (("500ms", "from the resolution (1024 ms"), ("2m", "to 1m")):
+        with pytest.raises(ConfigError, match="hold_window") as info:
+            Settings(_env_file=None, hold_window=wrong)
+        assert fragment in str(info.value)
+
+
 def test_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RMQDELAY_NAMESPACE", "billing")
     monkeypatch.setenv("RMQDELAY_MAX_DELAY", "30d")
