@@ -39,8 +39,8 @@ from rmqdelay.core.topology import build_topology
 
 HERE = Path(__file__).resolve().parent
 DESTINATION = "bench"
-#: (backend, resolution in ms or None for the default, shards)
-Pipeline = tuple[str, int | None, int]
+#: (backend, resolution in ms or None for the default, shards, hold window or None)
+Pipeline = tuple[str, int | None, int, str | None]
 
 
 async def report(task: Task) -> None:
@@ -126,16 +126,16 @@ async def broker_memory(settings: Settings) -> tuple[int, int] | None:
 async def run_backend(
     url: str, pipeline: Pipeline, delays: list[float], rate: float, pending: int
 ) -> tuple[Result, str]:
-    backend, resolution_ms, shards = pipeline
+    backend, resolution_ms, shards, window = pipeline
     settings = Settings(
         _env_file=None,
         url=url,
         namespace=f"bench-{uuid.uuid4().hex[:6]}",
         backend=backend,
         shards=shards,
+        **({} if resolution_ms is None else {"resolution_ms": resolution_ms}),
+        **({} if window is None else {"hold_window": window}),
     )
-    if resolution_ms is not None:
-        settings = settings.model_copy(update={"resolution_ms": resolution_ms})
     layout_settings = await resolve_backend(settings)
     await apply_topology(layout_settings, build_topology(layout_settings.layout, (DESTINATION,)))
     env = {
@@ -144,6 +144,7 @@ async def run_backend(
         "RMQDELAY_BACKEND": backend,
         "RMQDELAY_RESOLUTION_MS": str(settings.resolution_ms),
         "RMQDELAY_SHARDS": str(shards),
+        **({} if window is None else {"RMQDELAY_HOLD_WINDOW": window}),
     }
     reporter = await Reporter.worker(env, len(delays))
     hops = 0
@@ -171,6 +172,8 @@ async def run_backend(
     name = f"rmqdelay {backend} {settings.resolution_ms}ms" if backend == "levels" else backend
     if shards > 1:
         name += f" x{shards} shards"
+    if window is not None:
+        name += f" window {window}"
     return reporter.result(name, publish_rate, hops), per_pending
 
 
@@ -300,6 +303,9 @@ async def main() -> int:
         "--resolution-ms", default="", help="levels resolution(s), e.g. 256,1024 (default: ours)"
     )
     parser.add_argument("--shards", default="1", help="level sets, e.g. 1,3 (RMQDELAY_SHARDS)")
+    parser.add_argument(
+        "--hold-window", default="", help="hold window(s), e.g. 1024ms,4s (default: ours)"
+    )
     parser.add_argument("--min-delay", type=float, default=0.05, help="seconds")
     parser.add_argument("--max-delay", type=float, default=5.0, help="seconds")
     parser.add_argument("--pending", type=int, default=20000, help="for memory per task; 0: skip")
@@ -323,13 +329,14 @@ async def main() -> int:
     if broker_cpu_s(args.broker_pid) is None:
         print("broker CPU: n/a (several brokers run here: pass --broker-pid)")
     backends: list[Pipeline] = [
-        ("levels", int(ms) if ms else None, int(shards))
+        ("levels", int(ms) if ms else None, int(shards), window or None)
         for ms in str(args.resolution_ms).split(",")
         for shards in str(args.shards).split(",")
+        for window in str(args.hold_window).split(",")
     ]
     probe = Settings(_env_file=None, url=args.url, namespace=f"probe-{uuid.uuid4().hex[:6]}")
     if (await resolve_backend(probe.model_copy(update={"backend": "auto"}))).backend == "plugin":
-        backends.append(("plugin", None, 1))
+        backends.append(("plugin", None, 1, None))
         await apply_topology(probe, build_topology(probe.layout), delete=True)
     else:
         print("plugin: skipped (the broker has no x-delayed-message exchange type)")
@@ -348,12 +355,14 @@ async def main() -> int:
         before = broker_cpu_s(args.broker_pid)
         results.append((rate, await run_baseline(args.url, delays, rate)))
         _charge(cpu, (rate, results[-1][1].name), before, len(delays), 0, args.broker_pid)
-        print(f"{'offered':>8} {HEADER} {'broker CPU/task':>16}")
+        print(f"{'offered':>8} {HEADER} {'broker CPU/task':>16} {'x raw':>6}")
+        raw = cpu.get((rate, results[-1][1].name))
         for offered, result in results:
             if offered == rate:
                 used = cpu.get((offered, result.name))
                 shown = f"{used * 1000:.2f} ms" if used is not None else "n/a"
-                print(f"{offered:>6.0f}/s {result.row()} {shown:>16}")
+                ratio = f"{used / raw:.2f}" if used is not None and raw else "n/a"
+                print(f"{offered:>6.0f}/s {result.row()} {shown:>16} {ratio:>6}")
     return _summary(results, memory, sweep=len(rates) > 1)
 
 
