@@ -60,7 +60,12 @@ def route(
     """
     wait_us = max(0, wait_us)
     if backend == "levels":
-        return _levels_route(names.schedule_exchange_of(shard), limits.whole_units(wait_us))
+        units = limits.whole_units(wait_us)
+        # No level to visit: straight into the work exchange (direct, keyed by the
+        # destination), not through the schedule exchange's headers match and the
+        # exchange-to-exchange binding behind it, which cost the broker for nothing.
+        first = names.schedule_exchange_of(shard) if units else names.work_exchange
+        return _levels_route(first, units)
     limits.units(wait_us)  # the configured maximum holds for both backends
     ms = -(-wait_us // 1000)
     if ms > PLUGIN_MAX_DELAY_MS:

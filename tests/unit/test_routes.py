@@ -23,7 +23,8 @@ LIMITS = DelayLimits(10, 35, 3653 * 86_400_000_000)
 def test_levels_route_is_the_hop_plan_to_the_schedule_exchange(wait_us: int) -> None:
     r = route("levels", NAMES, LIMITS, wait_us)
     plan = hop_plan(wait_us // 10_000)  # whole units: at most one unit early, then held
-    assert r.exchange == "n.schedule"
+    # With no level to visit, straight into the work exchange (its key is the destination).
+    assert r.exchange == ("n.schedule" if plan else "n.work")
     assert r.mandatory
     assert r.headers == route_headers(plan)
     assert r.hops == len(plan)
@@ -80,7 +81,7 @@ def test_the_wiring_routes_by_the_backend() -> None:
     # auto stands for the levels until a client has asked the broker
     auto = Settings(_env_file=None, namespace="s", backend="auto").wiring
     assert auto.backend == "levels"
-    assert auto.route(timedelta(seconds=1) // timedelta(microseconds=1)).exchange == "s.schedule"
+    assert auto.route(timedelta(seconds=2) // timedelta(microseconds=1)).exchange == "s.schedule"
 
 
 def test_the_wiring_is_derived_once_per_layout_and_routes_are_shared() -> None:
