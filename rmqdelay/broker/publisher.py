@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aio_pika.abc import AbstractChannel
@@ -23,6 +24,7 @@ from aiormq.exceptions import (
 from pamqp.commands import Basic
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception_type,
     stop_after_delay,
     wait_exponential,
@@ -127,14 +129,12 @@ class Publisher:
         except _RETRYABLE as e:
             self._failed(1, e)
         deadline = self.settings.publish_deadline.total_seconds()
-        retrying = AsyncRetrying(
-            stop=stop_after_delay(max(0.0, deadline - (time.monotonic() - started))),
-            wait=wait_exponential(multiplier=0.1, max=2) + wait_random(0, 0.2),
-            retry=retry_if_exception_type(_RETRYABLE),
+        retrying = until_deadline(
+            deadline - (time.monotonic() - started),
+            _RETRYABLE,
             before_sleep=lambda state: self._failed(
                 state.attempt_number + 1, state.outcome.exception() if state.outcome else None
             ),
-            reraise=True,
         )
         try:
             async for attempt in retrying:
@@ -223,6 +223,23 @@ class _Nacked(Exception):
 
 
 _RETRYABLE: tuple[type[BaseException], ...] = (*PUBLISH_RETRYABLE, _Nacked)
+
+
+def until_deadline(
+    seconds: float,
+    retry_on: tuple[type[BaseException], ...],
+    before_sleep: Callable[[RetryCallState], None] | None = None,
+) -> AsyncRetrying:
+    """How every call that waits out an outage within RMQDELAY_PUBLISH_DEADLINE retries:
+    short waits growing to 2 s, with jitter, until ``seconds`` have passed; the last
+    failure is raised as it was."""
+    return AsyncRetrying(
+        stop=stop_after_delay(max(0.0, seconds)),
+        wait=wait_exponential(multiplier=0.1, max=2) + wait_random(0, 0.2),
+        retry=retry_if_exception_type(retry_on),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
 
 
 async def reopened(channel: AbstractChannel) -> None:

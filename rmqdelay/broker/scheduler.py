@@ -14,18 +14,11 @@ from typing import Any, NamedTuple, Self
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.exceptions import AMQPConnectionError, ChannelNotFoundEntity
 from pamqp.commands import Basic
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_exponential,
-    wait_random,
-)
 
 from rmqdelay.broker.cancels import load_cancels
 from rmqdelay.broker.connection import PUBLISH_RETRYABLE, connect
 from rmqdelay.broker.declare import check_topology, declare_topology, resolve_backend
-from rmqdelay.broker.publisher import Publisher, properties
+from rmqdelay.broker.publisher import Publisher, properties, until_deadline
 from rmqdelay.broker.streams import read_stream
 from rmqdelay.core.cancelset import Stamps
 from rmqdelay.core.delays import delay_to_us, describe_us
@@ -562,14 +555,8 @@ class Scheduler:
     async def _queue_exists(self, destination: str) -> None:
         """Ask the broker, through an outage as long as a publish would wait for it."""
         deadline = self.settings.publish_deadline.total_seconds()
-        retrying = AsyncRetrying(
-            stop=stop_after_delay(deadline),
-            wait=wait_exponential(multiplier=0.1, max=2) + wait_random(0, 0.2),
-            retry=retry_if_exception_type(PUBLISH_RETRYABLE),
-            reraise=True,
-        )
         try:
-            async for attempt in retrying:
+            async for attempt in until_deadline(deadline, PUBLISH_RETRYABLE):
                 with attempt:
                     await self._passive_declare(destination)
         except PUBLISH_RETRYABLE as e:
