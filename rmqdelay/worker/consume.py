@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
-from aiormq.abc import DeliveredMessage
+from aiormq.abc import DeliveredMessage, TaskWrapper
 
 from rmqdelay.broker.cancels import CancelFollower
 from rmqdelay.broker.connection import connect
@@ -28,7 +28,7 @@ from rmqdelay.core.redact import Redactor
 from rmqdelay.core.retry import RetryPolicy
 from rmqdelay.core.task import Handler
 from rmqdelay.core.topology import build_topology
-from rmqdelay.core.wire import DEFAULT_ACCEPT, TASK_ID
+from rmqdelay.core.wire import DEFAULT_ACCEPT
 from rmqdelay.settings import Settings
 from rmqdelay.worker.delivery import Delivery
 from rmqdelay.worker.execute import (
@@ -107,7 +107,7 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._follower = CancelFollower(settings)
-        self._holder = Holder(self._tally, self.metrics)
+        self._holder = Holder(self._tally, self.metrics, self._release)
         self._max_hold_s = max_hold_s(settings.resolution_ms, settings.hold_window_s)
         # Both made in run(), once the channel (and so the publisher) exists.
         self._execution: Execution | None = None
@@ -272,11 +272,12 @@ class Worker:
         A handler that ignores the cancellation (or a plain one stuck in its thread) is
         abandoned after UNWIND_S more: closing the connection returns its task to the queue.
         """
-        released = self._holder.release_all()  # not due yet: back to the queue at once
-        if released:
-            # Each gives its task back as a confirmed copy and then acks it: closing the
-            # connection before the ack would leave the task twice in the queue.
-            await asyncio.wait(released, timeout=self.settings.shutdown_grace.total_seconds())
+        held = self._holder.take_all()  # not due yet: back to the queue at once
+        if held and self._settler is not None:
+            # Each goes back as a confirmed copy and then is acked: closing the connection
+            # before the ack would leave the task twice in the queue.
+            giving = [asyncio.create_task(self._settler.give_back(m)) for m in held]
+            await asyncio.wait(giving, timeout=self.settings.shutdown_grace.total_seconds())
         if self._running:
             grace = self.settings.shutdown_grace.total_seconds()
             log.info("waiting up to %.0fs for %d in-flight task(s)", grace, len(self._running))
@@ -302,18 +303,39 @@ class Worker:
         return self._on_message(Delivery(message))
 
     async def _on_message(self, message: Delivery) -> None:
+        due = due_s(message.headers)
+        if due is not None and due > time.time():
+            if due - time.time() <= self._max_hold_s:
+                self._holder.hold(message, due)  # released to _release when due
+                return
+            assert self._settler is not None
+            try:
+                await self._settler.send_back(message, due)
+            except RmqDelayError as e:  # could not be published: requeued
+                log.error("%s", e)
+            return
+        await self._run(message)
+
+    def _release(self, message: Delivery) -> None:
+        """A held task is due: run it, in a task of its channel's, as a task that arrived
+        due runs (a channel that closes cancels both alike)."""
+        made = message.channel.create_task(self._run(message))
+        task = made.task if isinstance(made, TaskWrapper) else made
+        self._running.add(task)  # at once: a stop that begins now must wait for it too
+        task.add_done_callback(self._ran)
+
+    def _ran(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("a held task failed unexpectedly", exc_info=error)
+
+    async def _run(self, message: Delivery) -> None:
         current = asyncio.current_task()
         assert current is not None
         assert self._settler is not None
         settler = self._settler
         started = False
         try:
-            due = due_s(message.headers)
-            if due is not None and due > time.time():
-                if due - time.time() > self._max_hold_s:
-                    await settler.send_back(message, due)
-                    return
-                await self._holder.until(due, (message.headers or {}).get(TASK_ID))
             self._running.add(current)
             async with self._slots:
                 caught_up = self._follower.caught_up
@@ -325,9 +347,9 @@ class Worker:
                 started = True
                 await self._execute(message, settler)
         except asyncio.CancelledError:
-            # At stop. Held or waiting: handed back, not counted. Running past the grace
-            # period: returned as a worker's death returns it (redelivered, and counted
-            # toward the delivery limit), since its handler may have done part of it.
+            # At stop. Waiting: handed back, not counted. Running past the grace period:
+            # returned as a worker's death returns it (redelivered, and counted toward the
+            # delivery limit), since its handler may have done part of it.
             await (settler.requeue if started else settler.give_back)(message)
             raise
         except RmqDelayError as e:  # a retry or park that could not be published: requeued
