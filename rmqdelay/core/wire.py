@@ -89,15 +89,17 @@ def task_headers(
     keys: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """All rmqdelay headers of a scheduled message; ``route`` is the backend's (the hop
-    plan's ``route_headers``, or the plugin's x-delay)."""
-    return {
-        TASK_ID: task_id,
-        DUE_MS: due_ms,
-        PUBLISHED_MS: published_ms,
-        ATTEMPT: attempt,
-        KEYS: list(keys),
-        **route,
-    }
+    plan's ``route_headers``, or the plugin's x-delay).
+
+    The attempt and the keys are left out at their defaults (1, none), as the wire format
+    allows: each header is encoded per publish and copied per hop (~1.7 us each to encode).
+    """
+    headers = {TASK_ID: task_id, DUE_MS: due_ms, PUBLISHED_MS: published_ms, **route}
+    if attempt != 1:
+        headers[ATTEMPT] = attempt
+    if keys:
+        headers[KEYS] = list(keys)
+    return headers
 
 
 def check_key(key: object, what: str = "a cancel key") -> str:

@@ -49,7 +49,12 @@ def test_task_headers_use_integer_milliseconds() -> None:
     assert isinstance(headers[DUE_MS], int)
     assert headers[PUBLISHED_MS] == 1_763_900_000_000
     assert headers[TASK_ID] == "id1"
-    assert headers[ATTEMPT] == 1
+    assert ATTEMPT not in headers, "the default attempt is left out"
+    assert KEYS not in headers, "no keys, no header"
+    task = decode_task(headers=headers, body=b"{}", content_type=JSON, routing_key="d")
+    assert (task.attempt, task.keys) == (1, ())
+    later = task_headers("id1", due_ms=1, published_ms=1, route={}, attempt=3, keys=("k",))
+    assert (later[ATTEMPT], later[KEYS]) == (3, ["k"])
 
 
 @pytest.mark.parametrize("payload", [{"incident": 42}, [1, "x"], "text", 3, None, {"ü": "✓"}])
