@@ -51,6 +51,10 @@ from rmqdelay.worker.threads import DaemonThreadPool
 log = logging.getLogger(__name__)
 #: Seconds between the info-level summaries a busy worker logs.
 SUMMARY_INTERVAL_S = 60.0
+#: A delivery that waited this long for a slot (from its arrival, its hold included) is
+#: handed back rather than left to the broker's consumer timeout (30 min by default):
+#: this, plus the longest handler run, must stay under the broker's timeout.
+MAX_UNACKED_S = 600.0
 #: After the grace period, how long cancelled handlers get to unwind before the worker
 #: gives up on them (an async handler may swallow the cancellation).
 UNWIND_S = 5.0
@@ -108,6 +112,8 @@ class Worker:
         self._stopping = False
         self._follower = CancelFollower(settings)
         self._holder = Holder(self._tally, self.metrics, self._release)
+        #: How long a delivery may wait (held, then for a slot) before it is handed back.
+        self.max_unacked_s = MAX_UNACKED_S
         self._max_hold_s = max_hold_s(settings.resolution_ms, settings.hold_window_s)
         # Both made in run(), once the channel (and so the publisher) exists.
         self._execution: Execution | None = None
@@ -337,7 +343,11 @@ class Worker:
         started = False
         try:
             self._running.add(current)
-            async with self._slots:
+            if not await self._slot(message):
+                self._tally.count("backlogged")
+                await settler.give_back(message)
+                return
+            try:
                 caught_up = self._follower.caught_up
                 if not caught_up.is_set():
                     await caught_up.wait()
@@ -346,6 +356,8 @@ class Worker:
                     return
                 started = True
                 await self._execute(message, settler)
+            finally:
+                self._slots.release()
         except asyncio.CancelledError:
             # At stop. Waiting: handed back, not counted. Running past the grace period:
             # returned as a worker's death returns it (redelivered, and counted toward the
@@ -356,6 +368,22 @@ class Worker:
             log.error("%s", e)
         finally:
             self._running.discard(current)
+
+    async def _slot(self, message: Delivery) -> bool:
+        """Take a concurrency slot; False if none came free within ``max_unacked_s`` of
+        the delivery's arrival. The broker closes a channel holding a delivery unacked
+        past its consumer timeout (30 min by default) and returns every unacked one, so a
+        worker whose prefetch outruns its handlers hands the excess back in time instead:
+        a fresh copy at the queue's tail, not counted toward its delivery limit."""
+        if not self._slots.locked():
+            await self._slots.acquire()  # free: no timer on the usual path
+            return True
+        try:
+            async with asyncio.timeout(message.arrived + self.max_unacked_s - time.monotonic()):
+                await self._slots.acquire()
+        except TimeoutError:
+            return False
+        return True
 
     async def _execute(self, message: Delivery, settler: Settler) -> None:
         assert self._execution is not None

@@ -10,6 +10,7 @@ through a locking ``__setattr__``) and a second task. Measured side by side
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -28,6 +29,7 @@ class Delivery:
     __slots__ = (
         "_settled",
         "_tag",
+        "arrived",
         "body",
         "channel",
         "content_type",
@@ -52,6 +54,8 @@ class Delivery:
         self.channel: AbstractChannel = message.channel
         self._tag: int | None = message.delivery_tag
         self._settled = False
+        #: When it arrived (time.monotonic()): the broker's consumer timeout counts from then.
+        self.arrived = time.monotonic()
 
     def publisher_properties(self) -> Mapping[str, Any]:
         """The properties the publisher set, other than headers and content type (what

@@ -12,7 +12,7 @@ from prometheus_client import Counter
 from rmqdelay.worker.metrics import WorkerMetrics
 
 Outcome: TypeAlias = Literal[
-    "executed", "failed", "retried", "parked", "cancelled", "requeued", "skipped"
+    "executed", "failed", "retried", "parked", "cancelled", "requeued", "skipped", "backlogged"
 ]
 
 
@@ -33,6 +33,9 @@ class WorkerStats:
     past_due: int = 0
     #: Tasks that arrived before their due time and were held until it.
     held: int = 0
+    #: Tasks handed back (a fresh copy at the queue's tail) after waiting
+    #: ``Worker.max_unacked_s`` for a free slot: a backlog, not a failure.
+    backlogged: int = 0
     #: Handlers still running when the worker gave up on them at stop (tasks requeued).
     abandoned: int = 0
     lateness_max_s: float = 0.0
@@ -52,6 +55,7 @@ class WorkerStats:
             f"parked {self.parked}, "
             f"requeued {self.requeued}, "
             + (f"skipped {self.skipped}, " if self.skipped else "")
+            + (f"handed back from a backlog {self.backlogged}, " if self.backlogged else "")
             + f"scheduled past due {self.past_due}"
             + (f", abandoned {self.abandoned}" if self.abandoned else "")
             + "; "

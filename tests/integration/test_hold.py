@@ -1,7 +1,9 @@
-"""Exact release in the worker: the levels deliver up to one unit early, the worker holds.
+"""Exact release in the worker: the levels deliver up to the hold window early, the
+worker holds.
 
-These tests use coarse resolutions (200 ms to 1 s) so that early arrival is large enough to
-observe; the mechanism is the same at any resolution.
+These tests use coarse resolutions (200 ms to 1 s) and, unless they say otherwise, a
+window of one unit, so that early arrival is large enough to observe and each task
+still takes its hops; the mechanism is the same at any resolution and window.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from datetime import timedelta
 import pika
 import pytest
 
-from rmqdelay import Scheduler, Settings
+from rmqdelay import Scheduler, Settings, Task
 from rmqdelay.broker.declare import apply_topology
 from rmqdelay.core.topology import build_topology
 
@@ -30,7 +32,12 @@ pytestmark = pytest.mark.integration
 
 
 async def _coarse(broker_url: str, resolution_ms: int) -> AsyncIterator[Settings]:
-    settings = make_settings(broker_url, resolution_ms=resolution_ms, max_delay=timedelta(hours=1))
+    settings = make_settings(
+        broker_url,
+        resolution_ms=resolution_ms,
+        max_delay=timedelta(hours=1),
+        hold_window=timedelta(milliseconds=resolution_ms),
+    )
     await apply_topology(settings, build_topology(settings.layout, ("dest",)))
     yield settings
     await apply_topology(settings, build_topology(settings.layout, ("dest",)), delete=True)
@@ -248,3 +255,34 @@ async def test_a_hold_window_sends_tasks_due_within_it_straight_to_a_worker_neve
     assert min(recorder.lateness_ms().values()) >= 0, "never early"
     async with Scheduler(coarse) as scheduler:  # one unit's window: more hops
         assert (await scheduler.schedule("dest", {}, delay=3.9)).hops == 3
+
+
+async def test_a_backlog_past_the_unacked_limit_is_handed_back_and_runs_once(
+    settings: Settings, destination: str
+) -> None:
+    """Deliveries waiting for a slot longer than the worker allows (the broker's consumer
+    timeout would close the channel) go back as fresh copies, and each task still runs once."""
+    gate, blocking = asyncio.Event(), asyncio.Event()
+    runs: dict[str, int] = {}
+
+    async def handler(task: Task) -> None:
+        runs[task.id] = runs.get(task.id, 0) + 1
+        if task.payload.get("block"):
+            blocking.set()
+            await gate.wait()
+
+    async with (
+        running_worker(settings, destination, handler, concurrency=1) as worker,
+        Scheduler(settings) as scheduler,
+    ):
+        worker.max_unacked_s = 0.3
+        first = await scheduler.schedule(destination, {"block": True}, delay=0)
+        await asyncio.wait_for(blocking.wait(), 20)
+        rest = [await scheduler.schedule(destination, {"i": i}, delay=0) for i in range(3)]
+        async with asyncio.timeout(20):
+            await worker.wait_for(lambda s: s.backlogged >= 3)
+        assert not any(s.id in runs for s in rest), "none ran while the slot was taken"
+        gate.set()
+        async with asyncio.timeout(20):
+            await worker.wait_for(lambda s: s.executed >= 4)
+    assert runs == {t.id: 1 for t in [first, *rest]}
