@@ -45,6 +45,11 @@ HOLD_RATE_PER_S = 4000
 #: redelivered when it dies. (Beyond 16 s, a prefetch of 65,535 holds HOLD_RATE_PER_S of
 #: arrivals no longer: wider windows suit lower rates only.)
 MAX_HOLD_WINDOW = timedelta(seconds=60)
+#: The hold window unless set (or one unit, if that is longer). Chosen on RabbitMQ 4.3:
+#: every hop it saves was about 0.5 ms of broker CPU, and 16 s put delays of 1-60 s at
+#: 1.9x a raw publish+consume and delays under 16 s at 1.0-1.4x (docs/design.md,
+#: "The cost of a task on 4.3").
+DEFAULT_HOLD_WINDOW = timedelta(seconds=16)
 _NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
 
@@ -134,7 +139,7 @@ class Settings(BaseSettings):
         default=None,
         description="How early the levels may deliver a task, for workers to hold until "
         "due: a wider window takes fewer hops, and workers hold more (at least the "
-        "resolution, at most 60s; default: one resolution unit).",
+        "resolution, at most 60s; default: 16s, or one unit if that is longer).",
     )
     prefetch: int | None = Field(
         default=None,
@@ -323,11 +328,17 @@ class Settings(BaseSettings):
         return min(65535, concurrency + math.ceil(HOLD_RATE_PER_S * self.hold_window_s))
 
     @property
+    def window(self) -> timedelta:
+        """How early the levels may deliver a task: the setting, or DEFAULT_HOLD_WINDOW
+        (one unit when the resolution is coarser)."""
+        if self.hold_window is not None:
+            return self.hold_window
+        return max(DEFAULT_HOLD_WINDOW, timedelta(milliseconds=self.resolution_ms))
+
+    @property
     def hold_window_s(self) -> float:
-        """How early the levels may deliver a task, in seconds (at least one unit)."""
-        if self.hold_window is None:
-            return self.resolution_ms / 1000
-        return self.hold_window.total_seconds()
+        """``window`` in seconds."""
+        return self.window.total_seconds()
 
     @property
     def retry_policy(self) -> RetryPolicy:
@@ -367,7 +378,7 @@ class Settings(BaseSettings):
     def limits(self) -> DelayLimits:
         """Delay arithmetic for these settings (computed once per resolution and maximum:
         every schedule() routes through it)."""
-        return _limits(self.resolution_ms, self.max_delay, self.hold_window)
+        return _limits(self.resolution_ms, self.max_delay, self.window)
 
     @property
     def wiring(self) -> Wiring:
@@ -416,11 +427,13 @@ class Settings(BaseSettings):
 
 
 @functools.lru_cache(maxsize=64)
-def _limits(resolution_ms: int, max_delay: timedelta, hold_window: timedelta | None) -> DelayLimits:
+def _limits(resolution_ms: int, max_delay: timedelta, hold_window: timedelta) -> DelayLimits:
     max_delay_us = delay_to_us(max_delay)
-    window_us = None if hold_window is None else delay_to_us(hold_window)
     return DelayLimits(
-        resolution_ms, level_count(resolution_ms, max_delay_us), max_delay_us, window_us
+        resolution_ms,
+        level_count(resolution_ms, max_delay_us),
+        max_delay_us,
+        delay_to_us(hold_window),
     )
 
 

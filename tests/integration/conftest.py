@@ -200,6 +200,9 @@ def make_settings(url: str, **overrides: object) -> Settings:
         # Coarse enough that tasks arrive early and are held (the default is 1,024 ms), fine
         # enough that delays of a second or two still take hops through the levels.
         "resolution_ms": 256,
+        # One unit (the default is 16 s): tasks due in a second or two still go through the
+        # levels, which is what most tests look at; test_hold.py covers wider windows.
+        "hold_window": timedelta(milliseconds=256),
         "max_delay": timedelta(days=3653),
         "declare": True,
         "prefetch": 32,
@@ -209,6 +212,8 @@ def make_settings(url: str, **overrides: object) -> Settings:
         "management_url": os.environ.get("RMQDELAY_TEST_MANAGEMENT_URL") or NO_MANAGEMENT,
     }
     values.update(overrides)
+    if "resolution_ms" in overrides and "hold_window" not in overrides:
+        values["hold_window"] = timedelta(milliseconds=int(str(values["resolution_ms"])))
     return Settings(_env_file=None, **values)
 
 

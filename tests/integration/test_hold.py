@@ -32,12 +32,7 @@ pytestmark = pytest.mark.integration
 
 
 async def _coarse(broker_url: str, resolution_ms: int) -> AsyncIterator[Settings]:
-    settings = make_settings(
-        broker_url,
-        resolution_ms=resolution_ms,
-        max_delay=timedelta(hours=1),
-        hold_window=timedelta(milliseconds=resolution_ms),
-    )
+    settings = make_settings(broker_url, resolution_ms=resolution_ms, max_delay=timedelta(hours=1))
     await apply_topology(settings, build_topology(settings.layout, ("dest",)))
     yield settings
     await apply_topology(settings, build_topology(settings.layout, ("dest",)), delete=True)
@@ -286,3 +281,21 @@ async def test_a_backlog_past_the_unacked_limit_is_handed_back_and_runs_once(
         async with asyncio.timeout(20):
             await worker.wait_for(lambda s: s.executed >= 4)
     assert runs == {t.id: 1 for t in [first, *rest]}
+
+
+async def test_the_default_window_sends_tasks_due_within_16_s_straight_to_a_worker(
+    settings: Settings, destination: str
+) -> None:
+    """The shipped default: no hop for a task due within 16 s, held by the worker until due."""
+    default = settings.model_copy(update={"hold_window": None})
+    assert default.hold_window_s == 16.0
+    recorder = Recorder()
+    async with (
+        running_worker(default, destination, recorder) as worker,
+        Scheduler(default) as scheduler,
+    ):
+        scheduled = [await scheduler.schedule(destination, {}, delay=d) for d in (0.4, 1.5)]
+        await recorder.wait_for({s.id for s in scheduled}, within=20)
+    assert [s.hops for s in scheduled] == [0, 0]
+    assert worker.stats.held == 2
+    assert min(recorder.lateness_ms().values()) >= 0, "never early"

@@ -81,7 +81,8 @@ def test_the_wiring_routes_by_the_backend() -> None:
     # auto stands for the levels until a client has asked the broker
     auto = Settings(_env_file=None, namespace="s", backend="auto").wiring
     assert auto.backend == "levels"
-    assert auto.route(timedelta(seconds=2) // timedelta(microseconds=1)).exchange == "s.schedule"
+    # (20 s: beyond the default hold window, so through the levels)
+    assert auto.route(timedelta(seconds=20) // timedelta(microseconds=1)).exchange == "s.schedule"
 
 
 def test_the_wiring_is_derived_once_per_layout_and_routes_are_shared() -> None:
@@ -106,5 +107,5 @@ def test_the_wiring_routes_a_task_through_the_levels_of_its_shard() -> None:
     settings = Settings(_env_file=None, namespace="t", shards=3)
     wiring = settings.wiring
     for task_id in ("a", "b", "c", "d"):
-        way = wiring.route(5_000_000, task_id)
+        way = wiring.route(50_000_000, task_id)
         assert way.exchange == Names("t").schedule_exchange_of(shard_of(task_id, 3))

@@ -11,8 +11,9 @@ from rmqdelay.core.redact import redact_url, split_urls
 def test_defaults() -> None:
     s = Settings(_env_file=None)
     assert (s.namespace, s.queue_type, s.resolution_ms) == ("rmqdelay", "quorum", 1024)
-    # room to run 16 handlers and hold one unit (1,024 ms) of early tasks at 4,000/s
-    assert s.prefetch_for(16) == 16 + 4096
+    # room to run 16 handlers and hold the default window (16 s) of early tasks at 4,000/s
+    assert s.hold_window_s == 16.0
+    assert s.prefetch_for(16) == 16 + 64_000
     assert Settings(_env_file=None, prefetch=7).prefetch_for(16) == 7
     assert s.max_delay == timedelta(days=3653)
     assert s.declare is True
@@ -24,7 +25,12 @@ def test_a_hold_window_sets_how_early_tasks_arrive_and_the_room_to_hold_them() -
     assert s.prefetch_for(16) == 16 + 16_000
     assert s.limits.whole_units(3_900_000) == 0, "due within the window: straight to work"
     assert s.limits.whole_units(7_500_000) == 4, "one hop (4 units), held 3.4 s"
-    assert Settings(_env_file=None).limits.whole_units(7_500_000) == 7, "three hops"
+    assert Settings(_env_file=None, hold_window="1024ms").limits.whole_units(7_500_000) == 7, (
+        "three hops"
+    )
+    assert Settings(_env_file=None).limits.whole_units(15_900_000) == 0, "default: 16 s"
+    coarse = Settings(_env_file=None, resolution_ms=30_000)
+    assert coarse.hold_window_s == 30.0, "never less than one unit"
     for wrong, fragment in (("500ms", "from the resolution (1024 ms"), ("2m", "to 1m")):
         with pytest.raises(ConfigError, match="hold_window") as info:
             Settings(_env_file=None, hold_window=wrong)
