@@ -11,13 +11,18 @@ memory per pending task (management API), and its namespace is deleted.
     .venv/bin/python bench/compare.py --rate 1000 --count 6000
     .venv/bin/python bench/compare.py --rate 500,1000,1500,2000 --count 6000 --pending 0
 
-Timings on a shared machine are noisy: compare the rows of one run, not runs.
+Timings on a shared machine are noisy: compare the rows of one run, not runs. The
+broker's CPU is counted from the first publish to the last report; the publisher's and
+the consumer's over the same span. For a rate sweep, give each rate a --count of many
+times its rate (30,000 at 1,000-2,000/s): the baseline publishes at each task's due time,
+so in a short run its publishing trails the offered rate by the span of the delays.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import random
 import signal
@@ -124,22 +129,30 @@ async def broker_memory(settings: Settings) -> tuple[int, int] | None:
 
 
 class Meter:
-    """The broker's CPU over one pipeline's run, from its first publish until its last task
-    is reported: declaring and deleting its queues happens once per deployment, not once
-    per task, so it is left out (on 4.3 it was about a tenth of a 6,000-task run)."""
+    """CPU over one pipeline's run, from its first publish until its last task is
+    reported: the broker's (declaring and deleting its queues happens once per
+    deployment, not once per task, so it is left out: on 4.3 it was about a tenth of a
+    6,000-task run), this publishing process's and the consumer's."""
 
     def __init__(self, pid: int | None) -> None:
         self.pid = pid
         self.used_s: float | None = None
-        self._started: float | None = None
+        #: (publisher, consumer) CPU seconds, when the consumer's could be read.
+        self.clients_s: tuple[float, float] | None = None
+        self._started: tuple[float | None, float, float | None] = (None, 0.0, None)
+        self._consumer = Path("/nonexistent")
 
-    def start(self) -> None:
-        self._started = broker_cpu_s(self.pid)
+    def start(self, consumer_pid: int) -> None:
+        self._consumer = Path(f"/proc/{consumer_pid}/stat")
+        self._started = (broker_cpu_s(self.pid), time.process_time(), process_cpu_s(self._consumer))
 
     def stop(self) -> None:
-        ended = broker_cpu_s(self.pid)
-        if self._started is not None and ended is not None:
-            self.used_s = ended - self._started
+        broker, consumer = broker_cpu_s(self.pid), process_cpu_s(self._consumer)
+        if self._started[0] is not None and broker is not None:
+            self.used_s = broker - self._started[0]
+        if self._started[2] is not None and consumer is not None:
+            publisher = time.process_time() - self._started[1]
+            self.clients_s = (publisher, consumer - self._started[2])
 
     def per_task(self, tasks: int) -> float | None:
         return None if self.used_s is None else self.used_s / tasks
@@ -180,7 +193,7 @@ async def run_backend(
                 scheduled = await scheduler.schedule(DESTINATION, {"i": i}, delay=delays[i])
                 hops += scheduled.hops
 
-            meter.start()
+            meter.start(reporter.process.pid)
             publish_rate = await paced(len(delays), rate, publish)
             try:
                 await asyncio.wait_for(reporter.all_in.wait(), max(delays) + 60)
@@ -284,7 +297,7 @@ async def run_baseline(url: str, delays: list[float], rate: float, meter: Meter)
                 await channel.default_exchange.publish(message, queue)
 
             started = loop.time()
-            meter.start()
+            meter.start(reporter.process.pid)
             await paced(len(delays), rate, publish)
             # Each publish waits for its due time first: the rate is over the publishing span.
             publish_rate = len(delays) / max(1e-9, loop.time() - started - max(delays))
@@ -371,26 +384,38 @@ async def main() -> int:
     results: list[tuple[float, Result]] = []
     memory: dict[str, str] = {}
     cpu: dict[tuple[float, str], float | None] = {}
+    #: CPU seconds of the publisher and of the consumer (per task when printed).
+    clients: dict[tuple[float, str], tuple[float, float] | None] = {}
     for rate in rates:
         for backend in backends:
             pending = args.pending if rate == rates[0] else 0  # memory: measured once
             meter = Meter(args.broker_pid)
             result, per_pending = await run_backend(args.url, backend, delays, rate, pending, meter)
             cpu[rate, result.name] = meter.per_task(len(delays))
+            clients[rate, result.name] = meter.clients_s
             results.append((rate, result))
             if pending:
                 memory[result.name] = per_pending
         meter = Meter(args.broker_pid)
         results.append((rate, await run_baseline(args.url, delays, rate, meter)))
         cpu[rate, results[-1][1].name] = meter.per_task(len(delays))
-        print(f"{'offered':>8} {HEADER} {'broker CPU/task':>16} {'x raw':>6}")
+        clients[rate, results[-1][1].name] = meter.clients_s
+        print(
+            f"{'offered':>8} {HEADER} {'broker CPU/task':>16} {'x raw':>6} "
+            f"{'publisher':>10} {'consumer':>9}"
+        )
         raw = cpu.get((rate, results[-1][1].name))
         for offered, result in results:
             if offered == rate:
                 used = cpu.get((offered, result.name))
                 shown = f"{used * 1000:.2f} ms" if used is not None else "n/a"
                 ratio = f"{used / raw:.2f}" if used is not None and raw else "n/a"
-                print(f"{offered:>6.0f}/s {result.row()} {shown:>16} {ratio:>6}")
+                spent = clients.get((offered, result.name)) or (math.nan, math.nan)
+                publisher, consumer = (f"{s * 1000 / len(delays):.2f} ms" for s in spent)
+                print(
+                    f"{offered:>6.0f}/s {result.row()} {shown:>16} {ratio:>6} "
+                    f"{publisher:>10} {consumer:>9}"
+                )
     return _summary(results, memory, sweep=len(rates) > 1)
 
 
