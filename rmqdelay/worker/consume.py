@@ -310,17 +310,18 @@ class Worker:
 
     async def _on_message(self, message: Delivery) -> None:
         due = due_s(message.headers)
-        if due is not None and due > time.time():
-            if due - time.time() <= self._max_hold_s:
-                self._holder.hold(message, due)  # released to _release when due
-                return
+        # Stopping: _run hands it back, as it does a held one (a delivery may still come
+        # in while the consumer is being cancelled, after the held ones went back).
+        if due is None or due <= time.time() or self._stopping:
+            await self._run(message)
+        elif due - time.time() <= self._max_hold_s:
+            self._holder.hold(message, due)  # released to _release when due
+        else:
             assert self._settler is not None
             try:
                 await self._settler.send_back(message, due)
             except RmqDelayError as e:  # could not be published: requeued
                 log.error("%s", e)
-            return
-        await self._run(message)
 
     def _release(self, message: Delivery) -> None:
         """A held task is due: run it, in a task of its channel's, as a task that arrived
