@@ -1,5 +1,5 @@
-"""Holding early tasks: the levels deliver a task up to the hold window (by default one
-resolution unit) before it is due; the worker keeps it (unacked, outside the concurrency
+"""Holding early tasks: the levels deliver a task up to the hold window (16 s by default)
+before it is due; the worker keeps it (unacked, outside the concurrency
 slots) and releases it at its due time, by the wall clock the publisher stamped it
 with."""
 
