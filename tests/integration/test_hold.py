@@ -26,6 +26,7 @@ from rmqdelay.core.topology import build_topology
 
 from .conftest import make_settings
 from .helpers import Recorder, get_all, logged, running_worker, subprocess_env
+from .proxy import Proxy
 from .test_cli import _line_with
 
 pytestmark = pytest.mark.integration
@@ -298,4 +299,34 @@ async def test_the_default_window_sends_tasks_due_within_16_s_straight_to_a_work
         await recorder.wait_for({s.id for s in scheduled}, within=20)
     assert [s.hops for s in scheduled] == [0, 0]
     assert worker.stats.held == 2
+    assert min(recorder.lateness_ms().values()) >= 0, "never early"
+
+
+async def test_tasks_held_when_the_connection_drops_run_once_after_redelivery(
+    settings: Settings, destination: str
+) -> None:
+    """A held delivery whose channel closed is not run from the worker's memory: the
+    broker delivers it again, it is held again, and it runs once, never early."""
+    window = timedelta(seconds=3)
+    recorder = Recorder()
+    async with (
+        Proxy(settings.url) as proxy,
+        Scheduler(settings.model_copy(update={"hold_window": window})) as scheduler,
+    ):
+        via_proxy = make_settings(
+            proxy.url, namespace=settings.namespace, declare=False, hold_window=window
+        )
+        await scheduler.declare_destination(destination)
+        async with running_worker(via_proxy, destination, recorder) as worker:
+            scheduled = [await scheduler.schedule(destination, {"i": i}, delay=2) for i in range(5)]
+            assert {s.hops for s in scheduled} == {0}
+            async with asyncio.timeout(10):
+                await worker.wait_for(lambda s: s.held >= 5)
+            proxy.cut()
+            await recorder.wait_for({s.id for s in scheduled}, within=30)
+            async with asyncio.timeout(10):  # every entry, stale or not, has come due
+                while len(worker._holder):  # noqa: ASYNC110 - the heap has no event
+                    await asyncio.sleep(0.05)
+        assert worker.stats.held >= 10, "held, then held again after the redelivery"
+    assert [recorder.counts[s.id] for s in scheduled] == [1] * 5
     assert min(recorder.lateness_ms().values()) >= 0, "never early"
