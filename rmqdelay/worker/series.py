@@ -92,6 +92,10 @@ class SeriesKeeper:
         await self._publisher.publish(
             b"", properties(cancel_headers(key, at_ms, until_ms)), "", stream, what=repr(stream)
         )
+        # Known here at once, not only once the stream brings it back: an older copy this
+        # worker holds may come due within milliseconds (a redelivered occurrence taken
+        # late), before its follower has read the record, and would run beside the new one.
+        self._cancels.add(key, at_ms, time.time_ns() // 1_000_000, until_ms)
 
     async def _schedule_next(
         self, message: Delivery, task: Task, series_key: str, due_ms: int
