@@ -206,6 +206,12 @@ class Settings(BaseSettings):
         "work queues' x-delivery-limit on every RabbitMQ version; applies when a queue is "
         "created (a policy changes it later).",
     )
+    journal: bool = Field(
+        default=True,
+        description="Copy every task into the journal stream as it enters the levels, so "
+        "that pending tasks can be looked up, rescheduled, exported and transferred "
+        "(false: none of that; schedule() is a little cheaper for the broker).",
+    )
     tls_ca_file: FilePath | None = Field(
         default=None, description="CA bundle to verify the broker with (amqps://)."
     )
@@ -372,6 +378,7 @@ class Settings(BaseSettings):
             self.shards,
             self.replicas or None,
             self.delivery_limit,
+            self.journal and self.delay_backend == "levels",
         )
 
     @property

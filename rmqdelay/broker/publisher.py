@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aio_pika.abc import AbstractChannel
@@ -87,6 +87,18 @@ def carried(
         timestamp=original.timestamp,
         message_type=original.message_type,
         app_id=original.app_id,
+    )
+
+
+def restored(
+    content_type: str | None, headers: dict[str, Any], publisher: Mapping[str, Any]
+) -> Basic.Properties:
+    """The properties of a task copy made from what the journal or an export holds: the
+    publisher's own properties as they were, persistent, and without a user id (the
+    broker refuses one from any other user than the one that set it)."""
+    kept = {k: v for k, v in publisher.items() if k not in ("delivery_mode", "user_id")}
+    return Basic.Properties(
+        content_type=content_type, headers=headers, delivery_mode=PERSISTENT, **kept
     )
 
 

@@ -18,7 +18,8 @@ from pamqp.commands import Basic
 from rmqdelay.broker.cancels import load_cancels
 from rmqdelay.broker.connection import PUBLISH_RETRYABLE, connect
 from rmqdelay.broker.declare import check_topology, declare_topology, resolve_backend
-from rmqdelay.broker.publisher import Publisher, properties, until_deadline
+from rmqdelay.broker.journal import read_journal
+from rmqdelay.broker.publisher import Publisher, properties, restored, until_deadline
 from rmqdelay.broker.streams import read_stream
 from rmqdelay.core.cancelset import Stamps
 from rmqdelay.core.delays import delay_to_us, describe_us
@@ -27,10 +28,13 @@ from rmqdelay.core.errors import (
     BrokerUnavailableError,
     InvalidDelayError,
     InvalidKeyError,
+    InvalidQueryError,
     InvalidTaskError,
+    TaskNotPendingError,
     TopologyMismatchError,
     UnroutableError,
 )
+from rmqdelay.core.journal import MAX_PAGE, Query, TaskIndex, decode_cursor, page_of
 from rmqdelay.core.recurrence import (
     MAX_SERIES_KEY_BYTES,
     MIN_EVERY_MS,
@@ -47,9 +51,10 @@ from rmqdelay.core.recurrence import (
 )
 from rmqdelay.core.retry import BACKOFF_BASE_MS, BACKOFF_CAP_MS, MAX_ATTEMPTS
 from rmqdelay.core.routes import Route
-from rmqdelay.core.task import Cancellation, ScheduledTask
+from rmqdelay.core.task import Cancellation, PendingTask, ScheduledTask, TaskPage
 from rmqdelay.core.topology import build_topology, destination_topology
 from rmqdelay.core.wire import (
+    DUE_MS,
     PAST_DUE_TOLERANCE_MS,
     PUBLISHED_MS,
     cancel_headers,
@@ -66,6 +71,10 @@ from rmqdelay.settings import Settings
 log = logging.getLogger(__name__)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: A task due sooner than this is not rescheduled: a worker may be about to run it, and
+#: the cancel of the old copy must reach every worker before then (it takes milliseconds
+#: when they keep up; docs/design.md, "Reschedule").
+RESCHEDULE_MARGIN_S = 1.0
 _US = timedelta(microseconds=1)
 
 
@@ -474,7 +483,11 @@ class Scheduler:
             ) from e
 
     async def cancel(
-        self, key: str, *, until: datetime | timedelta | float | None = None
+        self,
+        key: str,
+        *,
+        until: datetime | timedelta | float | None = None,
+        count: bool = False,
     ) -> Cancellation:
         """Call off every task under ``key`` (or with id ``key``) published before now.
 
@@ -486,9 +499,15 @@ class Scheduler:
         cancel set stays small. By default they keep it as long as any task can wait
         (RMQDELAY_MAX_DELAY, or RMQDELAY_CANCEL_RETENTION); a later ``until`` is cut to that.
 
+        Args:
+            count: Read the journal first, and return in ``Cancellation.pending`` how many
+                pending tasks were under the key (the whole journal is read: it takes
+                about a second per 15,000 tasks in it).
+
         Raises:
             InvalidKeyError: ``key`` is not a usable key; nothing was sent.
             InvalidDelayError: ``until`` is in the past or not a time; nothing was sent.
+            JournalUnavailableError: ``count`` without a journal to count in; nothing was sent.
             PublishNotConfirmedError: the broker did not confirm the record.
         """
         key = check_key(key)
@@ -506,7 +525,16 @@ class Scheduler:
                     "tasks it calls off are due"
                 )
             until_ms = -(-until_us // 1000)
-        at_ms = self._stamps.cancel(now_ms)
+        pending = None
+        if count:
+            index = await self._read_journal()
+            pending = len(index.pending(time.time_ns() // 1_000_000, Query(key=key)))
+        at_ms = self._stamps.cancel(time.time_ns() // 1_000_000)
+        await self._publish_cancel(key, at_ms, until_ms)
+        log.debug("cancelled %r at %d", key, at_ms)
+        return Cancellation(key, _EPOCH + at_ms * 1000 * _US, pending)
+
+    async def _publish_cancel(self, key: str, at_ms: int, until_ms: int | None) -> None:
         stream = self.wiring.names.cancels
         try:
             await self._require_publisher().publish(
@@ -517,8 +545,153 @@ class Scheduler:
                 f"cancellation stream {stream!r} does not exist; declare the topology "
                 "('rmqdelay declare') or set RMQDELAY_DECLARE=true"
             ) from e
-        log.debug("cancelled %r at %d", key, at_ms)
-        return Cancellation(key, _EPOCH + at_ms * 1000 * _US)
+
+    async def _read_journal(self) -> TaskIndex:
+        return await read_journal(self.settings, self.connection)
+
+    async def get(self, task_id: str) -> PendingTask | None:
+        """The pending task with id ``task_id``, with its payload and properties; None if
+        there is none (it ran, was cancelled, or never was).
+
+        The whole journal is read: about a second per 15,000 tasks in it.
+
+        Raises:
+            InvalidKeyError: ``task_id`` cannot be a task id.
+            JournalUnavailableError: no journal to look in (RMQDELAY_JOURNAL, the plugin).
+        """
+        task_id = check_key(task_id, "a task id")
+        index = await self._read_journal()
+        entry = index.get(task_id, time.time_ns() // 1_000_000)
+        return None if entry is None else entry.task()
+
+    async def find(
+        self,
+        *,
+        key: str | None = None,
+        destination: str | None = None,
+        due_before: datetime | None = None,
+        due_after: datetime | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> TaskPage:
+        """Pending tasks, soonest due first: those under ``key`` (or with that id), for
+        ``destination``, due before ``due_before`` and at or after ``due_after`` (each
+        filter only if given). Pass the page's ``cursor`` back for the next page.
+
+        A task is pending until its due time (then it is in its work queue, running, or
+        done), unless cancelled; a retry waiting out its backoff is pending again.
+
+        Raises:
+            InvalidQueryError: a bad filter, limit (1 to 1000) or cursor.
+            JournalUnavailableError: no journal to look in (RMQDELAY_JOURNAL, the plugin).
+        """
+        query = self._query(key, destination, due_before, due_after, limit, cursor)
+        index = await self._read_journal()
+        entries, more = index.find(time.time_ns() // 1_000_000, query)
+        return page_of(entries, more)
+
+    def _query(
+        self,
+        key: str | None,
+        destination: str | None,
+        due_before: datetime | None,
+        due_after: datetime | None,
+        limit: int,
+        cursor: str | None,
+    ) -> Query:
+        try:
+            if key is not None:
+                check_key(key)
+            if destination is not None:
+                self.wiring.names.check_destination(destination)
+            before = None if due_before is None else -(-_due_us(0, None, due_before) // 1000)
+            after = None if due_after is None else -(-_due_us(0, None, due_after) // 1000)
+        except InvalidTaskError as e:
+            raise InvalidQueryError(str(e)) from None
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+            raise InvalidQueryError(f"limit must be an integer from 1 to {MAX_PAGE}, got {limit!r}")
+        if cursor is not None:
+            try:
+                decode_cursor(cursor)
+            except ValueError as e:
+                raise InvalidQueryError(str(e)) from None
+        return Query(key, destination, before, after, limit, cursor)
+
+    async def reschedule(
+        self,
+        key_or_id: str,
+        *,
+        delay: timedelta | float | None = None,
+        at: datetime | None = None,
+    ) -> ScheduledTask:
+        """Move a pending task to a new due time, ``delay`` from now or ``at``, without its
+        payload: the task with this id, or the one pending task under this key.
+
+        A copy with the new due time is published (confirmed), then the old one is
+        cancelled (confirmed): exactly one of them runs. A task due within
+        RESCHEDULE_MARGIN_S may be running already and is not moved (it raises, and runs
+        as scheduled). Should this process die between the two steps, both may run.
+
+        Raises:
+            InvalidDelayError: bad ``delay``/``at``; nothing was sent.
+            InvalidKeyError: the key has several pending tasks (reschedule each by id).
+            TaskNotPendingError: nothing pending under it, or it is due too soon to move.
+            JournalUnavailableError: no journal to look in (RMQDELAY_JOURNAL, the plugin).
+            InvalidTaskError: it is an occurrence of a recurring series (use recurring()).
+        """
+        key = check_key(key_or_id, "a task id or key")
+        now_us = time.time_ns() // 1000
+        due_us = _due_us(now_us, delay, at)
+        self.wiring.route(due_us - now_us)  # refuses a delay over the maximum before reading
+        index = await self._read_journal()
+        now_ms = time.time_ns() // 1_000_000
+        entry = index.get(key, now_ms)
+        if entry is None:
+            under = index.pending(now_ms, Query(key=key))
+            if len(under) > 1:
+                shown = ", ".join(e.id for e in under[:5])
+                raise InvalidKeyError(
+                    f"key {key!r} has {len(under)} pending tasks ({shown}"
+                    f"{', ...' if len(under) > 5 else ''}); reschedule each by its id"
+                )
+            if not under:
+                raise TaskNotPendingError(
+                    f"no pending task has id or key {key!r}: it ran (or is due now), was "
+                    "cancelled, or was never scheduled in this namespace"
+                )
+            entry = under[0]
+        if entry.series is not None:
+            raise InvalidTaskError(
+                f"task {entry.id} is an occurrence of series {entry.series[0]!r}: change a "
+                "series by calling recurring() again with its key (it replaces the series)"
+            )
+        left_ms = entry.due_ms - now_ms
+        if left_ms < RESCHEDULE_MARGIN_S * 1000:
+            raise TaskNotPendingError(
+                f"task {entry.id} is due in {left_ms / 1000:.3f}s: too soon to move safely "
+                f"(under {RESCHEDULE_MARGIN_S:g}s, a worker may be running it already), so it "
+                "runs as scheduled; cancel it instead if it must not"
+            )
+        await self._check_destination(entry.destination)
+        now_ms = time.time_ns() // 1_000_000
+        way = self.wiring.route(due_us - now_ms * 1000, entry.id)
+        # Later than the copy it replaces even within one millisecond: the cancel at
+        # stamp - 1 must call that copy off and not this one.
+        stamp = max(self._stamps.publish(now_ms), entry.published_ms + 1)
+        headers = {
+            **entry.headers,
+            DUE_MS: -(-due_us // 1000),
+            PUBLISHED_MS: stamp,
+            **way.headers,
+        }
+        props = restored(entry.content_type, headers, entry.properties)
+        scheduled = ScheduledTask(
+            entry.id, entry.destination, _EPOCH + due_us * _US, way.hops, entry.keys
+        )
+        await self._publish_task(entry.body, props, way, scheduled)
+        await self._publish_cancel(entry.id, stamp - 1, None)
+        log.debug("rescheduled %s from %d to %d", entry.id, entry.due_ms, due_us // 1000)
+        return scheduled
 
     def _publish_task(
         self, body: bytes, props: Basic.Properties, way: Route, scheduled: ScheduledTask

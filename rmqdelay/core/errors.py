@@ -2,6 +2,7 @@
 
     RmqDelayError
     ├── ConfigError (ValueError)            settings or CLI options that cannot work
+    ├── InvalidQueryError (ValueError)      a find() filter, limit or cursor that cannot work
     ├── InvalidTaskError (ValueError)       a schedule() call refused before anything was sent
     │   ├── InvalidDelayError
     │   ├── InvalidDestinationError
@@ -13,7 +14,10 @@
     │   ├── UnroutableError
     │   ├── PublishNotConfirmedError
     │   │   └── BatchNotConfirmedError     some tasks of a schedule_many() were not confirmed
+    │   ├── JournalUnavailableError        no journal to look tasks up in (turned off, plugin)
     │   └── ConsumerCancelledError         the broker cancelled a worker's consumer for good
+    ├── TaskNotPendingError (LookupError)   no such pending task, or too close to its due
+    │                                       time to move
     ├── MessageDecodeError                  a delivered message is not an rmqdelay task
     ├── WebhookError                        the webhook target failed a task (it is retried)
     ├── HandlerError (TypeError)            a handler returned what it must not (a coroutine)
@@ -34,6 +38,10 @@ class RmqDelayError(Exception):
 
 class ConfigError(RmqDelayError, ValueError):
     """Raised when settings or command-line options are invalid or inconsistent."""
+
+
+class InvalidQueryError(RmqDelayError, ValueError):
+    """Raised for a ``find()`` filter, limit or cursor that cannot work."""
 
 
 class InvalidTaskError(RmqDelayError, ValueError):
@@ -105,6 +113,16 @@ class BatchNotConfirmedError(PublishNotConfirmedError):
         )
         self.scheduled = scheduled
         self.errors = errors
+
+
+class JournalUnavailableError(BrokerError):
+    """Raised when pending tasks cannot be looked up: the journal is turned off
+    (RMQDELAY_JOURNAL=false), the plugin backend holds the tasks, or the stream is missing."""
+
+
+class TaskNotPendingError(RmqDelayError, LookupError):
+    """Raised when a task to show or reschedule is not pending: never scheduled, run,
+    cancelled, or due too soon to be moved safely (the message says which)."""
 
 
 class MessageDecodeError(RmqDelayError):

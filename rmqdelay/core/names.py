@@ -88,6 +88,12 @@ class Names:
         return f"{self.namespace}.series"
 
     @property
+    def journal(self) -> str:
+        """Stream holding a copy of every task as it entered the levels (the broker routes
+        it there): what lookups, reschedules and exports read."""
+        return f"{self.namespace}.journal"
+
+    @property
     def cancel_snapshots(self) -> str:
         """Stream of snapshots of the live cancel set, so a starting worker need not
         replay the whole cancellation stream."""

@@ -66,16 +66,62 @@ class ScheduledTask:
 class Cancellation:
     """Returned by ``Scheduler.cancel()`` once the broker has confirmed the cancel record.
 
-    Whether a task was pending under the key is not known to the publisher: workers skip
-    (and count and log) every task under it published up to ``at``, whenever it comes due.
+    Workers skip (and count and log) every task under the key published up to ``at``,
+    whenever it comes due.
 
     Attributes:
         key: The cancelled key (or task id).
         at: The cancel's stamp (UTC): tasks under ``key`` published up to it will not run.
+        pending: How many pending tasks the journal had under the key just before the
+            cancel (``cancel(key, count=True)``); None when not asked.
     """
 
     key: str
     at: datetime
+    pending: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingTask:
+    """A task waiting for its due time, as the journal has it (``Scheduler.get()``,
+    ``find()``).
+
+    Attributes:
+        id: Task id.
+        destination: Destination it will be delivered to.
+        due_at: When it is due (UTC).
+        attempt: 1, or the attempt a retry waits to make.
+        keys: Cancel keys, besides the id.
+        size: Payload size in bytes.
+        published_at: Its publish stamp (UTC): cancels made after it call it off.
+        series: The key of the recurring series it is an occurrence of, if any.
+        content_type: Content type of the body.
+        body: The payload exactly as published.
+        headers: Its AMQP headers (rmqdelay's and the publisher's), without its route.
+        properties: The other AMQP properties the publisher set (only those set).
+    """
+
+    id: str
+    destination: str
+    due_at: datetime
+    attempt: int
+    keys: tuple[str, ...]
+    size: int
+    published_at: datetime
+    series: str | None = None
+    content_type: str | None = None
+    body: bytes = field(default=b"", repr=False)
+    headers: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    properties: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    """One page of ``Scheduler.find()``: tasks soonest due first, and ``cursor`` to pass
+    for the next page (None: this was the last)."""
+
+    tasks: list[PendingTask]
+    cursor: str | None
 
 
 class Handler(Protocol):

@@ -44,6 +44,9 @@ class Layout:
     #: the parking lot (workers that keep dying with it). Set on every version alike:
     #: RabbitMQ 4.x would otherwise apply 20, 3.x no limit at all.
     delivery_limit: int = 20
+    #: Whether the schedule exchanges copy every task into the journal stream (what
+    #: lookups, reschedules and exports read; docs/design.md, "The journal").
+    journal: bool = True
 
     @property
     def names(self) -> Names:
@@ -228,6 +231,7 @@ def build_topology(layout: Layout, destinations: tuple[str, ...] = ()) -> Topolo
     )
     queues = (
         *_common_queues(layout),
+        journal_spec(layout),
         # Level by level, shard by shard: with balanced leader placement, the busy low
         # levels of different shards get leaders on different nodes.
         *(level_queue_spec(layout, k, s) for k in levels for s in shards),
@@ -242,8 +246,33 @@ def build_topology(layout: Layout, destinations: tuple[str, ...] = ()) -> Topolo
             after, header = names.after_exchange(k, s), route_header(k)
             bindings.append(_route_binding(after, header, None, names, s))
             bindings.extend(_route_binding(after, header, j, names, s) for j in range(k))
+        if layout.journal:
+            bindings.extend(journal_bindings(layout, s))
     bindings.extend(work_queue_binding(layout, d) for d in destinations)
     return Topology(exchanges, queues, tuple(bindings))
+
+
+def journal_spec(layout: Layout) -> QueueSpec:
+    """The journal: a stream kept as long as a task can wait (the cancel retention), so
+    that every pending task's copy is still in it."""
+    return QueueSpec(
+        layout.names.journal,
+        {"x-queue-type": "stream", "x-max-age": f"{layout.cancel_retention_s}s"},
+        placement(layout, "stream"),
+    )
+
+
+def journal_bindings(layout: Layout, shard: int) -> list[BindingSpec]:
+    """A shard's schedule exchange copies each task with a valid first stop to the
+    journal: one binding per stop, not one matching everything, so that a message with a
+    malformed plan still routes nowhere and is returned to its publisher (mandatory)."""
+    names = layout.names
+    schedule = names.schedule_exchange_of(shard)
+    stops = [DELIVER, *(str(k) for k in range(layout.levels))]
+    return [
+        BindingSpec(schedule, names.journal, "queue", arguments={"x-match": "all", ROUTE_IN: stop})
+        for stop in stops
+    ]
 
 
 def _common_queues(layout: Layout) -> tuple[QueueSpec, ...]:

@@ -26,12 +26,15 @@ def walk(
     routing_key: str,
     start: str | None = None,
     visited: list[str] | None = None,
+    journaled: list[str] | None = None,
 ) -> tuple[str, int]:
     """Route like RabbitMQ: headers/fanout/direct exchanges, alternate exchanges, TTL + DLX.
 
     Returns the queue the message ends in and the total TTL it spent in levels (appending
-    each level it waited in to ``visited``).
+    each level it waited in to ``visited``, and each exchange that copied it into the
+    journal to ``journaled``).
     """
+    journal = Names(topology.queues[0].name.split(".")[0]).journal
     exchanges = {x.name: x for x in topology.exchanges}
     queues = {q.name: q for q in topology.queues}
     exchange, waited = start or topology.exchanges[3].name, 0  # the schedule exchange
@@ -42,6 +45,10 @@ def walk(
             out = [b for b in out if _matches(b.arguments, headers)]
         elif x.type == "direct":
             out = [b for b in out if b.routing_key == routing_key]
+        copies = [b for b in out if b.destination == journal]
+        if journaled is not None:
+            journaled.extend(b.source for b in copies)
+        out = [b for b in out if b.destination != journal]
         if not out:
             assert "alternate-exchange" in x.arguments, f"{exchange} drops unmatched messages"
             exchange = str(x.arguments["alternate-exchange"])
@@ -66,6 +73,34 @@ def test_every_plan_reaches_the_work_queue_after_exactly_its_units(units: int) -
     queue, waited = walk(TOPOLOGY, route_headers(hop_plan(units)), "alarms")
     assert queue == "t.work.alarms"
     assert waited == units * LAYOUT.resolution_ms
+
+
+@pytest.mark.parametrize("units", [0, 1, 5, 2**LAYOUT.levels - 1])
+def test_every_task_is_copied_into_the_journal_once_on_its_way_in(units: int) -> None:
+    journaled: list[str] = []
+    walk(TOPOLOGY, route_headers(hop_plan(units)), "alarms", journaled=journaled)
+    assert journaled == ["t.schedule"]
+
+
+def test_without_the_journal_nothing_is_copied_and_no_stream_is_bound() -> None:
+    topology = build_topology(Layout("t", "quorum", 10, 12, journal=False), ("alarms",))
+    journaled: list[str] = []
+    walk(topology, route_headers(hop_plan(5)), "alarms", journaled=journaled)
+    assert journaled == []
+    assert not [b for b in topology.bindings if b.destination == "t.journal"]
+
+
+def test_a_malformed_first_stop_is_not_journaled_and_routes_nowhere() -> None:
+    """The schedule exchange has no alternate, so the publisher gets the message back
+    (mandatory): a journal binding matching everything would swallow it instead."""
+    for stop in ("12", "x", ""):
+        headers = {ROUTE_IN: stop}
+        matched = [
+            b
+            for b in TOPOLOGY.bindings
+            if b.source == "t.schedule" and _matches(b.arguments, headers)
+        ]
+        assert matched == []
 
 
 def test_malformed_plans_end_in_the_unroutable_queue_not_a_level() -> None:
@@ -134,7 +169,7 @@ def test_binding_counts() -> None:
     by_source: dict[str, int] = {}
     for b in topology.bindings:
         by_source[b.source] = by_source.get(b.source, 0) + 1
-    assert by_source["t.schedule"] == LAYOUT.levels + 1
+    assert by_source["t.schedule"] == 2 * (LAYOUT.levels + 1)  # to each stop, and journal
     for k in range(LAYOUT.levels):
         assert by_source[f"t.after.{k:02d}"] == k + 1
     assert by_source["t.work"] == 1
