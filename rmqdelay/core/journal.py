@@ -35,6 +35,7 @@ from rmqdelay.core.wire import (
     _identity,
     _time_header,
     _without_routing,
+    keys_from_json,
     ms_to_datetime,
 )
 
@@ -91,7 +92,7 @@ def decode_entry(
 ) -> Entry:
     """A journal record as an entry; raises MessageDecodeError for one that is not a task
     (another client's message with a valid route but not our headers)."""
-    headers = headers or {}
+    headers = keys_from_json(headers or {})
     task_id, keys, attempt = _identity(headers)
     series: tuple[str, int] | None = None
     if SERIES in headers:

@@ -20,6 +20,10 @@ DUE_MS = "rmqdelay-due"
 PUBLISHED_MS = "rmqdelay-published"
 ATTEMPT = "rmqdelay-attempt"
 KEYS = "rmqdelay-keys"
+#: The keys again, as a JSON array in a string: RabbitMQ streams drop array and table
+#: header values (3.10 all of them, 4.x those not named x-...), so the journal's copy of
+#: a task has only this to say which keys it has.
+KEYS_JSON = "rmqdelay-keys-json"
 CANCEL_KEY = "rmqdelay-cancel-key"
 CANCEL_AT_MS = "rmqdelay-cancel-at"
 #: Optional: when the cancel stops mattering (ms); absent, the cancel lasts the retention.
@@ -99,7 +103,23 @@ def task_headers(
         headers[ATTEMPT] = attempt
     if keys:
         headers[KEYS] = list(keys)
+        headers[KEYS_JSON] = _JSON_ENCODER.encode(keys)
     return headers
+
+
+def keys_from_json(headers: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``headers`` with the keys array restored from its JSON copy where a stream dropped
+    it (a journal record); raises MessageDecodeError if the copy is not an array."""
+    text = headers.get(KEYS_JSON)
+    if KEYS in headers or text is None:
+        return headers
+    try:
+        keys = json.loads(text) if isinstance(text, str | bytes) else None
+    except ValueError:
+        keys = None
+    if not isinstance(keys, list):
+        raise MessageDecodeError(f"header {KEYS_JSON!r} must be a JSON array, got {text!r}")
+    return {**headers, KEYS: keys}
 
 
 def check_key(key: object, what: str = "a cancel key") -> str:
