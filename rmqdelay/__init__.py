@@ -20,18 +20,29 @@ from rmqdelay.core.errors import (
     InvalidDestinationError,
     InvalidKeyError,
     InvalidPayloadError,
+    InvalidQueryError,
     InvalidRecurrenceError,
     InvalidTaskError,
+    JournalUnavailableError,
     MessageDecodeError,
     PublishNotConfirmedError,
     RmqDelayError,
+    TaskDueTooSoonError,
+    TaskNotPendingError,
     TopologyMismatchError,
     UnroutableError,
     WebhookError,
 )
 from rmqdelay.core.recurrence import Series
 from rmqdelay.core.retry import Retry, RetryPolicy
-from rmqdelay.core.task import Cancellation, Handler, ScheduledTask, Task
+from rmqdelay.core.task import (
+    Cancellation,
+    Handler,
+    PendingTask,
+    ScheduledTask,
+    Task,
+    TaskPage,
+)
 from rmqdelay.settings import Settings
 from rmqdelay.tools.pending import Pending, pending
 from rmqdelay.tools.webhook import WebhookHandler
@@ -54,10 +65,13 @@ __all__ = [
     "InvalidDestinationError",
     "InvalidKeyError",
     "InvalidPayloadError",
+    "InvalidQueryError",
     "InvalidRecurrenceError",
     "InvalidTaskError",
+    "JournalUnavailableError",
     "MessageDecodeError",
     "Pending",
+    "PendingTask",
     "PublishNotConfirmedError",
     "Retry",
     "RetryPolicy",
@@ -68,6 +82,9 @@ __all__ = [
     "Settings",
     "SyncScheduler",
     "Task",
+    "TaskDueTooSoonError",
+    "TaskNotPendingError",
+    "TaskPage",
     "TaskSpec",
     "TopologyMismatchError",
     "UnroutableError",

@@ -39,13 +39,16 @@ from rmqdelay.broker.connection import (
     queue_starting,
     reconnect_wait,
 )
+from rmqdelay.broker.publisher import Publisher, properties
 from rmqdelay.broker.streams import READ_TIMEOUT_S, read_stream
 from rmqdelay.core.cancelset import CancelSet
 from rmqdelay.core.errors import (
     BrokerUnavailableError,
     MessageDecodeError,
     TopologyMismatchError,
+    UnroutableError,
 )
+from rmqdelay.core.names import Names
 from rmqdelay.core.wire import (
     MARKER,
     SNAPSHOT,
@@ -53,6 +56,7 @@ from rmqdelay.core.wire import (
     SNAPSHOT_PART,
     SNAPSHOT_PARTS,
     SNAPSHOT_TAKEN_MS,
+    cancel_headers,
     decode_cancel,
     decode_snapshot_part,
     encode_snapshot_part,
@@ -427,6 +431,26 @@ async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
     except TimeoutError:
         pass
+
+
+async def publish_cancel(
+    publisher: Publisher, names: Names, key: str, at_ms: int, until_ms: int | None
+) -> None:
+    """Append a cancel record (confirmed, through outages like every publish).
+
+    Raises:
+        TopologyMismatchError: there is no cancellation stream.
+    """
+    stream = names.cancels
+    try:
+        await publisher.publish(
+            b"", properties(cancel_headers(key, at_ms, until_ms)), "", stream, what=repr(stream)
+        )
+    except UnroutableError as e:
+        raise TopologyMismatchError(
+            f"cancellation stream {stream!r} does not exist; declare the topology "
+            "('rmqdelay declare') or set RMQDELAY_DECLARE=true"
+        ) from e
 
 
 async def load_cancels(settings: Settings) -> CancelSet:

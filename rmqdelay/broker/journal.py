@@ -26,7 +26,7 @@ from rmqdelay.core.errors import (
     JournalUnavailableError,
     MessageDecodeError,
 )
-from rmqdelay.core.journal import TaskIndex, decode_entry
+from rmqdelay.core.journal import STREAM_OFFSET, TaskIndex, decode_entry
 from rmqdelay.core.wire import MARKER, PUBLISHER_PROPERTIES
 from rmqdelay.settings import Settings
 
@@ -120,7 +120,7 @@ async def read_journal(
 
 def _add(index: TaskIndex, message: DeliveredMessage, headers: dict[str, Any]) -> None:
     props = message.header.properties
-    offset = headers.get("x-stream-offset")
+    offset = headers.get(STREAM_OFFSET)
     try:
         entry = decode_entry(
             headers=headers,

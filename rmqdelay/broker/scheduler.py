@@ -15,7 +15,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.exceptions import AMQPConnectionError, ChannelNotFoundEntity
 from pamqp.commands import Basic
 
-from rmqdelay.broker.cancels import load_cancels
+from rmqdelay.broker.cancels import load_cancels, publish_cancel
 from rmqdelay.broker.connection import PUBLISH_RETRYABLE, connect
 from rmqdelay.broker.declare import check_topology, declare_topology, resolve_backend
 from rmqdelay.broker.journal import read_journal
@@ -30,6 +30,7 @@ from rmqdelay.core.errors import (
     InvalidKeyError,
     InvalidQueryError,
     InvalidTaskError,
+    TaskDueTooSoonError,
     TaskNotPendingError,
     TopologyMismatchError,
     UnroutableError,
@@ -57,7 +58,6 @@ from rmqdelay.core.wire import (
     DUE_MS,
     PAST_DUE_TOLERANCE_MS,
     PUBLISHED_MS,
-    cancel_headers,
     check_key,
     check_keys,
     check_size,
@@ -444,7 +444,7 @@ class Scheduler:
         header = SeriesHeader(key, rule, policy, published)
         props.headers[SERIES] = header.encode()
         await self._publish_task(body, props, way, scheduled)
-        await self._publish_record(series_record(header, checked.destination))
+        await self.publish_series_record(series_record(header, checked.destination))
         return describe_series(header, checked.destination, now_ms, 3)
 
     async def remove_series(self, key: str) -> Cancellation:
@@ -452,7 +452,7 @@ class Scheduler:
         from the registry."""
         cancellation = await self.cancel(key)
         header = SeriesHeader(key, Rule(None, MIN_EVERY_MS, "UTC", 0), "once", 0)
-        await self._publish_record(series_record(header, "", removed=True))
+        await self.publish_series_record(series_record(header, "", removed=True))
         return cancellation
 
     async def series(self) -> list[Series]:
@@ -469,8 +469,8 @@ class Scheduler:
             if cancels.cancelled_by((header.key,), header.since_ms) is None
         ]
 
-    async def _publish_record(self, body: bytes) -> None:
-        """Append ``body`` to the series registry stream."""
+    async def publish_series_record(self, body: bytes) -> None:
+        """Append ``body`` to the series registry stream (for tools that copy series)."""
         stream = self.wiring.names.series
         try:
             await self._require_publisher().publish(
@@ -535,16 +535,7 @@ class Scheduler:
         return Cancellation(key, _EPOCH + at_ms * 1000 * _US, pending)
 
     async def _publish_cancel(self, key: str, at_ms: int, until_ms: int | None) -> None:
-        stream = self.wiring.names.cancels
-        try:
-            await self._require_publisher().publish(
-                b"", properties(cancel_headers(key, at_ms, until_ms)), "", stream, what=repr(stream)
-            )
-        except UnroutableError as e:
-            raise TopologyMismatchError(
-                f"cancellation stream {stream!r} does not exist; declare the topology "
-                "('rmqdelay declare') or set RMQDELAY_DECLARE=true"
-            ) from e
+        await publish_cancel(self._require_publisher(), self.wiring.names, key, at_ms, until_ms)
 
     async def _read_journal(self) -> TaskIndex:
         return await read_journal(self.settings, self.connection)
@@ -635,7 +626,8 @@ class Scheduler:
         Raises:
             InvalidDelayError: bad ``delay``/``at``; nothing was sent.
             InvalidKeyError: the key has several pending tasks (reschedule each by id).
-            TaskNotPendingError: nothing pending under it, or it is due too soon to move.
+            TaskNotPendingError: nothing pending under it.
+            TaskDueTooSoonError: it is due too soon to move (it runs as scheduled).
             JournalUnavailableError: no journal to look in (RMQDELAY_JOURNAL, the plugin).
             InvalidTaskError: it is an occurrence of a recurring series (use recurring()).
         """
@@ -667,7 +659,7 @@ class Scheduler:
             )
         left_ms = entry.due_ms - now_ms
         if left_ms < RESCHEDULE_MARGIN_S * 1000:
-            raise TaskNotPendingError(
+            raise TaskDueTooSoonError(
                 f"task {entry.id} is due in {left_ms / 1000:.3f}s: too soon to move safely "
                 f"(under {RESCHEDULE_MARGIN_S:g}s, a worker may be running it already), so it "
                 "runs as scheduled; cancel it instead if it must not"

@@ -19,7 +19,7 @@ from typing import Any, Self, TypeVar
 
 from rmqdelay.broker.scheduler import Scheduler, TaskSpec
 from rmqdelay.core.recurrence import Series
-from rmqdelay.core.task import Cancellation, ScheduledTask
+from rmqdelay.core.task import Cancellation, PendingTask, ScheduledTask, TaskPage
 from rmqdelay.settings import Settings
 
 T = TypeVar("T")
@@ -127,10 +127,46 @@ class SyncScheduler:
         return self._call(lambda s: s.schedule_many(batch))
 
     def cancel(
-        self, key: str, *, until: datetime | timedelta | float | None = None
+        self,
+        key: str,
+        *,
+        until: datetime | timedelta | float | None = None,
+        count: bool = False,
     ) -> Cancellation:
         """Call off every task under ``key``; see :meth:`Scheduler.cancel`."""
-        return self._call(lambda s: s.cancel(key, until=until))
+        return self._call(lambda s: s.cancel(key, until=until, count=count))
+
+    def get(self, task_id: str) -> PendingTask | None:
+        """The pending task with this id, or None; see :meth:`Scheduler.get`."""
+        return self._call(lambda s: s.get(task_id))
+
+    def find(
+        self,
+        *,
+        key: str | None = None,
+        destination: str | None = None,
+        due_before: datetime | None = None,
+        due_after: datetime | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> TaskPage:
+        """A page of pending tasks, soonest due first; see :meth:`Scheduler.find`."""
+        return self._call(
+            lambda s: s.find(
+                key=key,
+                destination=destination,
+                due_before=due_before,
+                due_after=due_after,
+                limit=limit,
+                cursor=cursor,
+            )
+        )
+
+    def reschedule(
+        self, key_or_id: str, *, delay: timedelta | float | None = None, at: datetime | None = None
+    ) -> ScheduledTask:
+        """Move a pending task to a new due time; see :meth:`Scheduler.reschedule`."""
+        return self._call(lambda s: s.reschedule(key_or_id, delay=delay, at=at))
 
     def recurring(
         self,

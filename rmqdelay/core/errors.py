@@ -16,8 +16,8 @@
     │   │   └── BatchNotConfirmedError     some tasks of a schedule_many() were not confirmed
     │   ├── JournalUnavailableError        no journal to look tasks up in (turned off, plugin)
     │   └── ConsumerCancelledError         the broker cancelled a worker's consumer for good
-    ├── TaskNotPendingError (LookupError)   no such pending task, or too close to its due
-    │                                       time to move
+    ├── TaskNotPendingError (LookupError)   no such pending task
+    │   └── TaskDueTooSoonError             too close to its due time to move safely
     ├── MessageDecodeError                  a delivered message is not an rmqdelay task
     ├── WebhookError                        the webhook target failed a task (it is retried)
     ├── HandlerError (TypeError)            a handler returned what it must not (a coroutine)
@@ -121,8 +121,13 @@ class JournalUnavailableError(BrokerError):
 
 
 class TaskNotPendingError(RmqDelayError, LookupError):
-    """Raised when a task to show or reschedule is not pending: never scheduled, run,
-    cancelled, or due too soon to be moved safely (the message says which)."""
+    """Raised when a task to show or reschedule is not pending: never scheduled, run or
+    due already, or cancelled."""
+
+
+class TaskDueTooSoonError(TaskNotPendingError):
+    """Raised by ``reschedule()`` for a task due too soon to move: a worker may be running
+    it already. It runs as scheduled."""
 
 
 class MessageDecodeError(RmqDelayError):

@@ -39,6 +39,8 @@ from rmqdelay.core.wire import (
     ms_to_datetime,
 )
 
+#: The header a stream adds to each record it delivers; not part of the task.
+STREAM_OFFSET = "x-stream-offset"
 #: Most tasks one page of ``find()`` returns.
 MAX_PAGE = 1000
 
@@ -111,7 +113,7 @@ def decode_entry(
         series=series,
         body=body,
         content_type=content_type,
-        headers=_without_routing(headers),
+        headers={k: v for k, v in _without_routing(headers).items() if k != STREAM_OFFSET},
         properties={k: v for k, v in properties.items() if k in PUBLISHER_PROPERTIES},
         offset=offset,
     )

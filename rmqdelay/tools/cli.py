@@ -27,7 +27,7 @@ from rmqdelay.core.redact import Redactor
 from rmqdelay.core.task import Handler
 from rmqdelay.core.topology import build_topology
 from rmqdelay.settings import Settings
-from rmqdelay.tools import aside_cmd, recurring_cmd
+from rmqdelay.tools import aside_cmd, recurring_cmd, tasks_cmd
 from rmqdelay.tools.arguments import (
     duration,
     hops,
@@ -178,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     recurring_cmd.add_parser(commands, duration)
+    tasks_cmd.add_parsers(commands, duration)
 
     schedule = commands.add_parser("schedule", help="schedule one task")
     schedule.add_argument("destination")
@@ -196,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cancel = commands.add_parser("cancel", help="call off every pending task under a key or id")
     cancel.add_argument("keys", nargs="+", metavar="KEY")
+    cancel.add_argument(
+        "--count",
+        action="store_true",
+        help="first count the pending tasks under each key (reads the journal)",
+    )
     cancel.add_argument(
         "--until",
         help="forget the cancel after this (a delay such as 2h, or ISO 8601 with a UTC "
@@ -478,12 +484,16 @@ async def _cancel(args: argparse.Namespace, settings: Settings) -> int:
         until = _at(args.until) if "T" in args.until else signed_duration(args.until)
     async with Scheduler(settings) as scheduler:
         for key in args.keys:
-            c = await scheduler.cancel(key, until=until)
+            c = await scheduler.cancel(key, until=until, count=args.count)
+            hit = (
+                "whether any was pending is not known here ('--count' reads the journal)"
+                if c.pending is None
+                else f"{c.pending} pending"
+            )
             print(
                 escape_controls(
                     f"cancelled {c.key!r} at {c.at.isoformat()}: tasks under it published "
-                    "before then will not run (workers log each one they skip; whether any "
-                    "was pending is not known here)"
+                    f"before then will not run (workers log each one they skip; {hit})"
                 )
             )
     return RET_OK
@@ -594,6 +604,15 @@ async def _confirm(prompt: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
+async def _tasks(args: argparse.Namespace, settings: Settings) -> int:
+    return await tasks_cmd.run_tasks(args, settings, duration)
+
+
+async def _transfer(args: argparse.Namespace, settings: Settings) -> int:
+    # The target's password must not show in a log line either.
+    return await tasks_cmd.run_transfer(args, settings, lambda t: _secrets.add(*t.secrets))
+
+
 _COMMANDS = {
     "consume": _consume,
     "bridge": _bridge,
@@ -608,6 +627,11 @@ _COMMANDS = {
     "pending": _pending,
     "demo": _demo,
     "destroy": _destroy,
+    "tasks": _tasks,
+    "reschedule": tasks_cmd.run_reschedule,
+    "export": tasks_cmd.run_export,
+    "import": tasks_cmd.run_import,
+    "transfer": _transfer,
 }
 #: Secrets the CLI's log lines must never show: the broker password, webhook URL parts.
 _secrets = Redactor()

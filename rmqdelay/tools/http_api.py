@@ -1,4 +1,5 @@
-"""``rmqdelay serve``: schedule and cancel over HTTP, for services that do not speak AMQP.
+"""``rmqdelay serve``: schedule, cancel, look up and reschedule over HTTP, for services that
+do not speak AMQP.
 
 FastAPI on uvicorn, one Scheduler (one connection) per process. Every call is checked by
 the library's own validation and answered with its message; a 201 means the broker has
@@ -36,13 +37,19 @@ from rmqdelay.core.errors import (
     ConfigError,
     InvalidDelayError,
     InvalidPayloadError,
+    InvalidQueryError,
     InvalidTaskError,
+    JournalUnavailableError,
     PublishNotConfirmedError,
     RmqDelayError,
+    TaskDueTooSoonError,
+    TaskNotPendingError,
     UnroutableError,
 )
 from rmqdelay.core.redact import without_urls
+from rmqdelay.core.task import PendingTask
 from rmqdelay.settings import Settings
+from rmqdelay.tools.tasks_cmd import pending_json
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("rmqdelay.http.access")
@@ -116,6 +123,58 @@ class Cancelled(BaseModel):
 
     key: str
     at: datetime
+    pending: int | None = Field(
+        default=None, description="Pending tasks under the key just before (with count=true)."
+    )
+
+
+class PendingSummary(BaseModel):
+    """A pending task, as listed."""
+
+    id: str
+    destination: str
+    due_at: datetime
+    attempt: int
+    keys: list[str]
+    size: int = Field(description="Payload size in bytes.")
+    series: str | None = Field(default=None, description="Its recurring series' key, if any.")
+
+
+class PendingDetail(PendingSummary):
+    """A pending task, whole: ``payload`` when it is JSON, else ``payload_base64``."""
+
+    published_at: datetime
+    content_type: str | None
+    properties: dict[str, JsonValue]
+    headers: dict[str, JsonValue]
+    payload: JsonValue = None
+    payload_base64: str | None = None
+
+
+class TaskListing(BaseModel):
+    """One page of pending tasks, soonest due first; pass ``cursor`` for the next."""
+
+    tasks: list[PendingSummary]
+    cursor: str | None
+
+
+class RescheduleRequest(BaseModel):
+    """``PATCH /v1/tasks/{id}``: the new due time; give exactly one field."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [{"required": ["delay"]}, {"required": ["delay_ms"]}, {"required": ["at"]}]
+        },
+    )
+
+    delay: str | None = Field(default=None, description="From now: 90s, 30m, 2h.")
+    delay_ms: int | None = Field(default=None, description="From now, in milliseconds.")
+    at: str | None = Field(
+        default=None,
+        description="RFC 3339 with a UTC offset.",
+        json_schema_extra={"format": "date-time"},
+    )
 
 
 class Problem(BaseModel):
@@ -147,9 +206,11 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {
 def _status(error: RmqDelayError) -> int:
     if isinstance(error, InvalidPayloadError) and "maximum message size" in str(error):
         return 413
-    if isinstance(error, UnroutableError):
+    if isinstance(error, TaskDueTooSoonError | JournalUnavailableError):
+        return 409
+    if isinstance(error, UnroutableError | TaskNotPendingError):
         return 404
-    if isinstance(error, InvalidTaskError | ConfigError):
+    if isinstance(error, InvalidTaskError | InvalidQueryError | ConfigError):
         return 422
     if isinstance(error, BrokerUnavailableError | PublishNotConfirmedError | BrokerError):
         return 503
@@ -160,7 +221,7 @@ def _problem(status: int, error: str, message: str, **headers: str) -> JSONRespo
     return JSONResponse({"error": error, "message": message}, status, headers=headers or None)
 
 
-def _delay(request: TaskRequest) -> tuple[timedelta | None, datetime | None]:
+def _delay(request: TaskRequest | RescheduleRequest) -> tuple[timedelta | None, datetime | None]:
     given = [name for name in ("delay", "delay_ms", "at") if getattr(request, name) is not None]
     if len(given) != 1:
         raise InvalidDelayError(
@@ -314,11 +375,109 @@ async def _cancel(
     until: Annotated[
         str | None, Query(description="Forget the cancel after this duration (e.g. 2h).")
     ] = None,
+    count: Annotated[
+        bool, Query(description="Count the pending tasks under the key first (reads the journal).")
+    ] = False,
 ) -> Cancelled:
     cancellation = await scheduler.cancel(
-        key, until=parse_duration(until) if until is not None else None
+        key, until=parse_duration(until) if until is not None else None, count=count
     )
-    return Cancelled(key=cancellation.key, at=cancellation.at)
+    return Cancelled(key=cancellation.key, at=cancellation.at, pending=cancellation.pending)
+
+
+_LOOKUP: dict[int | str, dict[str, Any]] = {
+    404: {"model": Problem, "description": "No such pending task."},
+    409: {"model": Problem, "description": "No journal to look in (RMQDELAY_JOURNAL)."},
+}
+
+
+def _time(text: str | None, name: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidQueryError(
+            f"{name}={text[:60]!r} is not an RFC 3339 time such as 2026-12-01T08:00:00+01:00"
+        ) from None
+
+
+def _summary(task: PendingTask) -> dict[str, Any]:
+    return pending_json(task, whole=False)
+
+
+@router.get(
+    "/v1/tasks",
+    response_model=TaskListing,
+    responses=_PROBLEMS | _LOOKUP,
+    dependencies=[Depends(_authorized)],
+    summary="List pending tasks, soonest due first, a page at a time",
+)
+async def _list(
+    scheduler: Annotated[Scheduler, Depends(_scheduler)],
+    key: Annotated[str | None, Query(description="Only tasks under this key (or id).")] = None,
+    destination: Annotated[str | None, Query(description="Only this destination.")] = None,
+    due_before: Annotated[str | None, Query(description="RFC 3339: due before it.")] = None,
+    due_after: Annotated[str | None, Query(description="RFC 3339: due at or after it.")] = None,
+    limit: Annotated[int, Query(description="Tasks per page, 1-1000.")] = 100,
+    cursor: Annotated[str | None, Query(description="The last page's cursor.")] = None,
+) -> Any:
+    page = await scheduler.find(
+        key=key,
+        destination=destination,
+        due_before=_time(due_before, "due_before"),
+        due_after=_time(due_after, "due_after"),
+        limit=limit,
+        cursor=cursor,
+    )
+    return {"tasks": [_summary(t) for t in page.tasks], "cursor": page.cursor}
+
+
+@router.get(
+    "/v1/tasks/{task_id:anything}",
+    response_model=PendingDetail,
+    responses=_PROBLEMS | _LOOKUP,
+    dependencies=[Depends(_authorized)],
+    summary="One pending task, with its payload and properties",
+)
+async def _show(
+    task_id: Annotated[str, Path(description="The task id (URL-encoded).")],
+    scheduler: Annotated[Scheduler, Depends(_scheduler)],
+) -> Any:
+    task = await scheduler.get(task_id)
+    if task is None:
+        raise TaskNotPendingError(
+            f"no pending task has id {task_id!r}: it ran (or is due now), was cancelled, "
+            "or was never scheduled"
+        )
+    return pending_json(task, whole=True)
+
+
+@router.patch(
+    "/v1/tasks/{key:anything}",
+    response_model=TaskCreated,
+    responses=_PROBLEMS
+    | {
+        404: {"model": Problem, "description": "No pending task with this id or key."},
+        409: {"model": Problem, "description": "Due too soon to move; it runs as it was."},
+    },
+    dependencies=[Depends(_authorized)],
+    summary="Reschedule a pending task (by id, or the one under a key)",
+)
+async def _reschedule(
+    key: Annotated[str, Path(description="The task id, or a key with one pending task.")],
+    request: RescheduleRequest,
+    scheduler: Annotated[Scheduler, Depends(_scheduler)],
+) -> TaskCreated:
+    delay, at = _delay(request)
+    moved = await scheduler.reschedule(key, delay=delay, at=at)
+    return TaskCreated(
+        id=moved.id,
+        destination=moved.destination,
+        due_at=moved.due_at,
+        hops=moved.hops,
+        keys=list(moved.keys),
+    )
 
 
 @router.get(

@@ -1,0 +1,248 @@
+"""``rmqdelay tasks list|show``, ``reschedule``, ``export``, ``import`` and ``transfer``."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from datetime import datetime, timedelta
+from typing import Any, TextIO, cast
+
+from rmqdelay.broker.scheduler import Scheduler
+from rmqdelay.core.errors import ConfigError, TaskNotPendingError
+from rmqdelay.core.journal import MAX_PAGE
+from rmqdelay.core.task import PendingTask
+from rmqdelay.settings import Settings
+from rmqdelay.tools.arguments import hops, int_between
+from rmqdelay.tools.logs import escape_controls
+from rmqdelay.tools.moving import DEFAULT_MARGIN_S, export, import_items, read_export, transfer
+
+WHEN = "a delay from now (30m, 2h) or ISO 8601 with a UTC offset"
+
+
+def add_parsers(commands: Any, duration: Callable[[str], timedelta]) -> None:
+    """The commands that look at and move pending tasks."""
+    tasks = commands.add_parser("tasks", help="pending tasks: list, show")
+    actions = tasks.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="pending tasks, soonest due first")
+    listing.add_argument("--key", help="only tasks under this key (or with this id)")
+    listing.add_argument("--destination", help="only tasks for this destination")
+    listing.add_argument("--due-before", help=f"only tasks due before this: {WHEN}")
+    listing.add_argument("--due-after", help=f"only tasks due at or after this: {WHEN}")
+    listing.add_argument(
+        "--limit", type=int_between(1, MAX_PAGE), default=100, help="tasks per page (100)"
+    )
+    listing.add_argument("--cursor", help="the next page: the cursor the last page printed")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    show = actions.add_parser("show", help="one pending task, with payload and properties")
+    show.add_argument("task_id", metavar="ID")
+    show.add_argument("--json", action="store_true", help="as one JSON object")
+
+    reschedule = commands.add_parser(
+        "reschedule", help="move a pending task (by id, or the one under a key) to a new time"
+    )
+    reschedule.add_argument("key", metavar="ID_OR_KEY")
+    when = reschedule.add_mutually_exclusive_group(required=True)
+    when.add_argument("--delay", type=duration, help="from now: 250ms, 90s, 30m, 2h, 3d")
+    when.add_argument("--at", help="ISO 8601 with a UTC offset, e.g. 2026-12-01T08:00:00+08:00")
+
+    out = commands.add_parser(
+        "export", help="write pending tasks, live cancels and series as JSON lines"
+    )
+    out.add_argument("file", metavar="FILE", help="where to write ('-': standard output)")
+    into = commands.add_parser(
+        "import", help="schedule what an export holds here (again: nothing doubles)"
+    )
+    into.add_argument("file", metavar="FILE", help="an export ('-': standard input)")
+
+    move = commands.add_parser(
+        "transfer", help="move pending tasks, cancels and series to another broker"
+    )
+    move.add_argument("--to", required=True, metavar="URL[,URL...]", help="the target broker")
+    move.add_argument("--to-namespace", help="the target namespace (default: the same)")
+    move.add_argument(
+        "--margin",
+        type=duration,
+        default=timedelta(seconds=DEFAULT_MARGIN_S),
+        help=f"leave tasks due sooner than this to the source's workers ({DEFAULT_MARGIN_S:g}s)",
+    )
+
+
+def pending_json(task: PendingTask, *, whole: bool) -> dict[str, Any]:
+    """A pending task as JSON: the summary, and with ``whole`` the payload and properties."""
+    out: dict[str, Any] = {
+        "id": task.id,
+        "destination": task.destination,
+        "due_at": task.due_at.isoformat(),
+        "attempt": task.attempt,
+        "keys": list(task.keys),
+        "size": task.size,
+    }
+    if task.series is not None:
+        out["series"] = task.series
+    if whole:
+        out["published_at"] = task.published_at.isoformat()
+        out["content_type"] = task.content_type
+        out["properties"] = {k: _jsonable(v) for k, v in task.properties.items()}
+        out["headers"] = {k: _jsonable(v) for k, v in task.headers.items()}
+        out.update(payload_json(task))
+    return out
+
+
+def payload_json(task: PendingTask) -> dict[str, Any]:
+    """The payload as JSON when it is JSON, else the body in base64."""
+    if task.content_type == "application/json":
+        try:
+            return {"payload": json.loads(task.body)}
+        except ValueError:
+            pass
+    return {"payload_base64": base64.b64encode(task.body).decode()}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray):
+        return base64.b64encode(value).decode()
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value if value is None or isinstance(value, bool | int | float | str) else str(value)
+
+
+def when(text: str | None, what: str, duration: Callable[[str], timedelta]) -> datetime | None:
+    """A time given on the command line as a delay from now or an ISO 8601 time."""
+    if text is None:
+        return None
+    if "T" in text or "-" in text[1:]:
+        return iso_time(text, what)
+    return datetime.now().astimezone() + duration(text)
+
+
+def iso_time(text: str, what: str) -> datetime:
+    """An ISO 8601 time with a UTC offset, or a ConfigError naming ``what``."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"{what} {text!r} is not an ISO 8601 date-time") from None
+    if moment.tzinfo is None:
+        raise ConfigError(f"{what} {text!r} needs a UTC offset, e.g. +01:00 or Z")
+    return moment
+
+
+async def run_tasks(
+    args: argparse.Namespace, settings: Settings, duration: Callable[[str], timedelta]
+) -> int:
+    """``tasks list`` and ``tasks show``."""
+    async with Scheduler(settings) as scheduler:
+        if args.action == "show":
+            task = await scheduler.get(args.task_id)
+            if task is None:
+                raise TaskNotPendingError(
+                    f"no pending task has id {args.task_id!r}: it ran (or is due now), was "
+                    "cancelled, or was never scheduled in this namespace"
+                )
+            _show(task, args.json)
+            return 0
+        page = await scheduler.find(
+            key=args.key,
+            destination=args.destination,
+            due_before=when(args.due_before, "--due-before", duration),
+            due_after=when(args.due_after, "--due-after", duration),
+            limit=args.limit,
+            cursor=args.cursor,
+        )
+    for task in page.tasks:
+        if args.json:
+            print(json.dumps(pending_json(task, whole=False), ensure_ascii=False))
+        else:
+            keys = ",".join(task.keys) or "-"
+            print(
+                escape_controls(
+                    f"{task.id}  {task.destination}  {task.due_at.isoformat()}  "
+                    f"attempt {task.attempt}  {task.size} B  keys {keys}"
+                )
+            )
+    if page.cursor is not None:
+        print(f"more: --cursor {page.cursor}", file=sys.stderr)
+    elif not page.tasks and not args.json:
+        print("no pending tasks match", file=sys.stderr)
+    return 0
+
+
+def _show(task: PendingTask, as_json: bool) -> None:
+    whole = pending_json(task, whole=True)
+    if as_json:
+        print(json.dumps(whole, ensure_ascii=False))
+        return
+    for name, value in whole.items():
+        shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        print(escape_controls(f"{name}: {shown}"))
+
+
+async def run_reschedule(args: argparse.Namespace, settings: Settings) -> int:
+    """``rmqdelay reschedule``."""
+    at = iso_time(args.at, "--at") if args.at is not None else None
+    async with Scheduler(settings) as scheduler:
+        moved = await scheduler.reschedule(args.key, delay=args.delay, at=at)
+    print(
+        escape_controls(
+            f"rescheduled {moved.id} for {moved.destination}: now due "
+            f"{moved.due_at.isoformat()} ({hops(moved.hops)}); the old copy is cancelled"
+        )
+    )
+    return 0
+
+
+async def run_export(args: argparse.Namespace, settings: Settings) -> int:
+    """``rmqdelay export FILE``."""
+    async with Scheduler(settings) as scheduler:
+        with _open(args.file, "w") as out:
+            counts = await export(scheduler, out)
+    print(counts.describe("exported"), file=sys.stderr)
+    return 0
+
+
+async def run_import(args: argparse.Namespace, settings: Settings) -> int:
+    """``rmqdelay import FILE``."""
+    with _open(args.file, "r") as source:
+        items = read_export(source)  # the whole file is checked before anything is sent
+    async with Scheduler(settings) as scheduler:
+        counts = await import_items(scheduler, items)
+    print(counts.describe("imported"), file=sys.stderr)
+    return 0
+
+
+async def run_transfer(
+    args: argparse.Namespace, settings: Settings, secret: Callable[[Settings], None]
+) -> int:
+    """``rmqdelay transfer --to URL``."""
+    fields = {**settings.model_dump(), "url": args.to}
+    if args.to_namespace is not None:
+        fields["namespace"] = args.to_namespace
+    target_settings = Settings(**fields)
+    secret(target_settings)
+    if (target_settings.urls, target_settings.namespace) == (settings.urls, settings.namespace):
+        raise ConfigError("--to names the same broker and namespace as the source")
+    async with Scheduler(settings) as source, Scheduler(target_settings) as target:
+        counts = await transfer(
+            source,
+            target,
+            margin_s=args.margin.total_seconds(),
+            progress=lambda line: print(line, file=sys.stderr),
+        )
+    print(counts.describe(f"moved to {target_settings.safe_url} ({target_settings.namespace}):"))
+    return 0
+
+
+def _open(path: str, mode: str) -> AbstractContextManager[TextIO]:
+    if path == "-":
+        return nullcontext(sys.stdout if mode == "w" else sys.stdin)
+    try:
+        return cast(TextIO, open(path, mode, encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot open {path!r}: {e.strerror}") from None
