@@ -46,7 +46,7 @@ from rmqdelay.core.recurrence import compact, series_record
 log = logging.getLogger(__name__)
 
 #: Tasks published (and then cancelled on the source) together.
-BATCH = 500
+BATCH = 1000
 #: A transfer leaves tasks due sooner than this on the source, for its workers.
 DEFAULT_MARGIN_S = 30.0
 #: Transfer passes: each picks up what publishers scheduled on the source meanwhile.
@@ -177,27 +177,42 @@ async def transfer(
     )
     moved: set[tuple[str, int]] = set()
     left: set[tuple[str, int]] = set()
+    publisher, names = source.publisher, source.wiring.names
     for number in range(1, PASSES + 1):
         if number > 1:  # what publishers scheduled on the source meanwhile
             index = await read_journal(source.settings, source.connection)
         todo = [e for e in index.pending(_now_ms()) if (e.id, e.published_ms) not in moved]
         if not todo or all((e.id, e.published_ms) in left for e in todo):
             break
-        for batch in _batches(todo):
-            soon = _now_ms() + margin_s * 1000
-            ready = [e for e in batch if e.due_ms > soon]
-            left.update((e.id, e.published_ms) for e in batch if e.due_ms <= soon)
-            fresh = [e for e in ready if not _there(there, e)]
-            await _publish_all(target, fresh)
-            # Only once the target has confirmed them: that copy (its stamp) and older.
-            publisher, names = source.publisher, source.wiring.names
-            await _gather(
-                [publish_cancel(publisher, names, e.id, e.published_ms, None) for e in ready],
-                "cancelling moved tasks on the source",
-            )
-            moved.update((e.id, e.published_ms) for e in ready)
-            counts.tasks += len(fresh)
-            counts.already += len(ready) - len(fresh)
+        # The source's cancels of one batch go out while the next batch is published.
+        cancelling: asyncio.Task[None] | None = None
+        try:
+            for batch in _batches(todo):
+                soon = _now_ms() + margin_s * 1000
+                ready = [e for e in batch if e.due_ms > soon]
+                left.update((e.id, e.published_ms) for e in batch if e.due_ms <= soon)
+                fresh = [e for e in ready if not _there(there, e)]
+                await _publish_all(target, fresh)
+                if cancelling is not None:
+                    await cancelling
+                # Only once the target has confirmed them: that copy (its stamp) and older.
+                cancelling = asyncio.ensure_future(
+                    _gather(
+                        [
+                            publish_cancel(publisher, names, e.id, e.published_ms, None)
+                            for e in ready
+                        ],
+                        "cancelling moved tasks on the source",
+                    )
+                )
+                moved.update((e.id, e.published_ms) for e in ready)
+                counts.tasks += len(fresh)
+                counts.already += len(ready) - len(fresh)
+            if cancelling is not None:
+                await cancelling
+        finally:
+            if cancelling is not None and not cancelling.done():
+                cancelling.cancel()
         progress(f"pass {number}: {len(moved)} tasks moved so far")
     counts.left = len(left - moved)
     return counts
