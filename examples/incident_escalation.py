@@ -1,9 +1,9 @@
 """Incident escalation: escalate an incident at its deadline unless it was resolved first.
 
-Six incidents open with deadlines a second or two away. Two are resolved in time, so their
-escalations must never fire; one deadline is moved, so only the new one fires; the rest
-escalate. Prints what happened; exits 1 if anything fired that should not have, or failed
-to fire.
+Six incidents open with deadlines seconds away. Two are resolved in time, so their
+escalations must never fire; one deadline is looked up and moved (``reschedule``: the
+caller does not keep the payload), so only the new one fires; the rest escalate. Prints
+what happened; exits 1 if anything fired that should not have, or failed to fire.
 
     RMQDELAY_URL=amqp://... python examples/incident_escalation.py
 """
@@ -18,9 +18,9 @@ from datetime import timedelta
 from rmqdelay import Scheduler, Settings, Task, Worker
 
 DESTINATION = "escalations"
-DEADLINES_S = {1: 1.0, 2: 1.2, 3: 1.4, 4: 1.6, 5: 1.8, 6: 2.0}
+DEADLINES_S = {1: 1.0, 2: 1.2, 3: 1.4, 4: 5.0, 5: 1.8, 6: 2.0}
 RESOLVED = {1, 3}
-MOVED = {4: 2.6}  # incident 4 gets more time
+MOVED = {4: 6.0}  # incident 4 gets more time: 6 s from when it is moved
 
 
 async def main() -> int:
@@ -51,12 +51,12 @@ async def main() -> int:
                 await scheduler.cancel(f"incident:{incident}")
                 print(f"resolved incident {incident}: its escalation is cancelled")
             for incident, seconds in MOVED.items():
-                s = await scheduler.schedule(
-                    DESTINATION,
-                    {"incident": incident},
-                    delay=timedelta(seconds=seconds),
-                    keys=[f"incident:{incident}"],
-                    replace=True,
+                page = await scheduler.find(key=f"incident:{incident}")
+                for pending in page.tasks:
+                    due = f"{pending.due_at:%H:%M:%S}"
+                    print(f"incident {incident}: escalation {pending.id} pending, due {due}")
+                s = await scheduler.reschedule(
+                    f"incident:{incident}", delay=timedelta(seconds=seconds)
                 )
                 moved_due[incident] = s.due_at.timestamp()
                 print(f"moved incident {incident}'s deadline to {seconds} s from now")

@@ -53,7 +53,7 @@ def _guessed_names(settings: Settings, destinations: list[str]) -> tuple[list[st
         *(names.level_queue(k, s) for s in shards for k in range(MAX_LEVELS)),
         names.parked,
         names.unroutable,
-        names.cancels,
+        *_streams(settings),
         *(names.work_queue(d) for d in destinations),
     ]
     exchanges = [
@@ -65,6 +65,11 @@ def _guessed_names(settings: Settings, destinations: list[str]) -> tuple[list[st
         names.parked,
     ]
     return queues, exchanges
+
+
+def _streams(settings: Settings) -> tuple[str, ...]:
+    names = settings.names
+    return (names.cancels, names.cancel_snapshots, names.series, names.journal)
 
 
 async def plan_destroy(settings: Settings, destinations: list[str]) -> DestroyPlan:
@@ -84,7 +89,7 @@ async def plan_destroy(settings: Settings, destinations: list[str]) -> DestroyPl
     else:
         queues, exchanges = _guessed_names(settings, destinations)
     found: list[str] = []
-    messages, consumed = 0, {}
+    messages, consumed, streams = 0, {}, _streams(settings)
     connection = await connect_once(settings)
     async with connection:
         channel = await connection.channel()
@@ -95,7 +100,8 @@ async def plan_destroy(settings: Settings, destinations: list[str]) -> DestroyPl
                 channel = await connection.channel()  # a failed passive declare closes it
                 continue
             found.append(name)
-            messages += ok.message_count or 0
+            if name not in streams:  # a stream's records are a log, not tasks waiting
+                messages += ok.message_count or 0
             if ok.consumer_count:
                 consumed[name] = ok.consumer_count
     return DestroyPlan(settings.namespace, found, exchanges, messages, consumed, listed)

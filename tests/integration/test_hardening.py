@@ -399,7 +399,7 @@ async def test_destroy_removes_a_namespace_but_not_while_workers_consume(
         out = capsys.readouterr().out
         # the levels, parked, unroutable, a work queue and three streams (cancels,
         # snapshots, series)
-        assert f"deleted namespace {doomed.namespace!r}: {doomed.levels + 6} queue(s)" in out
+        assert f"deleted namespace {doomed.namespace!r}: {doomed.levels + 7} queue(s)" in out
         assert "holding " in out  # the task (and the stream's records, as counted so far)
         with pytest.raises(Exception, match="NOT_FOUND"):
             await depth(doomed, doomed.names.parked)
