@@ -212,6 +212,12 @@ class Settings(BaseSettings):
         "that pending tasks can be looked up, rescheduled, exported and transferred "
         "(false: none of that; schedule() is a little cheaper for the broker).",
     )
+    journal_retention: Duration = Field(
+        default=timedelta(days=7),
+        description="How long the journal keeps each task's copy (at most the cancel "
+        "retention): a task scheduled longer ago is no longer listed. Its disk is the "
+        "schedule rate times this times ~500 bytes. Applies when the stream is created.",
+    )
     tls_ca_file: FilePath | None = Field(
         default=None, description="CA bundle to verify the broker with (amqps://)."
     )
@@ -280,6 +286,7 @@ class Settings(BaseSettings):
         "connect_timeout",
         "shutdown_grace",
         "cancel_retention",
+        "journal_retention",
         "backoff_base",
         "backoff_cap",
         "handler_timeout",
@@ -379,6 +386,7 @@ class Settings(BaseSettings):
             self.replicas or None,
             self.delivery_limit,
             self.journal and self.delay_backend == "levels",
+            math.ceil(min(self.journal_retention, self.retention).total_seconds()),
         )
 
     @property

@@ -47,6 +47,9 @@ class Layout:
     #: Whether the schedule exchanges copy every task into the journal stream (what
     #: lookups, reschedules and exports read; docs/design.md, "The journal").
     journal: bool = True
+    #: How long the journal keeps a task's copy; a task scheduled longer ago than this is
+    #: no longer listed (exports and transfers say how many are missing).
+    journal_retention_s: int = 7 * 86400
 
     @property
     def names(self) -> Names:
@@ -253,11 +256,11 @@ def build_topology(layout: Layout, destinations: tuple[str, ...] = ()) -> Topolo
 
 
 def journal_spec(layout: Layout) -> QueueSpec:
-    """The journal: a stream kept as long as a task can wait (the cancel retention), so
-    that every pending task's copy is still in it."""
+    """The journal: a stream kept for the journal retention (a week by default): every
+    task's copy is written once, so its disk grows with the schedule rate times this."""
     return QueueSpec(
         layout.names.journal,
-        {"x-queue-type": "stream", "x-max-age": f"{layout.cancel_retention_s}s"},
+        {"x-queue-type": "stream", "x-max-age": f"{layout.journal_retention_s}s"},
         placement(layout, "stream"),
     )
 

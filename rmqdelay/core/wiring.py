@@ -35,10 +35,8 @@ class Wiring:
     def route(self, wait_us: int, task_id: str = "") -> Route:
         """How to publish task ``task_id`` due ``wait_us`` from now (refusing what the
         backend cannot hold)."""
-        layout = self.layout
-        shard = shard_of(task_id, layout.shards)
-        journal = layout.journal
-        return route(layout.backend, self.names, self.limits, wait_us, shard, journal=journal)
+        shard = shard_of(task_id, self.layout.shards)
+        return route(self.layout.backend, self.names, self.limits, wait_us, shard)
 
 
 @functools.lru_cache(maxsize=64)

@@ -46,8 +46,8 @@ from rmqdelay.core.errors import (
     TaskNotPendingError,
     UnroutableError,
 )
+from rmqdelay.core.journal import MAX_PAGE
 from rmqdelay.core.redact import without_urls
-from rmqdelay.core.task import PendingTask
 from rmqdelay.settings import Settings
 from rmqdelay.tools.tasks_cmd import pending_json
 
@@ -402,10 +402,6 @@ def _time(text: str | None, name: str) -> datetime | None:
         ) from None
 
 
-def _summary(task: PendingTask) -> dict[str, Any]:
-    return pending_json(task, whole=False)
-
-
 @router.get(
     "/v1/tasks",
     response_model=TaskListing,
@@ -419,7 +415,7 @@ async def _list(
     destination: Annotated[str | None, Query(description="Only this destination.")] = None,
     due_before: Annotated[str | None, Query(description="RFC 3339: due before it.")] = None,
     due_after: Annotated[str | None, Query(description="RFC 3339: due at or after it.")] = None,
-    limit: Annotated[int, Query(description="Tasks per page, 1-1000.")] = 100,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Tasks per page.")] = 100,
     cursor: Annotated[str | None, Query(description="The last page's cursor.")] = None,
 ) -> Any:
     page = await scheduler.find(
@@ -430,7 +426,7 @@ async def _list(
         limit=limit,
         cursor=cursor,
     )
-    return {"tasks": [_summary(t) for t in page.tasks], "cursor": page.cursor}
+    return {"tasks": [pending_json(t, whole=False) for t in page.tasks], "cursor": page.cursor}
 
 
 @router.get(

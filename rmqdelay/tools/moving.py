@@ -70,6 +70,9 @@ class Counts:
     left: int = 0
     #: Tasks of the file whose due time had passed: imported, they run at once.
     overdue: int = 0
+    #: Tasks waiting in the source's levels that its journal does not have (scheduled
+    #: before its retention, or before it was turned on): not exported, not moved.
+    uncovered: int = 0
     destinations: set[str] = field(default_factory=set)
 
     def describe(self, verb: str) -> str:
@@ -80,7 +83,36 @@ class Counts:
             parts.append(f"{self.overdue} were past due and run at once")
         if self.left:
             parts.append(f"{self.left} due within the margin were left to the source's workers")
+        if self.uncovered:
+            parts.append(
+                f"WARNING: about {self.uncovered} tasks waiting in the levels are not in the "
+                "journal (scheduled longer ago than RMQDELAY_JOURNAL_RETENTION, or before the "
+                "journal was on), so they were left out: they stay with the source's workers"
+            )
         return "; ".join(parts)
+
+
+async def in_levels(scheduler: Scheduler) -> int:
+    """Messages waiting in the delay levels now (passive declares: exact and live)."""
+    layout, names = scheduler.wiring.layout, scheduler.wiring.names
+    channel = await scheduler.connection.channel()
+    try:
+        total = 0
+        for shard in range(layout.shards):
+            for level in range(layout.levels):
+                queue = await channel.declare_queue(names.level_queue(level, shard), passive=True)
+                total += queue.declaration_result.message_count or 0
+        return total
+    finally:
+        await channel.close()
+
+
+def uncovered(index: TaskIndex, counted_at_ms: int, counted: int) -> int:
+    """How many of ``counted`` tasks in the levels at ``counted_at_ms`` the journal lacks.
+    A task still in a level then is due after then, so its copy (pending or cancelled) is
+    among those due later; anything beyond them is missing from the journal."""
+    known = sum(1 for e in index.all() if e.due_ms > counted_at_ms)
+    return max(0, counted - known)
 
 
 async def _series_records(scheduler: Scheduler, index: TaskIndex) -> list[bytes]:
@@ -96,8 +128,9 @@ async def _series_records(scheduler: Scheduler, index: TaskIndex) -> list[bytes]
 
 async def export(scheduler: Scheduler, out: TextIO) -> Counts:
     """Write every pending task, live cancel and recurring series as JSON lines."""
+    counted_at, counted = _now_ms(), await in_levels(scheduler)
     index = await read_journal(scheduler.settings, scheduler.connection)
-    now_ms, counts = _now_ms(), Counts()
+    now_ms, counts = _now_ms(), Counts(uncovered=uncovered(index, counted_at, counted))
     about = {
         "format": FORMAT,
         "namespace": scheduler.settings.namespace,
@@ -169,12 +202,14 @@ async def transfer(
     progress: Callable[[str], None] = lambda _: None,
 ) -> Counts:
     """Move every pending task, live cancel and series from ``source`` to ``target``."""
+    counted_at, counted = _now_ms(), await in_levels(source)
     index = await read_journal(source.settings, source.connection)
     await _require_destinations(target, {e.destination for e in index.pending(_now_ms())})
     there = await read_journal(target.settings, target.connection)
     counts = await _copy_cancels_and_series(
         target, there, list(index.cancels.items()), await _series_records(source, index)
     )
+    counts.uncovered = uncovered(index, counted_at, counted)
     moved: set[tuple[str, int]] = set()
     left: set[tuple[str, int]] = set()
     publisher, names = source.publisher, source.wiring.names

@@ -13,10 +13,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
-from rmqdelay import BrokerUnavailableError, PublishNotConfirmedError, Scheduler, Settings
+from rmqdelay import (
+    BrokerUnavailableError,
+    JournalUnavailableError,
+    PublishNotConfirmedError,
+    Scheduler,
+    Settings,
+    TaskSpec,
+)
 from rmqdelay.broker.declare import apply_topology
 from rmqdelay.broker.management import management_get, vhost_path
 from rmqdelay.core.topology import build_topology
@@ -243,3 +251,53 @@ async def eventually_async(
                 await asyncio.sleep(0.5)
     except TimeoutError:
         raise AssertionError(f"not within {within}s: {what}") from None
+
+
+@pytest.mark.timeout(300)
+async def test_lookups_survive_killing_the_node_that_leads_the_journal(cluster: Cluster) -> None:
+    """The journal is a replicated stream: with its leader dead, another node reads it
+    out whole, and a reschedule made meanwhile holds."""
+    probe = _settings(cluster, 1)
+    async with _namespace(probe):
+        queues = await management_get(probe, f"queues/{vhost_path(probe)}", "name,leader")
+        [leader] = [q["leader"] for q in queues or [] if q["name"] == probe.names.journal]
+        victim = int(leader.split("@")[0][-1])  # rmqd<version>c<N>@host
+        survivor = victim % NODES + 1
+        settings = _settings(cluster, survivor, namespace=probe.namespace)
+        async with Scheduler(settings) as scheduler:
+            tasks = await scheduler.schedule_many(
+                [TaskSpec(DESTINATION, {"i": i}, delay=600 + i) for i in range(200)]
+            )
+            print(f"\njournal leader: node {victim}; killing it, reading through {survivor}")
+            await asyncio.to_thread(cluster.run, "kill", str(victim))
+            try:
+                found = await _eventually_found(scheduler, {t.id for t in tasks})
+                assert [t.id for t in found] == [t.id for t in tasks]  # due order
+                moved = await scheduler.reschedule(tasks[0].id, delay=1200)
+                again = await scheduler.get(tasks[0].id)
+                assert again is not None
+                assert abs((again.due_at - moved.due_at).total_seconds()) < 0.001
+            finally:
+                await asyncio.to_thread(cluster.run, "restart", str(victim))
+        await eventually_async(lambda: _all_members_online(settings), 120, "members back")
+
+
+async def _eventually_found(scheduler: Scheduler, ids: set[str]) -> list[Any]:
+    """Every pending task, once the stream has a new leader (a read may fail until then)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            found = []
+            cursor = None
+            while True:
+                page = await scheduler.find(limit=1000, cursor=cursor)
+                found += page.tasks
+                if (cursor := page.cursor) is None:
+                    break
+            if {t.id for t in found} >= ids:
+                return [t for t in found if t.id in ids]
+        except (BrokerUnavailableError, JournalUnavailableError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("the journal was not readable within 60 s of the node loss")
+        await asyncio.sleep(1)  # a new stream leader is elected within seconds

@@ -62,6 +62,10 @@ async def test_broker_killed_and_restarted_under_load_loses_no_confirmed_task(
             await asyncio.sleep(0.01)  # pacing the load
 
     async with running_worker(settings, destination, recorder), Scheduler(settings) as scheduler:
+        later_key = f"later-{destination}"
+        later = [
+            await scheduler.schedule(destination, {}, delay=600, keys=[later_key]) for _ in range(5)
+        ]
         producing = asyncio.create_task(produce(scheduler))
         async with asyncio.timeout(30):
             while len(recorder.ids) < 30:  # noqa: ASYNC110 - load must be flowing first
@@ -69,6 +73,9 @@ async def test_broker_killed_and_restarted_under_load_loses_no_confirmed_task(
         await asyncio.to_thread(test_broker.kill_and_restart)
         await asyncio.wait_for(producing, 120)
         await recorder.wait_for(returned, within=120)
+        # The journal came through the kill too: the tasks still waiting are all listed.
+        still = await scheduler.find(key=later_key)
+        assert {t.id for t in still.tasks} == {t.id for t in later}
     duplicates = sum(n - 1 for n in recorder.counts.values())
     print(
         f"\nbroker kill -9: {len(returned)} schedules returned, {refused} refused, "

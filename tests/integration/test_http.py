@@ -112,6 +112,44 @@ async def test_post_schedules_a_task_that_a_worker_runs(
     assert min(recorder.lateness_ms().values()) >= 0
 
 
+async def test_pending_tasks_are_listed_shown_rescheduled_and_counted_over_http(
+    api_settings: Settings, destination: str, client: httpx.AsyncClient
+) -> None:
+    key = f"incident/{destination} é"  # a slash and non-ASCII in the path
+    path_key = httpx.URL(path=key).raw_path.decode()
+    async with Scheduler(api_settings) as scheduler:
+        await scheduler.declare_destination(destination)
+    made = await client.post(
+        "/v1/tasks",
+        json={"destination": destination, "payload": {"n": 1}, "delay": "10m", "keys": [key]},
+    )
+    task_id = made.json()["id"]
+    listed = await client.get("/v1/tasks", params={"key": key, "limit": 10})
+    assert listed.status_code == 200, listed.text
+    assert listed.json()["cursor"] is None
+    [summary] = listed.json()["tasks"]
+    assert (summary["id"], summary["keys"], summary["size"]) == (task_id, [key], 7)
+    shown = await client.get(f"/v1/tasks/{task_id}")
+    assert shown.status_code == 200, shown.text
+    assert shown.json()["payload"] == {"n": 1}
+    assert shown.json()["properties"]["message_id"] == task_id
+    moved = await client.patch(f"/v1/tasks/{path_key}", json={"delay": "20m"})
+    assert moved.status_code == 200, moved.text
+    assert moved.json()["due_at"] > made.json()["due_at"]
+    missing = await client.get("/v1/tasks/no-such-task")
+    assert (missing.status_code, missing.json()["error"]) == (404, "TaskNotPendingError")
+    soon = await client.post(
+        "/v1/tasks", json={"destination": destination, "payload": 2, "delay": "800ms"}
+    )
+    too_soon = await client.patch(f"/v1/tasks/{soon.json()['id']}", json={"delay_ms": 60_000})
+    assert (too_soon.status_code, too_soon.json()["error"]) == (409, "TaskDueTooSoonError")
+    bad = await client.get("/v1/tasks", params={"due_before": "tomorrow"})
+    assert bad.status_code == 422
+    assert "due_before='tomorrow' is not an RFC 3339 time" in bad.json()["message"]
+    counted = await client.delete(f"/v1/keys/{path_key}", params={"count": "true"})
+    assert counted.json()["pending"] == 1
+
+
 async def test_delete_cancels_the_tasks_under_a_key(
     api_settings: Settings, destination: str, client: httpx.AsyncClient
 ) -> None:

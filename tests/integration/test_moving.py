@@ -233,3 +233,29 @@ def test_the_cli_lists_shows_reschedules_exports_and_imports(
     assert "imported 1 tasks" in capsys.readouterr().err
     assert main(["tasks", "list"]) == 0
     assert task_id in capsys.readouterr().out
+
+
+async def test_an_export_says_how_many_waiting_tasks_the_journal_does_not_have(
+    broker_url: str,
+) -> None:
+    """Tasks scheduled before the journal was on (or longer ago than its retention) wait
+    in the levels unseen by it: the export counts them instead of leaving them out quietly."""
+    without = make_settings(broker_url, max_delay=timedelta(hours=1), journal=False)
+    with_journal = without.model_copy(update={"journal": True})
+    topology = build_topology(with_journal.layout, ("dest",))
+    await apply_topology(without, build_topology(without.layout, ("dest",)))
+    try:
+        async with Scheduler(without) as scheduler:
+            for _ in range(3):
+                await scheduler.schedule("dest", {}, delay=600)
+        await apply_topology(with_journal, topology)  # the journal's bindings from now on
+        async with Scheduler(with_journal) as scheduler:
+            for _ in range(2):
+                await scheduler.schedule("dest", {}, delay=600)
+            counts = await moving.export(scheduler, io.StringIO())
+        assert (counts.tasks, counts.uncovered) == (2, 3)
+        assert "about 3 tasks waiting in the levels are not in the journal" in counts.describe(
+            "exported"
+        )
+    finally:
+        await apply_topology(with_journal, topology, delete=True)
