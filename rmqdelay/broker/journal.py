@@ -10,6 +10,7 @@ Nothing is taken from a queue: a stream is read, never consumed away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -19,14 +20,15 @@ from aio_pika.abc import AbstractConnection
 from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from rmqdelay.broker.cancels import load_cancels
+from rmqdelay.broker.cancels import CancelFollower, load_cancels
+from rmqdelay.broker.connection import CONNECTION_EXCEPTIONS, connect_once, reconnect_wait
 from rmqdelay.broker.publisher import properties
 from rmqdelay.core.errors import (
     BrokerUnavailableError,
     JournalUnavailableError,
     MessageDecodeError,
 )
-from rmqdelay.core.journal import STREAM_OFFSET, TaskIndex, decode_entry
+from rmqdelay.core.journal import STREAM_OFFSET, Entry, TaskIndex, decode_entry
 from rmqdelay.core.wire import MARKER, PUBLISHER_PROPERTIES
 from rmqdelay.settings import Settings
 
@@ -118,25 +120,211 @@ async def read_journal(
     return index
 
 
-def _add(index: TaskIndex, message: DeliveredMessage, headers: dict[str, Any]) -> None:
+def _decode(message: DeliveredMessage, headers: dict[str, Any]) -> Entry:
     props = message.header.properties
     offset = headers.get(STREAM_OFFSET)
+    return decode_entry(
+        headers=headers,
+        body=message.body,
+        routing_key=message.routing_key or "",
+        content_type=props.content_type,
+        properties={
+            name: value
+            for name in PUBLISHER_PROPERTIES
+            if (value := getattr(props, name)) is not None
+        },
+        offset=offset if isinstance(offset, int) else 0,
+    )
+
+
+def _add(
+    index: TaskIndex, message: DeliveredMessage, headers: dict[str, Any], *, slim: bool = False
+) -> None:
     try:
-        entry = decode_entry(
-            headers=headers,
-            body=message.body,
-            routing_key=message.routing_key or "",
-            content_type=props.content_type,
-            properties={
-                name: value
-                for name in PUBLISHER_PROPERTIES
-                if (value := getattr(props, name)) is not None
-            },
-            offset=offset if isinstance(offset, int) else 0,
-        )
+        entry = _decode(message, headers)
     except MessageDecodeError as e:
         index.undecodable += 1
         if index.undecodable == 1:
             log.warning("the journal holds a record that is not a task (%s); skipped", e)
         return
-    index.add(entry)
+    index.add(entry.slim() if slim else entry)
+
+
+async def read_record(settings: Settings, connection: AbstractConnection, offset: int) -> Entry:
+    """The journal's record at ``offset``, whole (a live index keeps entries without
+    their bodies).
+
+    Raises:
+        BrokerUnavailableError: it could not be read in time (the retention dropped it).
+    """
+    channel = await connection.channel()
+    try:
+        raw = await channel.get_underlay_channel()
+        await raw.basic_qos(prefetch_count=1)
+        got: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
+
+        async def on_record(message: DeliveredMessage) -> None:
+            headers: dict[str, Any] = message.header.properties.headers or {}
+            if MARKER not in headers and not got.done():
+                try:
+                    got.set_result(_decode(message, headers))
+                except MessageDecodeError as e:
+                    got.set_exception(e)
+
+        await raw.basic_consume(
+            settings.names.journal, on_record, arguments={"x-stream-offset": offset}
+        )
+        try:
+            return await asyncio.wait_for(got, READ_RECORD_TIMEOUT_S)
+        except TimeoutError:
+            raise BrokerUnavailableError(
+                f"could not read journal record {offset} within {READ_RECORD_TIMEOUT_S:g}s"
+            ) from None
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+READ_RECORD_TIMEOUT_S = 10.0
+
+
+#: A live index forgets tasks this long past due (retries and reschedules of them come
+#: back as new copies), so its memory is the pending tasks plus an hour.
+KEEP_PAST_DUE_S = 3600.0
+PRUNE_EVERY_S = 60.0
+#: How long a lookup waits for the live index to catch up before it says so.
+SYNC_TIMEOUT_S = 30.0
+
+
+class LiveJournal:
+    """Follows the journal, and the cancellation stream, to keep a ``TaskIndex`` current:
+    for a long-running process (``rmqdelay serve``) whose lookups must not read the whole
+    journal each time. Entries are kept slim (no body); ``whole()`` reads one back.
+
+    A lookup first appends a marker to each stream and waits for both to come back
+    (``synced``), so it sees every task and cancel confirmed before it began.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        require_journal(settings)
+        self.settings = settings
+        self.follower = CancelFollower(settings, quiet=True)
+        self.index = TaskIndex(self.follower.cancels)
+        self.caught_up = asyncio.Event()
+        self._offset: int | None = None
+        self._waiting: dict[str, asyncio.Future[None]] = {}
+        self._channel: Any = None
+        self._sync = asyncio.Lock()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Follow both streams until ``stop`` is set, reconnecting after drops."""
+        cancels = asyncio.create_task(self.follower.run(stop))
+        pruning = asyncio.create_task(self._prune_periodically())
+        try:
+            while not stop.is_set():
+                try:
+                    await self._follow(stop)
+                except CONNECTION_EXCEPTIONS as e:
+                    self.caught_up.clear()
+                    log.warning("journal stream lost (%s); reconnecting", e)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), reconnect_wait(0))
+        finally:
+            pruning.cancel()
+            await cancels
+
+    async def _follow(self, stop: asyncio.Event) -> None:
+        connection = await connect_once(self.settings, raw=True)
+        lost = asyncio.Event()
+        connection.close_callbacks.add(lambda *_: lost.set())
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            raw = await channel.get_underlay_channel()
+            await raw.basic_qos(prefetch_count=PREFETCH)
+            offset: int | str = "first" if self._offset is None else self._offset + 1
+            unacked = 0
+
+            async def on_record(message: DeliveredMessage) -> None:
+                nonlocal unacked
+                headers: dict[str, Any] = message.header.properties.headers or {}
+                marker = headers.get(MARKER)
+                if isinstance(at := headers.get(STREAM_OFFSET), int):
+                    self._offset = at
+                if marker is None:
+                    _add(self.index, message, headers, slim=True)
+                elif (waiter := self._waiting.pop(marker, None)) is not None:
+                    waiter.set_result(None)
+                unacked += 1
+                tag = message.delivery_tag
+                if (unacked >= ACK_EVERY or marker is not None) and tag is not None:
+                    unacked = 0
+                    await message.channel.basic_ack(tag, multiple=True)
+
+            await raw.basic_consume(
+                self.settings.names.journal, on_record, arguments={"x-stream-offset": offset}
+            )
+            raw.on_consumer_cancel_callbacks.add(lambda *_: lost.set())
+            self._channel = channel
+            try:
+                await self._marker()
+                self.caught_up.set()
+                log.info("journal followed: %d tasks", len(self.index))
+                waits = {asyncio.ensure_future(lost.wait()), asyncio.ensure_future(stop.wait())}
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for waiting in waits:
+                    waiting.cancel()
+            finally:
+                self._channel = None
+                for waiter in self._waiting.values():
+                    waiter.set_exception(ConnectionError("the journal stream was lost"))
+                self._waiting.clear()
+            if lost.is_set() and not stop.is_set():
+                raise ConnectionError("connection to the journal stream was lost")
+
+    async def _marker(self) -> None:
+        """Append a marker to the journal and wait until this follower has read it."""
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            raise ConnectionError("not following the journal")
+        marker = uuid.uuid4().hex
+        waiter = self._waiting[marker] = asyncio.get_running_loop().create_future()
+        raw = await channel.get_underlay_channel()
+        await raw.basic_publish(
+            b"", routing_key=self.settings.names.journal, properties=properties({MARKER: marker})
+        )
+        await waiter
+
+    async def loaded(self) -> None:
+        """Return once the journal and the cancels have been read up to now once."""
+        await self.caught_up.wait()
+        await self.follower.caught_up.wait()
+
+    async def synced(self) -> TaskIndex:
+        """The index, once it holds every task and cancel confirmed before this call.
+
+        Raises:
+            BrokerUnavailableError: the streams could not be followed in time.
+        """
+        try:
+            async with asyncio.timeout(SYNC_TIMEOUT_S), self._sync:
+                await self.caught_up.wait()
+                await self._marker()
+                await self.follower.resync()
+                await self.follower.caught_up.wait()
+        except (TimeoutError, ConnectionError):
+            if not self.caught_up.is_set():
+                raise BrokerUnavailableError(
+                    f"the journal is still being read ({len(self.index)} tasks so far, about "
+                    "7,000 records a second); ask again shortly"
+                ) from None
+            raise BrokerUnavailableError(
+                f"the journal index is not following the broker (within {SYNC_TIMEOUT_S:g}s)"
+            ) from None
+        return self.index
+
+    async def _prune_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_EVERY_S)
+            now_ms = time.time_ns() // 1_000_000
+            if gone := self.index.prune(now_ms - int(KEEP_PAST_DUE_S * 1000)):
+                log.debug("forgot %d tasks long past due", gone)

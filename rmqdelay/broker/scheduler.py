@@ -18,7 +18,7 @@ from pamqp.commands import Basic
 from rmqdelay.broker.cancels import load_cancels, publish_cancel
 from rmqdelay.broker.connection import PUBLISH_RETRYABLE, connect
 from rmqdelay.broker.declare import check_topology, declare_topology, resolve_backend
-from rmqdelay.broker.journal import read_journal
+from rmqdelay.broker.journal import LiveJournal, read_journal, read_record
 from rmqdelay.broker.publisher import Publisher, properties, restored, until_deadline
 from rmqdelay.broker.streams import read_stream
 from rmqdelay.core.cancelset import Stamps
@@ -35,7 +35,7 @@ from rmqdelay.core.errors import (
     TopologyMismatchError,
     UnroutableError,
 )
-from rmqdelay.core.journal import MAX_PAGE, Query, TaskIndex, decode_cursor, page_of
+from rmqdelay.core.journal import MAX_PAGE, Entry, Query, TaskIndex, decode_cursor, page_of
 from rmqdelay.core.recurrence import (
     MAX_SERIES_KEY_BYTES,
     MIN_EVERY_MS,
@@ -190,6 +190,8 @@ class Scheduler:
         self._publisher: Publisher | None = None
         self._destinations: dict[str, asyncio.Future[None]] = {}
         self._stamps = Stamps()
+        #: The journal followed in memory (``follow_journal``), and how to stop it.
+        self._live: tuple[LiveJournal, asyncio.Event, asyncio.Task[None]] | None = None
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -227,6 +229,11 @@ class Scheduler:
 
     async def close(self) -> None:
         """Close the connection; schedules that already returned are safe in the broker."""
+        if self._live is not None:
+            _, stop, following = self._live
+            self._live = None
+            stop.set()
+            await following
         if self._connection is not None:
             await self._connection.close()
         self._connection = self._channel = self._publisher = None
@@ -537,8 +544,33 @@ class Scheduler:
     async def _publish_cancel(self, key: str, at_ms: int, until_ms: int | None) -> None:
         await publish_cancel(self._require_publisher(), self.wiring.names, key, at_ms, until_ms)
 
+    async def follow_journal(self, *, wait: bool = False) -> None:
+        """Keep an index of the pending tasks in memory from now on, following the journal
+        and the cancels as they are written: ``get()``, ``find()`` and ``reschedule()``
+        then answer without reading the whole journal (for a long-running process, such
+        as ``rmqdelay serve``). Returns at once; lookups wait (up to 30 s, then raise
+        ``BrokerUnavailableError``) until the journal has been read up to now once;
+        ``wait=True`` returns only then (about 7,000 records a second).
+
+        Raises:
+            JournalUnavailableError: no journal to follow (RMQDELAY_JOURNAL, the plugin).
+        """
+        if self._live is None:
+            live, stop = LiveJournal(self.settings), asyncio.Event()
+            self._live = (live, stop, asyncio.create_task(live.run(stop)))
+        if wait:
+            await self._live[0].loaded()
+
     async def _read_journal(self) -> TaskIndex:
+        if self._live is not None:
+            return await self._live[0].synced()
         return await read_journal(self.settings, self.connection)
+
+    async def _whole(self, entry: Entry) -> Entry:
+        """``entry`` with its body (a followed index keeps entries without)."""
+        if entry.whole:
+            return entry
+        return await read_record(self.settings, self.connection, entry.offset)
 
     async def get(self, task_id: str) -> PendingTask | None:
         """The pending task with id ``task_id``, with its payload and properties; None if
@@ -553,7 +585,7 @@ class Scheduler:
         task_id = check_key(task_id, "a task id")
         index = await self._read_journal()
         entry = index.get(task_id, time.time_ns() // 1_000_000)
-        return None if entry is None else entry.task()
+        return None if entry is None else (await self._whole(entry)).task()
 
     async def find(
         self,
@@ -665,6 +697,7 @@ class Scheduler:
                 "runs as scheduled; cancel it instead if it must not"
             )
         await self._check_destination(entry.destination)
+        entry = await self._whole(entry)
         now_ms = time.time_ns() // 1_000_000
         way = self.wiring.route(due_us - now_ms * 1000, entry.id)
         # Later than the copy it replaces even within one millisecond: the cancel at

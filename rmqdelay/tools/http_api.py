@@ -528,6 +528,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         scheduler = Scheduler(settings)
         await scheduler.start()
+        if scheduler.wiring.layout.journal:
+            # Lookups from memory, not a read of the whole journal per request.
+            await scheduler.follow_journal()
         app.state.scheduler = scheduler
         app.state.reachability = reachability = Reachability(scheduler)
         try:

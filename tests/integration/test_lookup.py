@@ -242,3 +242,27 @@ def test_the_sync_scheduler_looks_up_and_reschedules(own_settings: Settings) -> 
         assert found.due_at > task.due_at + timedelta(seconds=500)
         assert abs((moved.due_at - found.due_at).total_seconds()) < 0.001
         assert scheduler.cancel(incident, count=True).pending == 1
+
+
+async def test_a_followed_journal_answers_from_memory_and_is_never_behind(
+    own_settings: Settings,
+) -> None:
+    """follow_journal(): lookups see every task and cancel confirmed before them, show
+    whole payloads (read back by offset) and reschedule, without reading the journal."""
+    incident = key()
+    async with Scheduler(own_settings) as scheduler:
+        before = await scheduler.schedule("dest", {"n": 1}, delay=600, keys=[incident])
+        await scheduler.follow_journal()
+        after = await scheduler.schedule("dest", {"n": 2}, delay=700, keys=[incident])
+        page = await scheduler.find(key=incident)
+        assert [t.id for t in page.tasks] == [before.id, after.id]
+        shown = await scheduler.get(after.id)
+        assert shown is not None
+        assert shown.body == b'{"n":2}'
+        await scheduler.cancel(before.id)
+        assert [t.id for t in (await scheduler.find(key=incident)).tasks] == [after.id]
+        moved = await scheduler.reschedule(incident, delay=900)
+        again = await scheduler.get(after.id)
+        assert again is not None
+        assert abs((again.due_at - moved.due_at).total_seconds()) < 0.001
+        assert again.body == b'{"n":2}'

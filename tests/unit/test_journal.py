@@ -192,3 +192,27 @@ def test_a_bad_export_line_names_its_number_and_fault() -> None:
         read_line('{"kind": "other"}', 7)
     with pytest.raises(ValueError, match="line 8: not an exported value"):
         read_line(json.dumps({**task_line(entry()), "headers": {"x": {"$nope": 1}}}), 8)
+
+
+def test_a_live_index_keeps_slim_entries_and_forgets_tasks_long_past_due() -> None:
+    index = index_of(
+        entry("old", due=NOW - 7_200_000, keys=("k",)).slim(),
+        entry("new", due=NOW + 1000, keys=("k",)).slim(),
+    )
+    found = index.get("new", NOW)
+    assert found is not None
+    assert (found.whole, found.body, found.size) == (False, b"", 7)  # the size survives
+    assert index.prune(NOW - 3_600_000) == 1
+    assert [e.id for e in index.all()] == ["new"]
+    assert [e.id for e in index.pending(NOW, Query(key="k"))] == ["new"]
+
+
+def test_a_page_skips_cancelled_tasks_however_many_come_first() -> None:
+    """Pages are cut from the smallest due times; cancelled ones among them widen the cut."""
+    cancels = CancelSet(10**12)
+    index = index_of(*(entry(f"t{i:03}", due=NOW + i) for i in range(1, 301)), cancels=cancels)
+    for i in range(1, 251):
+        cancels.add(f"t{i:03}", NOW, NOW)
+    page, cursor = index.find(NOW, Query(limit=10))
+    assert [e.id for e in page] == [f"t{i:03}" for i in range(251, 261)]
+    assert cursor is not None
