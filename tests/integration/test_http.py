@@ -24,7 +24,7 @@ from rmqdelay.tools.cli import main
 from rmqdelay.tools.http_api import check_bind, server_config
 from rmqdelay.tools.logs import TextFormatter
 
-from .helpers import Recorder, running_worker
+from .helpers import Recorder, depth, running_worker
 from .proxy import Proxy
 
 pytestmark = pytest.mark.integration
@@ -121,7 +121,9 @@ async def test_pending_tasks_are_listed_shown_rescheduled_and_counted_over_http(
         await scheduler.declare_destination(destination)
     made = await client.post(
         "/v1/tasks",
-        json={"destination": destination, "payload": {"n": 1}, "delay": "10m", "keys": [key]},
+        # Hours ahead: the work queue goes with the test, and a task of this shared
+        # namespace reaching the unroutable queue while other tests run would confuse them.
+        json={"destination": destination, "payload": {"n": 1}, "delay": "3h", "keys": [key]},
     )
     task_id = made.json()["id"]
     listed = await client.get("/v1/tasks", params={"key": key, "limit": 10})
@@ -133,7 +135,7 @@ async def test_pending_tasks_are_listed_shown_rescheduled_and_counted_over_http(
     assert shown.status_code == 200, shown.text
     assert shown.json()["payload"] == {"n": 1}
     assert shown.json()["properties"]["message_id"] == task_id
-    moved = await client.patch(f"/v1/tasks/{path_key}", json={"delay": "20m"})
+    moved = await client.patch(f"/v1/tasks/{path_key}", json={"delay": "4h"})
     assert moved.status_code == 200, moved.text
     assert moved.json()["due_at"] > made.json()["due_at"]
     missing = await client.get("/v1/tasks/no-such-task")
@@ -148,6 +150,11 @@ async def test_pending_tasks_are_listed_shown_rescheduled_and_counted_over_http(
     assert "due_before='tomorrow' is not an RFC 3339 time" in bad.json()["message"]
     counted = await client.delete(f"/v1/keys/{path_key}", params={"count": "true"})
     assert counted.json()["pending"] == 1
+    # The task due in 800 ms must be in its work queue (deleted with it), not in a level.
+    queue = api_settings.names.work_queue(destination)
+    async with asyncio.timeout(10):
+        while await depth(api_settings, queue) < 1:  # noqa: ASYNC110 - a queue count
+            await asyncio.sleep(0.05)
 
 
 async def test_delete_cancels_the_tasks_under_a_key(
