@@ -136,6 +136,10 @@ class SyncScheduler:
         """Call off every task under ``key``; see :meth:`Scheduler.cancel`."""
         return self._call(lambda s: s.cancel(key, until=until, count=count))
 
+    def follow_journal(self, *, wait: bool = False) -> None:
+        """Answer lookups from memory from now on; see :meth:`Scheduler.follow_journal`."""
+        return self._call(lambda s: s.follow_journal(wait=wait))
+
     def get(self, task_id: str) -> PendingTask | None:
         """The pending task with this id, or None; see :meth:`Scheduler.get`."""
         return self._call(lambda s: s.get(task_id))
