@@ -34,7 +34,7 @@ from rmqdelay.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: How long reading the journal to its end may take (about 15,000 records a second here).
+#: How long reading the journal to its end may take (about 7,000 records a second here).
 JOURNAL_READ_TIMEOUT_S = 600.0
 #: Records in flight; stream acks only return credit, so they are sent in batches.
 PREFETCH = 2000
@@ -215,20 +215,26 @@ class LiveJournal:
         self._waiting: dict[str, asyncio.Future[None]] = {}
         self._channel: Any = None
         self._sync = asyncio.Lock()
+        #: Whether the stream was followed since the last drop (an outage starts anew).
+        self._followed = False
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follow both streams until ``stop`` is set, reconnecting after drops."""
         cancels = asyncio.create_task(self.follower.run(stop))
         pruning = asyncio.create_task(self._prune_periodically())
+        lost_at: float | None = None
         try:
             while not stop.is_set():
                 try:
                     await self._follow(stop)
                 except CONNECTION_EXCEPTIONS as e:
                     self.caught_up.clear()
-                    log.warning("journal stream lost (%s); reconnecting", e)
+                    if lost_at is None or self._followed:  # a new outage: say it once
+                        lost_at, self._followed = time.monotonic(), False
+                        log.warning("journal stream lost (%s); reconnecting", e)
+                    wait = reconnect_wait(time.monotonic() - lost_at)
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), reconnect_wait(0))
+                        await asyncio.wait_for(stop.wait(), wait)
         finally:
             pruning.cancel()
             await cancels
@@ -268,6 +274,7 @@ class LiveJournal:
             try:
                 await self._marker()
                 self.caught_up.set()
+                self._followed = True
                 log.info("journal followed: %d tasks", len(self.index))
                 waits = {asyncio.ensure_future(lost.wait()), asyncio.ensure_future(stop.wait())}
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

@@ -507,9 +507,8 @@ class Scheduler:
         (RMQDELAY_MAX_DELAY, or RMQDELAY_CANCEL_RETENTION); a later ``until`` is cut to that.
 
         Args:
-            count: Read the journal first, and return in ``Cancellation.pending`` how many
-                pending tasks were under the key (the whole journal is read: it takes
-                about a second per 15,000 tasks in it).
+            count: Look in the journal first, and return in ``Cancellation.pending`` how
+                many pending tasks were under the key (see ``get()`` for what that costs).
 
         Raises:
             InvalidKeyError: ``key`` is not a usable key; nothing was sent.
@@ -576,7 +575,8 @@ class Scheduler:
         """The pending task with id ``task_id``, with its payload and properties; None if
         there is none (it ran, was cancelled, or never was).
 
-        The whole journal is read: about a second per 15,000 tasks in it.
+        Unless ``follow_journal()`` was called, the whole journal is read each time:
+        about 7,000 records a second (every task scheduled within its retention).
 
         Raises:
             InvalidKeyError: ``task_id`` cannot be a task id.
@@ -700,9 +700,10 @@ class Scheduler:
         entry = await self._whole(entry)
         now_ms = time.time_ns() // 1_000_000
         way = self.wiring.route(due_us - now_ms * 1000, entry.id)
-        # Later than the copy it replaces even within one millisecond: the cancel at
-        # stamp - 1 must call that copy off and not this one.
-        stamp = max(self._stamps.publish(now_ms), entry.published_ms + 1)
+        # Later than the copy it replaces even within one millisecond (or stamped by a
+        # clock ahead of ours): the cancel at stamp - 1 must call that copy off and not
+        # this one. Through Stamps, so that a cancel made after this still hits it.
+        stamp = self._stamps.publish(max(now_ms, entry.published_ms + 1))
         headers = {
             **entry.headers,
             DUE_MS: -(-due_us // 1000),

@@ -12,6 +12,7 @@ import aio_pika
 import pytest
 
 from rmqdelay import (
+    BrokerUnavailableError,
     InvalidKeyError,
     InvalidQueryError,
     InvalidTaskError,
@@ -26,6 +27,7 @@ from rmqdelay.core.wire import DUE_MS, KEYS, PUBLISHED_MS, TASK_ID
 
 from .conftest import make_settings
 from .helpers import Recorder, running_worker
+from .proxy import Proxy
 
 pytestmark = pytest.mark.integration
 
@@ -266,3 +268,30 @@ async def test_a_followed_journal_answers_from_memory_and_is_never_behind(
         assert again is not None
         assert abs((again.due_at - moved.due_at).total_seconds()) < 0.001
         assert again.body == b'{"n":2}'
+
+
+async def test_a_followed_journal_resumes_after_its_connection_drops(
+    own_settings: Settings,
+) -> None:
+    """Cut while following: the index reconnects (both streams) and then sees what was
+    scheduled and cancelled while it was away."""
+    async with Proxy(own_settings.url) as proxy, Scheduler(own_settings) as direct:
+        via_proxy = make_settings(
+            proxy.url, namespace=own_settings.namespace, max_delay=own_settings.max_delay
+        )
+        first = await direct.schedule("dest", {}, delay=600)
+        async with Scheduler(via_proxy) as follower:
+            await follower.follow_journal(wait=True)
+            assert [t.id for t in (await follower.find()).tasks] == [first.id]
+            proxy.cut()
+            second = await direct.schedule("dest", {}, delay=700)
+            await direct.cancel(first.id)
+            async with asyncio.timeout(30):
+                while True:
+                    try:
+                        page = await follower.find()
+                        break
+                    except BrokerUnavailableError:  # still reconnecting
+                        await asyncio.sleep(0.1)
+            assert [t.id for t in page.tasks] == [second.id]
+        assert proxy.connections >= 4, "the journal's and the cancels' connections came back"
