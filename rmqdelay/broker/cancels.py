@@ -40,7 +40,7 @@ from rmqdelay.broker.connection import (
     reconnect_wait,
 )
 from rmqdelay.broker.publisher import Publisher, properties
-from rmqdelay.broker.streams import READ_TIMEOUT_S, read_stream
+from rmqdelay.broker.streams import READ_TIMEOUT_S, read_stream, wait_first
 from rmqdelay.core.cancelset import CancelSet
 from rmqdelay.core.errors import (
     BrokerUnavailableError,
@@ -226,10 +226,7 @@ class CancelFollower:
             self._channel, self._connected, self._outage_said = channel, True, False
             try:
                 await self.resync()
-                waits = {asyncio.ensure_future(lost.wait()), asyncio.ensure_future(stop.wait())}
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                for waiting in waits:
-                    waiting.cancel()
+                await wait_first(lost, stop)
             finally:
                 self._channel = None
             if lost.is_set() and not stop.is_set():

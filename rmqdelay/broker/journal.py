@@ -23,6 +23,7 @@ from aiormq.exceptions import ChannelNotFoundEntity
 from rmqdelay.broker.cancels import CancelFollower, load_cancels
 from rmqdelay.broker.connection import CONNECTION_EXCEPTIONS, connect_once, reconnect_wait
 from rmqdelay.broker.publisher import properties
+from rmqdelay.broker.streams import wait_first
 from rmqdelay.core.errors import (
     BrokerUnavailableError,
     JournalUnavailableError,
@@ -276,10 +277,7 @@ class LiveJournal:
                 self.caught_up.set()
                 self._followed = True
                 log.info("journal followed: %d tasks", len(self.index))
-                waits = {asyncio.ensure_future(lost.wait()), asyncio.ensure_future(stop.wait())}
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                for waiting in waits:
-                    waiting.cancel()
+                await wait_first(lost, stop)
             finally:
                 self._channel = None
                 for waiter in self._waiting.values():

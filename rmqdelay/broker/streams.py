@@ -69,3 +69,14 @@ async def read_stream(
     finally:
         if not channel.is_closed:
             await channel.close()
+
+
+async def wait_first(*events: asyncio.Event) -> None:
+    """Return when any of ``events`` is set (a follower waits for its link to drop or for
+    its stop)."""
+    waits = {asyncio.ensure_future(event.wait()) for event in events}
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
