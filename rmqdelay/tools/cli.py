@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve",
-        help="an HTTP API to schedule and cancel (needs rmqdelay[http])",
+        help="an HTTP API to schedule, cancel, look up and reschedule (needs rmqdelay[http])",
         description="POST /v1/tasks, DELETE /v1/keys/{key}, GET /healthz, /openapi.json. "
         "Set RMQDELAY_HTTP_TOKEN; without it only a loopback address is served.",
     )
