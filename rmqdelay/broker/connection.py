@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -246,9 +247,7 @@ async def connect_once(settings: Settings, *, raw: bool = False) -> AbstractConn
     error: BaseException | None = None
     for url in settings.urls:
         try:
-            return await aio_pika.connect(
-                url, timeout=_attempt_timeout(settings), ssl_context=tls_context(settings)
-            )
+            return await _plain(url, settings)
         except InvalidFrameError as e:
             raise await unavailable(settings, e) from e
         except CONNECTION_EXCEPTIONS as e:
@@ -259,6 +258,23 @@ async def connect_once(settings: Settings, *, raw: bool = False) -> AbstractConn
     if raw:
         raise error
     raise await unavailable(settings, error) from error
+
+
+async def _plain(url: str, settings: Settings) -> AbstractConnection:
+    """``aio_pika.connect``, except that a connection that fails to open is closed here.
+
+    aio-pika leaves it to the garbage collector, whose ``__del__`` schedules its close on
+    whatever loop runs then, or on none ("coroutine 'Connection.close' was never awaited",
+    seen in CI when a follower's failed reconnects were collected during a sync test).
+    """
+    connection = aio_pika.Connection(URL(url), ssl_context=tls_context(settings))
+    try:
+        await connection.connect(timeout=_attempt_timeout(settings))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await connection.close()
+        raise
+    return connection
 
 
 async def connect(settings: Settings) -> AbstractRobustConnection:
