@@ -151,6 +151,10 @@ def _add(
     index.add(entry.slim() if slim else entry)
 
 
+#: How long reading one record back by its offset may take.
+READ_RECORD_TIMEOUT_S = 10.0
+
+
 async def read_record(settings: Settings, connection: AbstractConnection, offset: int) -> Entry:
     """The journal's record at ``offset``, whole (a live index keeps entries without
     their bodies).
@@ -184,9 +188,6 @@ async def read_record(settings: Settings, connection: AbstractConnection, offset
     finally:
         if not channel.is_closed:
             await channel.close()
-
-
-READ_RECORD_TIMEOUT_S = 10.0
 
 
 #: A live index forgets tasks this long past due (retries and reschedules of them come

@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -73,7 +73,6 @@ class Counts:
     #: Tasks waiting in the source's levels that its journal does not have (scheduled
     #: before its retention, or before it was turned on): not exported, not moved.
     uncovered: int = 0
-    destinations: set[str] = field(default_factory=set)
 
     def describe(self, verb: str) -> str:
         parts = [f"{verb} {self.tasks} tasks, {self.cancels} cancels, {self.series} series"]
