@@ -23,7 +23,7 @@ from aiormq.exceptions import ChannelNotFoundEntity
 from rmqdelay.broker.cancels import CancelFollower, load_cancels
 from rmqdelay.broker.connection import CONNECTION_EXCEPTIONS, connect_once, reconnect_wait
 from rmqdelay.broker.publisher import properties
-from rmqdelay.broker.streams import wait_first
+from rmqdelay.broker.streams import AckGate, wait_first
 from rmqdelay.core.errors import (
     BrokerUnavailableError,
     JournalUnavailableError,
@@ -73,7 +73,7 @@ async def read_journal(
     cancels = await load_cancels(settings)
     index = TaskIndex(cancels)
     stream = settings.names.journal
-    channel = await connection.channel()
+    channel, gate = await connection.channel(), AckGate()
     try:
         raw = await channel.get_underlay_channel()
         try:
@@ -97,10 +97,9 @@ async def read_journal(
             elif MARKER not in headers:
                 _add(index, message, headers)
             unacked += 1
-            tag = message.delivery_tag
-            if (unacked >= ACK_EVERY or done.is_set()) and tag is not None:
+            if unacked >= ACK_EVERY or done.is_set():
                 unacked = 0
-                await message.channel.basic_ack(tag, multiple=True)
+                await gate.ack(message.channel, message.delivery_tag)
 
         await raw.basic_consume(stream, on_record, arguments={"x-stream-offset": "first"})
         await raw.basic_publish(b"", routing_key=stream, properties=properties({MARKER: marker}))
@@ -112,8 +111,7 @@ async def read_journal(
                 f"({len(index)} tasks read)"
             ) from None
     finally:
-        if not channel.is_closed:
-            await channel.close()
+        await gate.close(channel)
     log.debug(
         "read the journal: %d tasks in %.2fs (%d records were not tasks)",
         len(index), time.monotonic() - started, index.undecodable,

@@ -11,7 +11,8 @@ import uuid
 from datetime import datetime
 
 import aio_pika
-from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+import aiormq.abc
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from rmqdelay.core.errors import BrokerUnavailableError, TopologyMismatchError
@@ -19,6 +20,32 @@ from rmqdelay.core.wire import MARKER
 
 #: How long reading a stream to its end may take.
 READ_TIMEOUT_S = 60.0
+
+
+class AckGate:
+    """The acks of one stream read, shut before its channel closes.
+
+    A stream keeps delivering past the record a read waits for. An ack that leaves after
+    the read's ``channel.close`` reaches a channel the broker already closed, and the broker
+    answers with a connection error (504 "expected 'channel.open'") that takes down every
+    channel of the connection: a scheduler's lookup would break its publishing. An ack in
+    flight holds the gate, so ``close`` waits for it, and none starts after.
+    """
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._shut = False
+
+    async def ack(self, channel: aiormq.abc.AbstractChannel, tag: int | None) -> None:
+        async with self._lock:
+            if not self._shut and tag is not None and not channel.is_closed:
+                await channel.basic_ack(tag, multiple=True)
+
+    async def close(self, channel: AbstractChannel) -> None:
+        async with self._lock:
+            self._shut = True
+        if not channel.is_closed:
+            await channel.close()
 
 
 async def read_stream(
@@ -35,7 +62,7 @@ async def read_stream(
         TopologyMismatchError: the stream does not exist.
         BrokerUnavailableError: it could not be read to its end in time.
     """
-    channel = await connection.channel()
+    channel, gate = await connection.channel(), AckGate()
     try:
         try:
             queue = await channel.declare_queue(stream, passive=True)
@@ -53,7 +80,7 @@ async def read_stream(
                 done.set()
             elif MARKER not in (message.headers or {}):
                 records.append(message)
-            await message.ack()
+            await gate.ack(message.channel, message.delivery_tag)
 
         await queue.consume(on_record, arguments={"x-stream-offset": offset})
         await channel.default_exchange.publish(
@@ -67,8 +94,7 @@ async def read_stream(
             ) from None
         return records
     finally:
-        if not channel.is_closed:
-            await channel.close()
+        await gate.close(channel)
 
 
 async def wait_first(*events: asyncio.Event) -> None:

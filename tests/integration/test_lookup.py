@@ -22,6 +22,7 @@ from rmqdelay import (
     SyncScheduler,
     TaskDueTooSoonError,
     TaskNotPendingError,
+    TaskSpec,
 )
 from rmqdelay.core.wire import DUE_MS, KEYS, PUBLISHED_MS, TASK_ID
 
@@ -295,3 +296,40 @@ async def test_a_followed_journal_resumes_after_its_connection_drops(
                         await asyncio.sleep(0.1)
             assert [t.id for t in page.tasks] == [second.id]
         assert proxy.connections >= 4, "the journal's and the cancels' connections came back"
+
+
+async def test_lookups_racing_new_records_never_break_the_shared_connection(
+    own_settings: Settings,
+) -> None:
+    """A journal read on the scheduler's connection sees records after the one it waits
+    for. An ack of those sent after its channel closed is a connection error on the broker
+    (504 "expected 'channel.open'"), which takes the scheduler's publishing down with it:
+    CI saw that once. Many reads while records keep coming, and the connection stays up."""
+    async with Scheduler(own_settings) as scheduler:
+        connection = scheduler.connection
+        lost: list[object] = []
+        connection.close_callbacks.add(lambda _, exc=None: lost.append(exc))
+        stop = asyncio.Event()
+
+        async def keep_scheduling() -> int:
+            n = 0
+            while not stop.is_set():
+                await scheduler.schedule_many(
+                    [TaskSpec("dest", {"n": i}, delay=3000) for i in range(20)]
+                )
+                n += 20
+            return n
+
+        writer = asyncio.create_task(keep_scheduling())
+        try:
+            for _ in range(3):
+                pages = await asyncio.gather(*(scheduler.find(limit=5) for _ in range(10)))
+                assert all(len(page.tasks) == 5 for page in pages)
+        finally:
+            stop.set()
+            scheduled = await writer
+        assert scheduled > 0
+        assert lost == []
+        assert not connection.is_closed
+        # The connection still publishes (a 504 would have closed it under us).
+        await scheduler.schedule("dest", {"after": True}, delay=3000)
