@@ -45,6 +45,8 @@ HOLD_RATE_PER_S = 4000
 #: redelivered when it dies. (Beyond 16 s, a prefetch of 65,535 holds HOLD_RATE_PER_S of
 #: arrivals no longer: wider windows suit lower rates only.)
 MAX_HOLD_WINDOW = timedelta(seconds=60)
+#: The journal keeper carries records at half the retention, passes apart (core.journal).
+MIN_JOURNAL_RETENTION = timedelta(minutes=1)
 #: The hold window unless set (or one unit, if that is longer). Chosen on RabbitMQ 4.3:
 #: every hop it saves was about 0.5 ms of broker CPU, and 16 s put delays of 1-60 s at
 #: 1.9x a raw publish+consume and delays under 16 s at 1.0-1.4x (docs/design.md,
@@ -214,9 +216,10 @@ class Settings(BaseSettings):
     )
     journal_retention: Duration = Field(
         default=timedelta(days=7),
-        description="How long the journal keeps each task's copy (at most the cancel "
-        "retention): a task scheduled longer ago is no longer listed. Its disk is the "
-        "schedule rate times this times ~500 bytes. Applies when the stream is created.",
+        description="How long the journal keeps each record (at least 1 minute, at most the "
+        "cancel retention). Workers copy a still-pending task's record forward before it "
+        "expires, so any delay stays listed. Its disk is the schedule rate times this "
+        "times ~500 bytes. Applies when the stream is created.",
     )
     tls_ca_file: FilePath | None = Field(
         default=None, description="CA bundle to verify the broker with (amqps://)."
@@ -325,6 +328,13 @@ class Settings(BaseSettings):
                 f"cancel_retention={self.cancel_retention} is shorter than max_delay="
                 f"{self.max_delay}: a cancel could be forgotten before the task it cancels is "
                 "due. Raise RMQDELAY_CANCEL_RETENTION or lower RMQDELAY_MAX_DELAY."
+            )
+        if self.journal_retention < MIN_JOURNAL_RETENTION:
+            raise ValueError(
+                f"journal_retention={self.journal_retention} is under "
+                f"{MIN_JOURNAL_RETENTION}: the journal keeper carries a record forward at half "
+                "the retention, and needs the other half as a margin. Raise "
+                "RMQDELAY_JOURNAL_RETENTION."
             )
         return self
 

@@ -13,13 +13,18 @@ from datetime import datetime
 import aio_pika
 import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import ChannelNotFoundEntity
 
+from rmqdelay.broker.publisher import properties
 from rmqdelay.core.errors import BrokerUnavailableError, TopologyMismatchError
 from rmqdelay.core.wire import MARKER
 
 #: How long reading a stream to its end may take.
 READ_TIMEOUT_S = 60.0
+#: Records a ``ToTheEnd`` hands out between letting the event loop run others: the ones
+#: read ahead are there already, and would otherwise all go without a pause.
+YIELD_EVERY = 64
 
 
 class AckGate:
@@ -46,6 +51,72 @@ class AckGate:
             self._shut = True
         if not channel.is_closed:
             await channel.close()
+
+
+class ToTheEnd:
+    """The records of ``stream`` from ``offset`` to the end: where a marker appended on
+    entering comes back. Iterate inside ``async with``; records are acked in batches, and
+    leaving stops the acks before the channel closes. Others' markers are yielded too.
+
+    Raises (while iterating):
+        BrokerUnavailableError: no record came for ``timeout_s``.
+    """
+
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        stream: str,
+        offset: int | str | datetime,
+        *,
+        prefetch: int = 1000,
+        ack_every: int = 500,
+        timeout_s: float = READ_TIMEOUT_S,
+    ) -> None:
+        self._connection, self.stream, self._offset = connection, stream, offset
+        self._prefetch, self._ack_every, self._timeout_s = prefetch, ack_every, timeout_s
+        self._records: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
+        self._gate = AckGate()
+        self._end = uuid.uuid4().hex
+        self._seen = 0
+        self._channel: AbstractChannel | None = None
+
+    async def __aenter__(self) -> ToTheEnd:
+        channel = self._channel = await self._connection.channel()
+        raw = await channel.get_underlay_channel()
+        await raw.basic_qos(prefetch_count=self._prefetch)
+
+        async def on_record(message: DeliveredMessage) -> None:
+            self._records.put_nowait(message)
+
+        await raw.basic_consume(self.stream, on_record, arguments={"x-stream-offset": self._offset})
+        await raw.basic_publish(
+            b"", routing_key=self.stream, properties=properties({MARKER: self._end})
+        )
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._channel is not None:
+            await self._gate.close(self._channel)
+
+    def __aiter__(self) -> ToTheEnd:
+        return self
+
+    async def __anext__(self) -> DeliveredMessage:
+        try:
+            message = await asyncio.wait_for(self._records.get(), self._timeout_s)
+        except TimeoutError:
+            raise BrokerUnavailableError(
+                f"stream {self.stream!r} sent nothing for {self._timeout_s:g}s"
+            ) from None
+        self._seen += 1
+        if self._seen % YIELD_EVERY == 0:
+            await asyncio.sleep(0)  # a worker's handlers share this loop
+        if (message.header.properties.headers or {}).get(MARKER) == self._end:
+            await self._gate.ack(message.channel, message.delivery_tag)
+            raise StopAsyncIteration
+        if self._seen % self._ack_every == 0:
+            await self._gate.ack(message.channel, message.delivery_tag)
+        return message
 
 
 async def read_stream(

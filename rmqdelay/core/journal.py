@@ -32,6 +32,8 @@ from rmqdelay.core.recurrence import SERIES, decode_series
 from rmqdelay.core.task import PendingTask, TaskPage
 from rmqdelay.core.wire import (
     DUE_MS,
+    JOURNAL_DESTINATION,
+    JOURNALED_MS,
     PUBLISHED_MS,
     PUBLISHER_PROPERTIES,
     _identity,
@@ -43,6 +45,8 @@ from rmqdelay.core.wire import (
 
 #: The header a stream adds to each record it delivers; not part of the task.
 STREAM_OFFSET = "x-stream-offset"
+#: Headers of a journal record that say where it is, not what the task is.
+_RECORD_HEADERS = frozenset({STREAM_OFFSET, JOURNAL_DESTINATION, JOURNALED_MS})
 #: Most tasks one page of ``find()`` returns.
 MAX_PAGE = 1000
 
@@ -118,9 +122,10 @@ def decode_entry(
         except RmqDelayError as e:
             raise MessageDecodeError(str(e)) from None
         series = (header.key, header.since_ms)
+    destination = headers.get(JOURNAL_DESTINATION)
     return Entry(
         id=task_id,
-        destination=routing_key,
+        destination=destination if isinstance(destination, str) else routing_key,
         due_ms=_time_header(headers, DUE_MS),
         published_ms=_time_header(headers, PUBLISHED_MS),
         attempt=attempt,
@@ -128,7 +133,7 @@ def decode_entry(
         series=series,
         body=body,
         content_type=content_type,
-        headers={k: v for k, v in _without_routing(headers).items() if k != STREAM_OFFSET},
+        headers={k: v for k, v in _without_routing(headers).items() if k not in _RECORD_HEADERS},
         properties={k: v for k, v in properties.items() if k in PUBLISHER_PROPERTIES},
         offset=offset,
     )
@@ -414,3 +419,62 @@ def read_line(text: str, number: int) -> Imported:
         raise ValueError(f"line {number}: not an export line (missing or wrong {e})") from None
     except (ValueError, binascii.Error, MessageDecodeError) as e:
         raise ValueError(f"line {number}: {e}") from None
+
+
+# Keeping the journal -------------------------------------------------------------------
+#
+# The journal keeps a record for its retention, and a task can wait ten years. The keeper
+# (one worker of the fleet at a time) reads the records that have lived half the
+# retention, in journal order, and writes again at the end of the journal those whose task
+# will still be pending when the record expires; the copy is carried again in its turn.
+# A copy keeps the publish stamp, so cancels still cover it and a reader takes it for the
+# same task. docs/design.md, "Keeping the journal".
+
+
+@dataclass(frozen=True, slots=True)
+class Keeping:
+    """When the keeper reads and what it carries, for a journal retention."""
+
+    retention_ms: int
+
+    @property
+    def every_ms(self) -> int:
+        """Between passes: an eighth of the retention (1 s to 10 min), so a record is
+        carried well before it can expire even when a pass is late."""
+        return min(600_000, max(1000, self.retention_ms // 8))
+
+    @property
+    def lookback_ms(self) -> int:
+        """How far back a new keeper looks for the last pass's progress record."""
+        return 3 * self.every_ms + 60_000
+
+    def through_ms(self, now_ms: int) -> int:
+        """A pass at ``now_ms`` reads the records written before this: half the
+        retention ago (the other half is the margin for late passes and skewed clocks)."""
+        return now_ms - self.retention_ms // 2
+
+    def must_carry(self, due_ms: int, journaled_ms: int) -> bool:
+        """Whether a pending task's record, written at ``journaled_ms``, could expire
+        before the task is due (with a quarter of the retention to spare for a publisher
+        whose clock ran ahead)."""
+        return due_ms > journaled_ms + self.retention_ms * 3 // 4
+
+
+def journaled_ms(headers: Mapping[str, Any]) -> int | None:
+    """When a record was written to the journal: a carried copy says so; any other was
+    written as it was published (an imported one later, which only carries it sooner).
+    None: not a task record."""
+    try:
+        return _time_header(headers, JOURNALED_MS if JOURNALED_MS in headers else PUBLISHED_MS)
+    except MessageDecodeError:
+        return None
+
+
+def carried_headers(headers: Mapping[str, Any], destination: str, now_ms: int) -> dict[str, Any]:
+    """The headers of a record carried forward: the same task, its destination in a header
+    (the copy's routing key is the stream's name), and when the copy is written."""
+    return {
+        **{k: v for k, v in headers.items() if k not in _RECORD_HEADERS},
+        JOURNAL_DESTINATION: destination,
+        JOURNALED_MS: now_ms,
+    }

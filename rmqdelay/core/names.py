@@ -94,6 +94,12 @@ class Names:
         return f"{self.namespace}.journal"
 
     @property
+    def journal_keeper(self) -> str:
+        """Exclusive queue a journal keeper holds while it keeps the journal: the broker
+        lets one connection have it, so one worker of a fleet keeps at a time."""
+        return f"{self.namespace}.journal.keeper"
+
+    @property
     def cancel_snapshots(self) -> str:
         """Stream of snapshots of the live cancel set, so a starting worker need not
         replay the whole cancellation stream."""

@@ -24,6 +24,13 @@ KEYS = "rmqdelay-keys"
 #: header values (3.10 all of them, 4.x those not named x-...), so the journal's copy of
 #: a task has only this to say which keys it has.
 KEYS_JSON = "rmqdelay-keys-json"
+#: On a copy the journal keeper carried forward (docs/design.md, "Keeping the journal"):
+#: it is published straight to the stream, so the destination its routing key gave is a
+#: header; and when it was written (ms), for the keeper to carry it again in its turn.
+JOURNAL_DESTINATION = "rmqdelay-journal-destination"
+JOURNALED_MS = "rmqdelay-journaled"
+#: On the keeper's progress record (a marker too): the journal offset it has kept through.
+KEPT_THROUGH = "rmqdelay-kept-through"
 CANCEL_KEY = "rmqdelay-cancel-key"
 CANCEL_AT_MS = "rmqdelay-cancel-at"
 #: Optional: when the cancel stops mattering (ms); absent, the cancel lasts the retention.

@@ -85,8 +85,9 @@ class Counts:
         if self.uncovered:
             parts.append(
                 f"WARNING: about {self.uncovered} tasks waiting in the levels are not in the "
-                "journal (scheduled longer ago than RMQDELAY_JOURNAL_RETENTION, or before the "
-                "journal was on), so they were left out: they stay with the source's workers"
+                "journal (scheduled before the journal was on, or kept by no worker for half "
+                "of RMQDELAY_JOURNAL_RETENTION), so they were left out: they stay with the "
+                "source's workers"
             )
         return "; ".join(parts)
 

@@ -22,6 +22,7 @@ from aiormq.abc import DeliveredMessage, TaskWrapper
 from rmqdelay.broker.cancels import CancelFollower
 from rmqdelay.broker.connection import connect
 from rmqdelay.broker.declare import check_topology, resolve_backend
+from rmqdelay.broker.keeper import JournalKeeper
 from rmqdelay.broker.publisher import Publisher
 from rmqdelay.core.errors import ConfigError, RmqDelayError
 from rmqdelay.core.redact import Redactor
@@ -123,6 +124,8 @@ class Worker:
         self.metrics_address: tuple[str, int] | None = None
         self._connection: AbstractRobustConnection | None = None
         self._subscription: Subscription | None = None
+        #: Keeps the journal when no other worker does (None: no journal to keep).
+        self.keeper: JournalKeeper | None = None
 
     async def run(self, stop: asyncio.Event) -> WorkerStats:
         """Consume until ``stop`` is set, then shut down cleanly. Returns the counts.
@@ -149,6 +152,7 @@ class Worker:
         reporter = asyncio.create_task(self._report_periodically())
         stop_following = asyncio.Event()
         following: asyncio.Task[None] | None = None
+        keeping: asyncio.Task[None] | None = None
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             await channel.set_qos(prefetch_count=self.prefetch)
@@ -180,6 +184,9 @@ class Worker:
             connection.reconnect_callbacks.add(lambda *_: self._gauge_connected(1))
             connection.reconnect_callbacks.add(lambda *_: self._follower.resync())
             await _until(following, self._follower.caught_up.wait())
+            if self.settings.journal and self.wiring.layout.backend == "levels":
+                keeper = self.keeper = JournalKeeper(self.settings, self._follower.cancels)
+                keeping = asyncio.create_task(keeper.run(stop_following))
             await self._consume(channel, subscription, stop, following)
         finally:
             self._stopping = True
@@ -190,8 +197,10 @@ class Worker:
                 server.close()
             await self._drain()
             stop_following.set()
-            if following is not None:
-                await asyncio.gather(following, return_exceptions=True)
+            await asyncio.gather(
+                *(task for task in (following, keeping) if task is not None),
+                return_exceptions=True,
+            )
             # Daemon threads: a handler stuck in a blocking call cannot hold the process.
             threads.shutdown(wait=False, cancel_futures=True)
             await connection.close()

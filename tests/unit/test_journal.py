@@ -13,18 +13,29 @@ from rmqdelay.core.cancelset import CancelSet
 from rmqdelay.core.errors import MessageDecodeError
 from rmqdelay.core.journal import (
     Entry,
+    Keeping,
     Query,
     TaskIndex,
+    carried_headers,
     decode_cursor,
     decode_entry,
     decode_value,
     encode_cursor,
     encode_value,
+    journaled_ms,
     read_line,
     task_line,
 )
 from rmqdelay.core.recurrence import SERIES, Rule, SeriesHeader
-from rmqdelay.core.wire import KEYS, KEYS_JSON, keys_from_json, task_headers
+from rmqdelay.core.wire import (
+    JOURNAL_DESTINATION,
+    JOURNALED_MS,
+    KEYS,
+    KEYS_JSON,
+    PUBLISHED_MS,
+    keys_from_json,
+    task_headers,
+)
 
 NOW = 1_800_000_000_000
 
@@ -216,3 +227,70 @@ def test_a_page_skips_cancelled_tasks_however_many_come_first() -> None:
     page, cursor = index.find(NOW, Query(limit=10))
     assert [e.id for e in page] == [f"t{i:03}" for i in range(251, 261)]
     assert cursor is not None
+
+
+DAY_MS = 86_400_000
+
+
+@pytest.mark.parametrize(
+    ("retention_ms", "every_ms"),
+    [(7 * DAY_MS, 600_000), (DAY_MS, 600_000), (40_000, 5000), (4000, 1000)],
+)
+def test_a_keeper_passes_an_eighth_of_the_retention_apart_within_bounds(
+    retention_ms: int, every_ms: int
+) -> None:
+    keeping = Keeping(retention_ms)
+    assert keeping.every_ms == every_ms
+    assert keeping.lookback_ms == 3 * every_ms + 60_000
+    assert keeping.through_ms(NOW) == NOW - retention_ms // 2
+    # A record is read by the first pass after it is half the retention old: it is carried
+    # before it can expire, with a pass to spare.
+    assert retention_ms // 2 + 2 * keeping.every_ms <= retention_ms
+
+
+def test_a_record_is_carried_only_if_it_could_expire_before_its_task_is_due() -> None:
+    keeping = Keeping(8 * DAY_MS)  # carried if due more than 6 days after it was written
+    written = NOW - 4 * DAY_MS
+    assert keeping.must_carry(written + 6 * DAY_MS + 1, written)
+    assert not keeping.must_carry(written + 6 * DAY_MS, written)
+    assert not keeping.must_carry(NOW + 60_000, written)
+
+
+def test_when_a_record_was_journaled_comes_from_its_copy_or_its_stamp() -> None:
+    assert journaled_ms({PUBLISHED_MS: NOW}) == NOW
+    assert journaled_ms({PUBLISHED_MS: NOW, JOURNALED_MS: NOW + 5}) == NOW + 5
+    assert journaled_ms({}) is None
+    assert journaled_ms({PUBLISHED_MS: NOW // 1000}) is None  # seconds: not a task record
+    assert journaled_ms({PUBLISHED_MS: "soon"}) is None
+
+
+def test_a_carried_copy_reads_back_as_the_same_task_with_its_destination() -> None:
+    original = entry(keys=("incident:42",))
+    headers = task_headers(
+        "t1",
+        due_ms=original.due_ms,
+        published_ms=original.published_ms,
+        route={"rmqdelay-route-in": "3"},
+        attempt=1,
+        keys=("incident:42",),
+    )
+    headers.pop(KEYS)
+    carried = carried_headers({**headers, "x-stream-offset": 7}, "alarms", NOW)
+    assert carried[JOURNAL_DESTINATION] == "alarms"
+    assert carried[JOURNALED_MS] == NOW
+    assert "x-stream-offset" not in carried
+    copy = decode_entry(
+        headers={**carried, "x-stream-offset": 90},
+        body=b'{"a":1}',
+        routing_key="ns.journal",  # a carried copy's routing key is the stream's name
+        content_type="application/json",
+        properties={"message_id": "t1", "correlation_id": "c"},
+        offset=90,
+    )
+    assert copy.destination == "alarms"
+    assert copy.headers == original.headers  # where it is written is not part of the task
+    assert (copy.id, copy.keys, copy.due_ms, copy.published_ms) == (
+        original.id, original.keys, original.due_ms, original.published_ms,
+    )  # fmt: skip
+    index = index_of(original, copy)
+    assert index.get("t1", NOW) == copy  # same stamp, later offset: the copy

@@ -160,6 +160,13 @@ def test_cancel_retention_defaults_to_the_max_delay_and_may_not_be_shorter() -> 
         Settings(_env_file=None, max_delay="30d", cancel_retention="7d")
 
 
+def test_the_journal_retention_leaves_the_keeper_room_and_the_cancels_cap_it() -> None:
+    assert Settings(_env_file=None, journal_retention="1m").layout.journal_retention_s == 60
+    assert Settings(_env_file=None, max_delay="1h").layout.journal_retention_s == 3600
+    with pytest.raises(ConfigError, match=r"journal_retention=0:00:59 is under 0:01:00"):
+        Settings(_env_file=None, journal_retention="59s")
+
+
 def test_reconnect_waits_grow_with_the_outage_up_to_a_cap() -> None:
     from rmqdelay.broker.connection import RECONNECT_FIRST_S, RECONNECT_MAX_S, reconnect_wait
 
