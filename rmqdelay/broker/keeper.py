@@ -132,8 +132,7 @@ class JournalKeeper:
         """One pass at ``now_ms`` (default: now): carry what must be, then record how far."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         if not self._known:
-            self._kept_through = await self._last_progress(connection)
-            self._known = True
+            await self.resume(connection)
         done = await self._pass(connection, now_ms, self._kept_through)
         if done.through is not None and done.through != self._kept_through:
             await self._record_progress(connection, done.through)
@@ -144,6 +143,13 @@ class JournalKeeper:
                 done.through, done.read, done.carried,
             )  # fmt: skip
         return done
+
+    async def resume(self, connection: AbstractConnection) -> int | None:
+        """Find where the last keeper got to (done once per turn): the offset the newest
+        progress record in the last few pass intervals names, None if there is none."""
+        self._kept_through = await self._last_progress(connection)
+        self._known = True
+        return self._kept_through
 
     async def _pass(self, connection: AbstractConnection, now_ms: int, start: int | None) -> Pass:
         through_ms = self.keeping.through_ms(now_ms)

@@ -24,7 +24,7 @@ from rmqdelay.core.wire import MARKER
 READ_TIMEOUT_S = 60.0
 #: Records a ``ToTheEnd`` hands out between letting the event loop run others: the ones
 #: read ahead are there already, and would otherwise all go without a pause.
-YIELD_EVERY = 64
+YIELD_EVERY = 16
 
 
 class AckGate:
