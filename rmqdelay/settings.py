@@ -246,7 +246,13 @@ class Settings(BaseSettings):
     http_token: SecretStr | None = Field(
         default=None,
         description="Bearer token 'rmqdelay serve' requires of every API call; it refuses "
-        "to listen beyond loopback without one.",
+        "to listen beyond loopback without one. The CLI sends it to RMQDELAY_API_URL.",
+    )
+    api_url: str | None = Field(
+        default=None,
+        description="A running 'rmqdelay serve' (http://host:port) that 'rmqdelay tasks' "
+        "and 'rmqdelay reschedule' ask, answering from its followed journal in well under "
+        "a second, instead of reading the whole journal themselves.",
     )
 
     def __init__(self, **values: Any) -> None:

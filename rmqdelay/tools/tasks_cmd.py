@@ -10,22 +10,27 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timedelta
 from typing import Any, TextIO, cast
+from urllib.parse import quote
 
 from rmqdelay.broker.scheduler import Scheduler
 from rmqdelay.core.errors import ConfigError, TaskNotPendingError
 from rmqdelay.core.journal import MAX_PAGE
 from rmqdelay.core.task import PendingTask
 from rmqdelay.settings import Settings
+from rmqdelay.tools.api_client import ApiClient
 from rmqdelay.tools.arguments import hops, int_between
 from rmqdelay.tools.logs import escape_controls
 from rmqdelay.tools.moving import DEFAULT_MARGIN_S, export, import_items, read_export, transfer
 
 WHEN = "a delay from now (30m, 2h) or ISO 8601 with a UTC offset"
+MS = timedelta(milliseconds=1)
 
 
 def add_parsers(commands: Any, duration: Callable[[str], timedelta]) -> None:
     """The commands that look at and move pending tasks."""
-    tasks = commands.add_parser("tasks", help="pending tasks: list, show")
+    tasks = commands.add_parser(
+        "tasks", help="pending tasks: list, show (through RMQDELAY_API_URL if set)"
+    )
     actions = tasks.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="pending tasks, soonest due first")
     listing.add_argument("--key", help="only tasks under this key (or with this id)")
@@ -137,45 +142,84 @@ def iso_time(text: str, what: str) -> datetime:
 async def run_tasks(
     args: argparse.Namespace, settings: Settings, duration: Callable[[str], timedelta]
 ) -> int:
-    """``tasks list`` and ``tasks show``."""
+    """``tasks list`` and ``tasks show``: from a running ``serve`` if RMQDELAY_API_URL
+    names one, else by reading the journal here."""
+    api = _api(settings)
+    if args.action == "show":
+        _show(await _whole(args.task_id, settings, api), args.json)
+        return 0
+    due_before = when(args.due_before, "--due-before", duration)
+    due_after = when(args.due_after, "--due-after", duration)
+    if api is not None:
+        page = api.get(
+            "/v1/tasks",
+            {
+                "key": args.key,
+                "destination": args.destination,
+                "due_before": due_before.isoformat() if due_before else None,
+                "due_after": due_after.isoformat() if due_after else None,
+                "limit": args.limit,
+                "cursor": args.cursor,
+            },
+        )
+        _list(page["tasks"], page["cursor"], args.json)
+        return 0
     async with Scheduler(settings) as scheduler:
-        if args.action == "show":
-            task = await scheduler.get(args.task_id)
-            if task is None:
-                raise TaskNotPendingError(
-                    f"no pending task has id {args.task_id!r}: it ran (or is due now), was "
-                    "cancelled, or was never scheduled in this namespace"
-                )
-            _show(task, args.json)
-            return 0
-        page = await scheduler.find(
+        found = await scheduler.find(
             key=args.key,
             destination=args.destination,
-            due_before=when(args.due_before, "--due-before", duration),
-            due_after=when(args.due_after, "--due-after", duration),
+            due_before=due_before,
+            due_after=due_after,
             limit=args.limit,
             cursor=args.cursor,
         )
-    for task in page.tasks:
-        if args.json:
-            print(json.dumps(pending_json(task, whole=False), ensure_ascii=False))
-        else:
-            keys = ",".join(task.keys) or "-"
-            print(
-                escape_controls(
-                    f"{task.id}  {task.destination}  {task.due_at.isoformat()}  "
-                    f"attempt {task.attempt}  {task.size} B  keys {keys}"
-                )
-            )
-    if page.cursor is not None:
-        print(f"more: --cursor {page.cursor}", file=sys.stderr)
-    elif not page.tasks and not args.json:
-        print("no pending tasks match", file=sys.stderr)
+    _list([pending_json(t, whole=False) for t in found.tasks], found.cursor, args.json)
     return 0
 
 
-def _show(task: PendingTask, as_json: bool) -> None:
-    whole = pending_json(task, whole=True)
+async def _whole(task_id: str, settings: Settings, api: ApiClient | None) -> dict[str, Any]:
+    """One pending task with payload and properties, as ``pending_json`` has it."""
+    if api is not None:
+        whole: dict[str, Any] = api.get(f"/v1/tasks/{quote(task_id, safe='')}")
+        return whole
+    async with Scheduler(settings) as scheduler:
+        task = await scheduler.get(task_id)
+    if task is None:
+        raise TaskNotPendingError(
+            f"no pending task has id {task_id!r}: it ran (or is due now), was cancelled, or "
+            "was never scheduled in this namespace"
+        )
+    return pending_json(task, whole=True)
+
+
+def _api(settings: Settings) -> ApiClient | None:
+    """The API the command asks instead of reading the journal (None: read it here)."""
+    if settings.api_url is None:
+        return None
+    token = settings.http_token.get_secret_value() if settings.http_token else None
+    return ApiClient(settings.api_url, token)
+
+
+def _list(tasks: list[dict[str, Any]], cursor: str | None, as_json: bool) -> None:
+    """A page of pending tasks (as ``pending_json`` has them), one line each."""
+    for task in tasks:
+        if as_json:
+            print(json.dumps(task, ensure_ascii=False))
+        else:
+            keys = ",".join(task["keys"]) or "-"
+            print(
+                escape_controls(
+                    f"{task['id']}  {task['destination']}  {task['due_at']}  "
+                    f"attempt {task['attempt']}  {task['size']} B  keys {keys}"
+                )
+            )
+    if cursor is not None:
+        print(f"more: --cursor {cursor}", file=sys.stderr)
+    elif not tasks and not as_json:
+        print("no pending tasks match", file=sys.stderr)
+
+
+def _show(whole: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(whole, ensure_ascii=False))
         return
@@ -187,12 +231,22 @@ def _show(task: PendingTask, as_json: bool) -> None:
 async def run_reschedule(args: argparse.Namespace, settings: Settings) -> int:
     """``rmqdelay reschedule``."""
     at = iso_time(args.at, "--at") if args.at is not None else None
-    async with Scheduler(settings) as scheduler:
-        moved = await scheduler.reschedule(args.key, delay=args.delay, at=at)
+    if (api := _api(settings)) is not None:
+        when_ = {"at": at.isoformat()} if at else {"delay_ms": round(args.delay / MS)}
+        moved = api.patch(f"/v1/tasks/{quote(args.key, safe='')}", when_)
+        task_id, destination, due_at, n_hops = (
+            moved["id"], moved["destination"], moved["due_at"], moved["hops"],
+        )  # fmt: skip
+    else:
+        async with Scheduler(settings) as scheduler:
+            task = await scheduler.reschedule(args.key, delay=args.delay, at=at)
+        task_id, destination, due_at, n_hops = (
+            task.id, task.destination, task.due_at.isoformat(), task.hops,
+        )  # fmt: skip
     print(
         escape_controls(
-            f"rescheduled {moved.id} for {moved.destination}: now due "
-            f"{moved.due_at.isoformat()} ({hops(moved.hops)}); the old copy is cancelled"
+            f"rescheduled {task_id} for {destination}: now due {due_at} ({hops(n_hops)}); "
+            "the old copy is cancelled"
         )
     )
     return 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit
@@ -18,13 +20,13 @@ from hypothesis import settings as hypothesis_settings
 from pydantic import SecretStr
 from schemathesis.checks import positive_data_acceptance
 
-from rmqdelay import ConfigError, Scheduler, Settings
+from rmqdelay import ConfigError, Scheduler, Settings, SyncScheduler
 from rmqdelay.core.redact import Redactor
 from rmqdelay.tools.cli import main
 from rmqdelay.tools.http_api import check_bind, server_config
 from rmqdelay.tools.logs import TextFormatter
 
-from .helpers import Recorder, depth, running_worker
+from .helpers import Recorder, depth, running_worker, use_in_cli
 from .proxy import Proxy
 
 pytestmark = pytest.mark.integration
@@ -377,6 +379,50 @@ def test_cli_refuses_a_public_address_without_a_token(
     monkeypatch.delenv("RMQDELAY_HTTP_TOKEN", raising=False)
     assert main(["serve", "--host", "0.0.0.0"]) == 1
     assert "without RMQDELAY_HTTP_TOKEN" in capsys.readouterr().err
+
+
+def test_the_command_line_asks_a_running_serve_when_told_where(
+    api_settings: Settings,
+    base_url: str,
+    destination: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With RMQDELAY_API_URL, ``tasks list|show`` and ``reschedule`` go through the API
+    (the broker URL the command has goes nowhere, so nothing else could answer), print
+    what they print without it, and fail as they would: the API's error is theirs."""
+    incident = f"incident:{uuid.uuid4().hex[:8]}"
+    with SyncScheduler(api_settings) as scheduler:
+        scheduler.declare_destination(destination)
+        task = scheduler.schedule(destination, {"n": 1}, delay=3600, keys=[incident])
+    use_in_cli(monkeypatch, api_settings)
+    monkeypatch.setenv("RMQDELAY_URL", "amqp://guest:guest@127.0.0.1:9/%2F")
+    monkeypatch.setenv("RMQDELAY_CONNECT_TIMEOUT", "1s")
+    monkeypatch.setenv("RMQDELAY_API_URL", base_url)
+    monkeypatch.setenv("RMQDELAY_HTTP_TOKEN", TOKEN)
+
+    assert main(["tasks", "list", "--key", incident, "--json"]) == 0
+    [listed] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (listed["id"], listed["keys"], listed["destination"]) == (
+        task.id, [incident], destination,
+    )  # fmt: skip
+    assert main(["tasks", "list", "--key", incident]) == 0
+    assert capsys.readouterr().out.startswith(f"{task.id}  {destination}  ")
+    assert main(["tasks", "show", task.id, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["payload"] == {"n": 1}
+    assert main(["reschedule", incident, "--delay", "2h"]) == 0
+    assert capsys.readouterr().out.startswith(f"rescheduled {task.id} for {destination}")
+    assert main(["tasks", "show", task.id, "--json"]) == 0
+    due = datetime.fromisoformat(json.loads(capsys.readouterr().out)["due_at"])
+    assert due > task.due_at + timedelta(minutes=50)
+
+    assert main(["tasks", "show", "no-such-task"]) != 0
+    assert "no pending task" in capsys.readouterr().err
+    monkeypatch.setenv("RMQDELAY_HTTP_TOKEN", "not-the-token")
+    assert main(["tasks", "list"]) != 0
+    err = capsys.readouterr().err
+    assert "refused the token" in err
+    assert "not-the-token" not in err
 
 
 # --- fuzzing from the OpenAPI document ----------------------------------------------------
