@@ -49,7 +49,7 @@ from rmqdelay.core.errors import (
 from rmqdelay.core.journal import MAX_PAGE
 from rmqdelay.core.redact import without_urls
 from rmqdelay.settings import Settings
-from rmqdelay.tools.tasks_cmd import pending_json
+from rmqdelay.tools.tasks_cmd import pending_json, shown
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("rmqdelay.http.access")
@@ -440,13 +440,7 @@ async def _show(
     task_id: Annotated[str, Path(description="The task id (URL-encoded).")],
     scheduler: Annotated[Scheduler, Depends(_scheduler)],
 ) -> Any:
-    task = await scheduler.get(task_id)
-    if task is None:
-        raise TaskNotPendingError(
-            f"no pending task has id {task_id!r}: it ran (or is due now), was cancelled, "
-            "or was never scheduled"
-        )
-    return pending_json(task, whole=True)
+    return await shown(scheduler, task_id)
 
 
 @router.patch(

@@ -183,7 +183,12 @@ async def _whole(task_id: str, settings: Settings, api: ApiClient | None) -> dic
         whole: dict[str, Any] = api.get(f"/v1/tasks/{quote(task_id, safe='')}")
         return whole
     async with Scheduler(settings) as scheduler:
-        task = await scheduler.get(task_id)
+        return await shown(scheduler, task_id)
+
+
+async def shown(scheduler: Scheduler, task_id: str) -> dict[str, Any]:
+    """``show``'s JSON of a pending task, or TaskNotPendingError saying why there is none."""
+    task = await scheduler.get(task_id)
     if task is None:
         raise TaskNotPendingError(
             f"no pending task has id {task_id!r}: it ran (or is due now), was cancelled, or "
