@@ -105,6 +105,10 @@ class JournalKeeper:
                     lost_at = time.monotonic()
                     log.warning("journal keeping interrupted (%s); trying again", e)
                 wait = min(every_s, reconnect_wait(time.monotonic() - lost_at))
+            except Exception:
+                # Keeping must never stop a worker, nor fail unseen (the journal stream
+                # deleted, a broker refusing something new): say it, try again a pass later.
+                log.exception("journal keeping failed; trying again in %.0f s", every_s)
             finally:
                 self.keeping_now.clear()
                 self._known = False  # whoever kept meanwhile moved the progress on

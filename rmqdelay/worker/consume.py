@@ -197,6 +197,9 @@ class Worker:
                 server.close()
             await self._drain()
             stop_following.set()
+            if keeping is not None:
+                # A pass may read for a while; one cut short is redone by the next keeper.
+                keeping.cancel()
             await asyncio.gather(
                 *(task for task in (following, keeping) if task is not None),
                 return_exceptions=True,
