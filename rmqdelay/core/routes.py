@@ -50,10 +50,17 @@ def shard_of(task_id: str, shards: int) -> int:
 
 
 def route(
-    backend: Backend, names: Names, limits: DelayLimits, wait_us: int, shard: int = 0
+    backend: Backend,
+    names: Names,
+    limits: DelayLimits,
+    wait_us: int,
+    shard: int = 0,
+    *,
+    journal_soon: bool = False,
 ) -> Route:
     """The route for a task due ``wait_us`` from now (0 or less: at once), through the
-    levels of ``shard``.
+    levels of ``shard``; with ``journal_soon``, a task due within the hold window goes
+    through the schedule exchange too, so that the journal gets its copy.
 
     Raises:
         InvalidDelayError: over the configured maximum, or over the plugin's.
@@ -66,7 +73,7 @@ def route(
         # exchange-to-exchange binding behind it, which cost the broker for nothing. Such a
         # task is due within the hold window, so it is not journaled either: copying it
         # there cost 27-47 % of the schedule rate on 4.3 (docs/design.md, "The journal").
-        first = names.schedule_exchange_of(shard) if units else names.work_exchange
+        first = names.schedule_exchange_of(shard) if units or journal_soon else names.work_exchange
         return _levels_route(first, units)
     limits.units(wait_us)  # the configured maximum holds for both backends
     ms = -(-wait_us // 1000)

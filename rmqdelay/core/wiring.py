@@ -26,6 +26,8 @@ class Wiring:
     names: Names
     #: Largest body the broker takes (RMQDELAY_MAX_MESSAGE_SIZE), checked before sending.
     max_message_size: int
+    #: Tasks due within the hold window are journaled too (RMQDELAY_JOURNAL_SOON).
+    journal_soon: bool = False
 
     @property
     def backend(self) -> Backend:
@@ -36,10 +38,19 @@ class Wiring:
         """How to publish task ``task_id`` due ``wait_us`` from now (refusing what the
         backend cannot hold)."""
         shard = shard_of(task_id, self.layout.shards)
-        return route(self.layout.backend, self.names, self.limits, wait_us, shard)
+        return route(
+            self.layout.backend,
+            self.names,
+            self.limits,
+            wait_us,
+            shard,
+            journal_soon=self.journal_soon,
+        )
 
 
 @functools.lru_cache(maxsize=64)
-def wiring(layout: Layout, limits: DelayLimits, max_message_size: int) -> Wiring:
+def wiring(
+    layout: Layout, limits: DelayLimits, max_message_size: int, journal_soon: bool = False
+) -> Wiring:
     """The (shared) wiring for a layout and its limits."""
-    return Wiring(layout, limits, layout.names, max_message_size)
+    return Wiring(layout, limits, layout.names, max_message_size, journal_soon and layout.journal)

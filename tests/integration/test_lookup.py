@@ -24,9 +24,10 @@ from rmqdelay import (
     TaskNotPendingError,
     TaskSpec,
 )
+from rmqdelay.core.topology import build_topology
 from rmqdelay.core.wire import DUE_MS, KEYS, PUBLISHED_MS, TASK_ID
 
-from .conftest import make_settings
+from .conftest import apply, make_settings
 from .helpers import Recorder, running_worker
 from .proxy import Proxy
 
@@ -333,3 +334,30 @@ async def test_lookups_racing_new_records_never_break_the_shared_connection(
         assert not connection.is_closed
         # The connection still publishes (a 504 would have closed it under us).
         await scheduler.schedule("dest", {"after": True}, delay=3000)
+
+
+@pytest.mark.parametrize("journal_soon", [False, True])
+async def test_a_task_due_within_the_hold_window_is_listed_only_with_journal_soon(
+    broker_url: str, journal_soon: bool
+) -> None:
+    """By default a task due within the hold window goes straight to its work queue and
+    the journal never sees it; RMQDELAY_JOURNAL_SOON sends it through the schedule
+    exchange, and it is listed until it is due (and still runs)."""
+    settings = make_settings(
+        broker_url, hold_window=timedelta(seconds=16), journal_soon=journal_soon
+    )
+    await apply(settings, build_topology(settings.layout, ("dest",)))
+    recorder = Recorder()
+    try:
+        async with running_worker(settings, "dest", recorder), Scheduler(settings) as scheduler:
+            task = await scheduler.schedule("dest", {"soon": True}, delay=3, keys=["soon:1"])
+            assert task.hops == 0
+            found = await scheduler.get(task.id)
+            assert (found is not None) is journal_soon
+            assert [t.id for t in (await scheduler.find(key="soon:1")).tasks] == (
+                [task.id] if journal_soon else []
+            )
+            await recorder.wait_for({task.id}, within=15)
+        assert recorder.lateness_ms()[task.id] >= 0
+    finally:
+        await apply(settings, build_topology(settings.layout, ("dest",)), delete=True)

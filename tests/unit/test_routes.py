@@ -85,6 +85,19 @@ def test_the_wiring_routes_by_the_backend() -> None:
     assert auto.route(timedelta(seconds=20) // timedelta(microseconds=1)).exchange == "s.schedule"
 
 
+def test_with_journal_soon_a_task_due_within_the_window_takes_the_schedule_exchange() -> None:
+    soon = 5_000_000  # 5 s: within the default 16 s hold window
+    plain = Settings(_env_file=None, namespace="j").wiring.route(soon)
+    assert (plain.exchange, plain.hops) == ("j.work", 0)
+    journaled = Settings(_env_file=None, namespace="j", journal_soon=True).wiring.route(soon)
+    # Through the schedule exchange straight to work: the journal's binding copies it.
+    assert (journaled.exchange, journaled.hops) == ("j.schedule", 0)
+    assert journaled.headers == {ROUTE_IN: "work"}
+    # Without a journal there is nothing to copy it into: straight to work as before.
+    off = Settings(_env_file=None, namespace="j", journal_soon=True, journal=False).wiring
+    assert off.route(soon).exchange == "j.work"
+
+
 def test_the_wiring_is_derived_once_per_layout_and_routes_are_shared() -> None:
     settings = Settings(_env_file=None, namespace="w")
     assert settings.wiring is settings.wiring
