@@ -1,4 +1,6 @@
-"""Reading a stream once, to its end: the series registry, cancel-set snapshots.
+"""Reading a stream once, to its end: the series registry, cancel-set snapshots, the
+journal (for its keeper), and the ack discipline every such read on a shared connection
+needs (``AckGate``).
 
 A stream consumer is never told "that was the last record": the end is where a marker
 appended now comes back.
