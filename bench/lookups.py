@@ -14,9 +14,9 @@ import asyncio
 import json
 import os
 import resource
-import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -30,7 +30,8 @@ from rmqdelay.broker.declare import apply_topology
 from rmqdelay.core.topology import build_topology
 
 DESTINATION = "bench"
-RMQDELAY = shutil.which("rmqdelay") or "rmqdelay"
+#: The command as this interpreter runs it (the virtualenv need not be on PATH).
+RMQDELAY = (sys.executable, "-m", "rmqdelay")
 BATCH = 1000
 
 
@@ -115,7 +116,7 @@ def cli(settings: Settings, *argv: str, api: str | None = None) -> float:
     if api is not None:
         env["RMQDELAY_API_URL"] = api
     started = time.perf_counter()
-    subprocess.run([RMQDELAY, *argv], env=env, check=True, capture_output=True)
+    subprocess.run([*RMQDELAY, *argv], env=env, check=True, capture_output=True)
     return time.perf_counter() - started
 
 
@@ -127,7 +128,7 @@ def through_serve(settings: Settings, pending: int) -> None:
         port = probe.getsockname()[1]
     api = f"http://127.0.0.1:{port}"
     serve = subprocess.Popen(
-        [RMQDELAY, "serve", "--port", str(port)],
+        [*RMQDELAY, "serve", "--port", str(port)],
         env=environment(settings),
         stderr=subprocess.DEVNULL,
     )
