@@ -21,9 +21,14 @@ from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from rmqdelay.broker.cancels import CancelFollower, load_cancels
-from rmqdelay.broker.connection import CONNECTION_EXCEPTIONS, connect_once, reconnect_wait
+from rmqdelay.broker.connection import (
+    CONNECTION_EXCEPTIONS,
+    connect_once,
+    queue_starting,
+    reconnect_wait,
+)
 from rmqdelay.broker.publisher import properties
-from rmqdelay.broker.streams import AckGate, wait_first
+from rmqdelay.broker.streams import AckGate, wait_first, when_replica_runs
 from rmqdelay.core.errors import (
     BrokerUnavailableError,
     JournalUnavailableError,
@@ -71,7 +76,20 @@ async def read_journal(
     require_journal(settings)
     started = time.monotonic()
     cancels = await load_cancels(settings)
-    index = TaskIndex(cancels)
+    index = await when_replica_runs(
+        settings.names.journal,
+        lambda: _read_to_the_end(settings, connection, TaskIndex(cancels), timeout_s),
+    )
+    log.debug(
+        "read the journal: %d tasks in %.2fs (%d records were not tasks)",
+        len(index), time.monotonic() - started, index.undecodable,
+    )  # fmt: skip
+    return index
+
+
+async def _read_to_the_end(
+    settings: Settings, connection: AbstractConnection, index: TaskIndex, timeout_s: float
+) -> TaskIndex:
     stream = settings.names.journal
     channel, gate = await connection.channel(), AckGate()
     try:
@@ -112,10 +130,6 @@ async def read_journal(
             ) from None
     finally:
         await gate.close(channel)
-    log.debug(
-        "read the journal: %d tasks in %.2fs (%d records were not tasks)",
-        len(index), time.monotonic() - started, index.undecodable,
-    )  # fmt: skip
     return index
 
 
@@ -160,6 +174,12 @@ async def read_record(settings: Settings, connection: AbstractConnection, offset
     Raises:
         BrokerUnavailableError: it could not be read in time (the retention dropped it).
     """
+    return await when_replica_runs(
+        settings.names.journal, lambda: _read_record(settings, connection, offset)
+    )
+
+
+async def _read_record(settings: Settings, connection: AbstractConnection, offset: int) -> Entry:
     channel = await connection.channel()
     try:
         raw = await channel.get_underlay_channel()
@@ -227,7 +247,10 @@ class LiveJournal:
             while not stop.is_set():
                 try:
                     await self._follow(stop)
-                except CONNECTION_EXCEPTIONS as e:
+                except Exception as e:
+                    # A replica restarting after a node loss refuses consumers for a while.
+                    if not isinstance(e, CONNECTION_EXCEPTIONS) and not queue_starting(e):
+                        raise
                     self.caught_up.clear()
                     if lost_at is None or self._followed:  # a new outage: say it once
                         lost_at, self._followed = time.monotonic(), False

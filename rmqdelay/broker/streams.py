@@ -9,8 +9,11 @@ appended now comes back.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime
+from typing import TypeVar
 
 import aio_pika
 import aiormq.abc
@@ -18,6 +21,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import ChannelNotFoundEntity
 
+from rmqdelay.broker.connection import queue_starting
 from rmqdelay.broker.publisher import properties
 from rmqdelay.core.errors import BrokerUnavailableError, TopologyMismatchError
 from rmqdelay.core.wire import MARKER
@@ -27,6 +31,36 @@ READ_TIMEOUT_S = 60.0
 #: Records a ``ToTheEnd`` hands out between letting the event loop run others: the ones
 #: read ahead are there already, and would otherwise all go without a pause.
 YIELD_EVERY = 16
+#: How long a read waits for the stream's replica on the node it reached to run again:
+#: after the node leading a stream dies, the others restart theirs within seconds, and
+#: until then a consumer is refused ("does not have a running replica on the local node").
+REPLICA_WAIT_S = 30.0
+REPLICA_RETRY_S = 0.5
+
+T = TypeVar("T")
+
+
+async def when_replica_runs(stream: str, read: Callable[[], Awaitable[T]]) -> T:
+    """``read()``, again while the broker refuses it only because its replica of
+    ``stream`` is (re)starting, up to ``REPLICA_WAIT_S``.
+
+    Raises:
+        BrokerUnavailableError: the replica did not come back in time.
+    """
+    deadline = time.monotonic() + REPLICA_WAIT_S
+    while True:
+        try:
+            return await read()
+        except Exception as e:
+            if not queue_starting(e):
+                raise
+            if time.monotonic() >= deadline:
+                raise BrokerUnavailableError(
+                    f"stream {stream!r} has had no running replica on the node this "
+                    f"connection reaches for {REPLICA_WAIT_S:g}s (a node of the cluster is "
+                    "down or restarting): try again, or connect to another node"
+                ) from e
+        await asyncio.sleep(REPLICA_RETRY_S)  # the replica gives no event to await
 
 
 class AckGate:
@@ -83,6 +117,10 @@ class ToTheEnd:
         self._channel: AbstractChannel | None = None
 
     async def __aenter__(self) -> ToTheEnd:
+        await when_replica_runs(self.stream, self._open)
+        return self
+
+    async def _open(self) -> None:
         channel = self._channel = await self._connection.channel()
         raw = await channel.get_underlay_channel()
         await raw.basic_qos(prefetch_count=self._prefetch)
@@ -94,7 +132,6 @@ class ToTheEnd:
         await raw.basic_publish(
             b"", routing_key=self.stream, properties=properties({MARKER: self._end})
         )
-        return self
 
     async def __aexit__(self, *_: object) -> None:
         if self._channel is not None:
@@ -135,6 +172,18 @@ async def read_stream(
         TopologyMismatchError: the stream does not exist.
         BrokerUnavailableError: it could not be read to its end in time.
     """
+    return await when_replica_runs(
+        stream, lambda: _read_stream(connection, stream, offset, prefetch, timeout_s)
+    )
+
+
+async def _read_stream(
+    connection: AbstractConnection,
+    stream: str,
+    offset: str | datetime,
+    prefetch: int,
+    timeout_s: float,
+) -> list[AbstractIncomingMessage]:
     channel, gate = await connection.channel(), AckGate()
     try:
         try:

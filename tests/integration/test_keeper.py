@@ -121,13 +121,19 @@ async def first_offset(settings: Settings) -> int:
 
 @pytest.fixture
 def small_journal_segments(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Journals made now roll a segment every 4 kB: RabbitMQ applies a stream's max-age by
-    whole segments when one rolls, so expiry is seen within seconds of the retention."""
+    """Journals made now roll a segment every 20 kB: RabbitMQ applies a stream's max-age by
+    whole segments when one rolls, so expiry is seen within seconds of the retention.
+
+    Not smaller: with 4 kB segments, RabbitMQ 4.3.6's stream readers crashed now and then
+    (``osiris_log:parse_header`` on stale read-ahead data: its 4 kB read-ahead buffer
+    outlived a segment switch), and the broker closed the reader's whole connection with
+    541 INTERNAL_ERROR (seen in CI). Segments far larger than the read-ahead never
+    showed it here."""
     made = topology.journal_spec
 
     def small(layout: Layout) -> QueueSpec:
         spec = made(layout)
-        arguments = {**spec.arguments, "x-stream-max-segment-size-bytes": 4000}
+        arguments = {**spec.arguments, "x-stream-max-segment-size-bytes": 20_000}
         return dataclasses.replace(spec, arguments=arguments)
 
     monkeypatch.setattr(topology, "journal_spec", small)
@@ -163,7 +169,7 @@ async def test_a_task_outlives_its_journal_record_where_a_worker_keeps_the_journ
                     or (await not_keeping.find(key="inc:7")).tasks
                 ):
                     for scheduler in (keeping, not_keeping):  # roll segments
-                        await scheduler.schedule("dest", {"pad": "x" * 500}, delay=1800)
+                        await scheduler.schedule("dest", {"pad": "x" * 4000}, delay=1800)
                     await asyncio.sleep(1)  # retention has no event to await
             found = await keeping.get(tasks[0].id)
             assert found is not None

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from rmqdelay import (
+    BrokerUnavailableError,
     ConfigError,
     HandlerError,
     InvalidKeyError,
@@ -325,6 +326,45 @@ def test_a_stream_replica_catching_up_after_a_restart_is_transient() -> None:
     other = ChannelPreconditionFailed("PRECONDITION_FAILED - inequivalent arg 'x-max-age'")
     assert queue_starting(catching_up)
     assert not queue_starting(other)
+
+
+def test_a_stream_read_waits_for_the_replica_a_node_loss_restarts_and_no_longer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seen in CI: a lookup through a survivor right after the journal's leader died was
+    refused ("does not have a running replica on the local node"); the read is retried
+    until the replica runs, and a refusal that outlasts the wait names the stream."""
+    from aiormq.exceptions import ChannelPreconditionFailed
+
+    from rmqdelay.broker import streams
+
+    monkeypatch.setattr(streams, "REPLICA_RETRY_S", 0.01)
+    refused = ChannelPreconditionFailed(
+        "PRECONDITION_FAILED - stream queue 'ns.journal' in vhost '/' does not have a running "
+        "replica on the local node"
+    )
+    attempts: list[int] = []
+
+    async def read(fail_times: int) -> str:
+        attempts.append(1)
+        if len(attempts) <= fail_times:
+            raise refused
+        return "read"
+
+    assert asyncio.run(streams.when_replica_runs("ns.journal", lambda: read(3))) == "read"
+    assert len(attempts) == 4
+
+    monkeypatch.setattr(streams, "REPLICA_WAIT_S", 0.05)
+    with pytest.raises(BrokerUnavailableError, match=r"'ns\.journal' has had no running replica"):
+        asyncio.run(streams.when_replica_runs("ns.journal", lambda: read(10**6)))
+
+    other = ChannelPreconditionFailed("PRECONDITION_FAILED - inequivalent arg 'x-max-age'")
+
+    async def fails() -> str:
+        raise other
+
+    with pytest.raises(ChannelPreconditionFailed, match="inequivalent"):
+        asyncio.run(streams.when_replica_runs("ns.journal", fails))
 
 
 @pytest.mark.parametrize(
