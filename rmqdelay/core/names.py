@@ -100,6 +100,12 @@ class Names:
         return f"{self.namespace}.journal.keeper"
 
     @property
+    def stats(self) -> str:
+        """Stream of what workers did, a record per worker every few seconds: what the
+        dashboard's overview shows (executed, failed, parked, lateness)."""
+        return f"{self.namespace}.stats"
+
+    @property
     def cancel_snapshots(self) -> str:
         """Stream of snapshots of the live cancel set, so a starting worker need not
         replay the whole cancellation stream."""

@@ -143,6 +143,9 @@ LEADER_LOCATOR = "x-queue-leader-locator"
 #: How long cancel-set snapshots are kept: a starting worker reads only the last hours of
 #: them (broker/cancels.py), the rest is slack for workers that were all down a while.
 SNAPSHOT_RETENTION_S = 2 * 86_400
+#: How long worker stats records are kept (the dashboard shows the last minutes).
+STATS_RETENTION_S = 3600
+STATS_SEGMENT_BYTES = 1_000_000
 
 
 def placement(layout: Layout, queue_type: str) -> Arguments:
@@ -293,6 +296,17 @@ def _common_queues(layout: Layout) -> tuple[QueueSpec, ...]:
         QueueSpec(
             names.cancel_snapshots,
             {"x-queue-type": "stream", "x-max-age": f"{SNAPSHOT_RETENTION_S}s"},
+            placement(layout, "stream"),
+        ),
+        # An hour of worker records, in 1 MB segments: the age applies when a segment
+        # rolls, and at a few MB a day per worker a 500 MB one would never roll.
+        QueueSpec(
+            names.stats,
+            {
+                "x-queue-type": "stream",
+                "x-max-age": f"{STATS_RETENTION_S}s",
+                "x-stream-max-segment-size-bytes": STATS_SEGMENT_BYTES,
+            },
             placement(layout, "stream"),
         ),
     )

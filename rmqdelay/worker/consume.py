@@ -43,6 +43,7 @@ from rmqdelay.worker.execute import (
 )
 from rmqdelay.worker.hold import Holder, due_s, max_hold_s
 from rmqdelay.worker.metrics import WorkerMetrics, serve
+from rmqdelay.worker.report import Reporter
 from rmqdelay.worker.series import SeriesKeeper
 from rmqdelay.worker.settle import Settler
 from rmqdelay.worker.stats import Tally, WorkerStats
@@ -153,6 +154,8 @@ class Worker:
         stop_following = asyncio.Event()
         following: asyncio.Task[None] | None = None
         keeping: asyncio.Task[None] | None = None
+        reporting: asyncio.Task[None] | None = None
+        report = Reporter(self.stats, self.destination, self.wiring.names.stats)
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             await channel.set_qos(prefetch_count=self.prefetch)
@@ -187,6 +190,7 @@ class Worker:
             if self.settings.journal and self.wiring.layout.backend == "levels":
                 keeper = self.keeper = JournalKeeper(self.settings, self._follower.cancels)
                 keeping = asyncio.create_task(keeper.run(stop_following))
+            reporting = asyncio.create_task(report.run(channel))
             await self._consume(channel, subscription, stop, following)
         finally:
             self._stopping = True
@@ -196,6 +200,10 @@ class Worker:
             if server is not None:
                 server.close()
             await self._drain()
+            if reporting is not None:
+                reporting.cancel()
+                if not channel.is_closed:
+                    await report.write(channel)  # the last seconds, drained tasks included
             stop_following.set()
             if keeping is not None:
                 # A pass may read for a while; one cut short is redone by the next keeper.

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
 from prometheus_client import Counter
 
+from rmqdelay.core.workstats import BUCKETS, COUNTED, bucket_of
 from rmqdelay.worker.metrics import WorkerMetrics
 
 Outcome: TypeAlias = Literal[
@@ -40,11 +41,18 @@ class WorkerStats:
     abandoned: int = 0
     lateness_max_s: float = 0.0
     lateness_total_s: float = 0.0
+    #: Executions by lateness, in the buckets of ``core/workstats.py``.
+    lateness_buckets: list[int] = field(default_factory=lambda: [0] * BUCKETS)
 
     def record_lateness(self, seconds: float) -> None:
         """Account one execution that started ``seconds`` after its due time."""
         self.lateness_max_s = max(self.lateness_max_s, seconds)
         self.lateness_total_s += seconds
+        self.lateness_buckets[bucket_of(seconds * 1000)] += 1
+
+    def counted(self) -> tuple[int, ...]:
+        """The counts a stats record carries, in ``COUNTED`` order."""
+        return tuple(getattr(self, name) for name in COUNTED)
 
     def summary(self) -> str:
         """One line for the log."""

@@ -70,7 +70,8 @@ def test_plugin_topology_feeds_the_work_exchange_and_has_no_levels() -> None:
     [feed] = [b for b in topology.bindings if b.source == "n.delayed"]
     assert (feed.destination, feed.destination_type) == ("n.work", "exchange")
     assert {q.name for q in topology.queues} == {
-        "n.unroutable", "n.parked", "n.cancels", "n.cancels.snapshots", "n.series", "n.work.d"
+        "n.unroutable", "n.parked", "n.cancels", "n.cancels.snapshots", "n.series", "n.stats",
+        "n.work.d",
     }  # fmt: skip
 
 
