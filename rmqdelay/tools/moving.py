@@ -70,6 +70,9 @@ class Counts:
     left: int = 0
     #: Tasks of the file whose due time had passed: imported, they run at once.
     overdue: int = 0
+    #: Moved tasks that came due before the source confirmed their cancel (a broker
+    #: slower than the margin): they may run on both sides.
+    late: int = 0
     #: Tasks waiting in the source's levels that its journal does not have (scheduled
     #: before its retention, or before it was turned on): not exported, not moved.
     uncovered: int = 0
@@ -82,6 +85,11 @@ class Counts:
             parts.append(f"{self.overdue} were past due and run at once")
         if self.left:
             parts.append(f"{self.left} due within the margin were left to the source's workers")
+        if self.late:
+            parts.append(
+                f"WARNING: {self.late} came due before the source confirmed their cancel and "
+                "may run on both brokers (use a larger --margin)"
+            )
         if self.uncovered:
             parts.append(
                 f"WARNING: about {self.uncovered} tasks waiting in the levels are not in the "
@@ -212,7 +220,6 @@ async def transfer(
     counts.uncovered = uncovered(index, counted_at, counted)
     moved: set[tuple[str, int]] = set()
     left: set[tuple[str, int]] = set()
-    publisher, names = source.publisher, source.wiring.names
     for number in range(1, PASSES + 1):
         if number > 1:  # what publishers scheduled on the source meanwhile
             index = await read_journal(source.settings, source.connection)
@@ -223,26 +230,10 @@ async def transfer(
         cancelling: asyncio.Task[None] | None = None
         try:
             for batch in _batches(todo):
-                soon = _now_ms() + margin_s * 1000
-                ready = [e for e in batch if e.due_ms > soon]
-                left.update((e.id, e.published_ms) for e in batch if e.due_ms <= soon)
-                fresh = [e for e in ready if not _there(there, e)]
-                await _publish_all(target, fresh)
+                going = await _copy(target, there, batch, margin_s, counts, left)
                 if cancelling is not None:
                     await cancelling
-                # Only once the target has confirmed them: that copy (its stamp) and older.
-                cancelling = asyncio.ensure_future(
-                    _gather(
-                        [
-                            publish_cancel(publisher, names, e.id, e.published_ms, None)
-                            for e in ready
-                        ],
-                        "cancelling moved tasks on the source",
-                    )
-                )
-                moved.update((e.id, e.published_ms) for e in ready)
-                counts.tasks += len(fresh)
-                counts.already += len(ready) - len(fresh)
+                cancelling = asyncio.ensure_future(_call_off(source, going, counts, moved))
             if cancelling is not None:
                 await cancelling
         finally:
@@ -250,7 +241,64 @@ async def transfer(
                 cancelling.cancel()
         progress(f"pass {number}: {len(moved)} tasks moved so far")
     counts.left = len(left - moved)
+    if counts.late:
+        log.warning(
+            "%d moved tasks came due before the source confirmed their cancel: they may "
+            "run on both brokers (the broker was slow; a larger --margin avoids it)",
+            counts.late,
+        )
     return counts
+
+
+async def _copy(
+    target: Scheduler,
+    there: TaskIndex,
+    batch: list[Entry],
+    margin_s: float,
+    counts: Counts,
+    left: set[tuple[str, int]],
+) -> list[Entry]:
+    """Copy one batch to the target; return the entries to call off on the source.
+
+    A task due within the margin stays with the source. The margin is checked again once
+    the target has confirmed (a slow broker eats into it): what came within half of it
+    stays with the source too, and its copy is cancelled on the target.
+    """
+    margin_ms = margin_s * 1000
+    ready = [e for e in batch if e.due_ms > _now_ms() + margin_ms]
+    left.update((e.id, e.published_ms) for e in batch if e.due_ms <= _now_ms() + margin_ms)
+    fresh = [e for e in ready if not _there(there, e)]
+    await _publish_all(target, fresh)
+    close = _now_ms() + margin_ms / 2
+    back = {(e.id, e.published_ms) for e in fresh if e.due_ms <= close}
+    if back:
+        await _gather(
+            [
+                publish_cancel(target.publisher, target.wiring.names, task_id, stamp, None)
+                for task_id, stamp in back
+            ],
+            "cancelling on the target the copies that came close to due",
+        )
+        left.update(back)
+    counts.tasks += sum(1 for e in fresh if (e.id, e.published_ms) not in back)
+    counts.already += len(ready) - len(fresh)
+    return [e for e in ready if (e.id, e.published_ms) not in back]
+
+
+async def _call_off(
+    source: Scheduler, going: list[Entry], counts: Counts, moved: set[tuple[str, int]]
+) -> None:
+    """Cancel on the source the tasks the target has confirmed (each at its own stamp);
+    count as ``late`` those that came due before the source confirmed: they may have run
+    there too."""
+    publisher, names = source.publisher, source.wiring.names
+    await _gather(
+        [publish_cancel(publisher, names, e.id, e.published_ms, None) for e in going],
+        "cancelling moved tasks on the source",
+    )
+    confirmed = _now_ms()
+    counts.late += sum(1 for e in going if e.due_ms <= confirmed)
+    moved.update((e.id, e.published_ms) for e in going)
 
 
 def _there(index: TaskIndex, entry: Entry) -> bool:

@@ -55,7 +55,7 @@ async def test_ten_thousand_pending_tasks_move_none_lost_none_early_none_twice(
         Scheduler(target) as new,
     ):
         specs = [
-            TaskSpec("dest", {"i": i}, delay=rng.uniform(25, 45), keys=[f"doomed:{i}"])
+            TaskSpec("dest", {"i": i}, delay=rng.uniform(30, 50), keys=[f"doomed:{i}"])
             for i in range(PENDING)
         ]
         scheduled = []
@@ -69,7 +69,7 @@ async def test_ten_thousand_pending_tasks_move_none_lost_none_early_none_twice(
         soon = [TaskSpec("dest", {"soon": i}, delay=rng.uniform(1, 4)) for i in range(100)]
         scheduled += await old.schedule_many(soon)
         started = time.monotonic()
-        counts = await moving.transfer(old, new, margin_s=5.0)
+        counts = await moving.transfer(old, new, margin_s=10.0)
         took = time.monotonic() - started
         doomed = {t.id for t in scheduled[:50]}
         expected = {t.id for t in scheduled} - doomed
@@ -78,6 +78,7 @@ async def test_ten_thousand_pending_tasks_move_none_lost_none_early_none_twice(
         assert counts.tasks >= 0.9 * (PENDING - len(doomed)), counts
         assert counts.already == len(doomed), counts  # cancelled there: not sent
         assert counts.left > 0, counts  # the 1-4 s tasks stay with the source's workers
+        assert counts.late == 0, counts  # else those may run twice: the broker was slow
         await recorder.wait_for(expected | {t.id for t in native}, within=120)
         async with asyncio.timeout(30):  # every copy that moved is skipped on the source
             await source_worker.wait_for(lambda s: s.cancelled == counts.tasks + len(doomed))
