@@ -1,5 +1,5 @@
 import sys
 
-from rmqdelay.tools.cli import main
+from rmqdelay.cli.main import main
 
 sys.exit(main())

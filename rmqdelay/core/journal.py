@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import dataclasses
 import heapq
 import json
@@ -295,6 +296,22 @@ class TaskIndex:
             if len(found) >= wanted or len(orders) < take:
                 return found[:wanted]
             take *= 4
+
+    def tally(
+        self,
+        entries: Iterable[Entry],
+        now_ms: int,
+        ends_ms: list[int],
+        into: dict[str, list[int]],
+    ) -> None:
+        """Count the pending ones of ``entries`` into ``into``: per destination, how many
+        are due by each of ``ends_ms`` (ascending; past the last: the extra last count)."""
+        for entry in entries:
+            if self.is_pending(entry, now_ms):
+                counts = into.get(entry.destination)
+                if counts is None:
+                    counts = into[entry.destination] = [0] * (len(ends_ms) + 1)
+                counts[bisect.bisect_left(ends_ms, entry.due_ms)] += 1
 
 
 def _order(entry: Entry) -> tuple[int, str]:

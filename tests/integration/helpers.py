@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -17,9 +18,11 @@ from typing import Any
 
 import aio_pika
 import pytest
+import uvicorn
 from pydantic import SecretStr
 
 from rmqdelay import Scheduler, Settings, Task, Worker
+from rmqdelay.web.api import server_config
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -205,3 +208,28 @@ async def kill_a_worker_mid_handler(settings: Settings, destination: str) -> str
     finally:
         doomed.send_signal(signal.SIGKILL)
         await doomed.wait()
+
+
+class Server:
+    """The API on a free loopback port, its event loop in a thread of its own (as uvicorn
+    runs it in production), so that tests of any kind can call it over HTTP."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.server = uvicorn.Server(server_config(settings, "127.0.0.1", 0))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        for _ in range(600):
+            if self.server.started:
+                break
+            self.thread.join(0.05)
+            assert self.thread.is_alive(), "the server stopped while starting"
+        assert self.server.started, "the server did not start within 30 s"
+        [server] = self.server.servers
+        port = server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *_: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

@@ -15,9 +15,9 @@ import pytest
 
 from rmqdelay import ConfigError, Scheduler, Settings
 from rmqdelay.broker.declare import apply_topology, resolve_backend
+from rmqdelay.cli.main import main
 from rmqdelay.core.topology import build_topology
 from rmqdelay.tools.bridge import Bridge, BridgePlan, drain, plan_bridge
-from rmqdelay.tools.cli import main
 from rmqdelay.tools.parking import ParkingLot
 
 from .conftest import make_settings

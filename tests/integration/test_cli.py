@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from rmqdelay import Settings
+from rmqdelay.cli.demo import DESTINATION, run_demo
+from rmqdelay.cli.main import RET_ERROR, RET_OK, main
 from rmqdelay.core.topology import destination_topology
-from rmqdelay.tools.cli import RET_ERROR, RET_OK, main
-from rmqdelay.tools.demo import DESTINATION, run_demo
 
 from .conftest import apply
 from .helpers import Recorder, depth, running_worker, subprocess_env, use_in_cli

@@ -13,9 +13,9 @@ import pytest
 
 from rmqdelay import RetryPolicy, Scheduler, Settings, Task
 from rmqdelay.broker.declare import apply_topology
+from rmqdelay.cli.main import RET_OK, main
 from rmqdelay.core.topology import Topology, build_topology
 from rmqdelay.core.wire import BROKER_HEADERS
-from rmqdelay.tools.cli import RET_OK, main
 from rmqdelay.tools.parking import ParkingLot, UnroutableQueue
 
 from .conftest import make_settings, management_api, need_management

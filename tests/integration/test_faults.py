@@ -12,7 +12,7 @@ import time
 import pytest
 
 from rmqdelay import BrokerUnavailableError, Scheduler, Settings
-from rmqdelay.tools.cli import main as cli_main
+from rmqdelay.cli.main import main as cli_main
 
 from .conftest import TestBroker, cannot, make_settings
 from .helpers import (

@@ -18,9 +18,9 @@ import pytest
 
 from rmqdelay import InvalidPayloadError, RetryPolicy, Scheduler, Settings, Task
 from rmqdelay.broker.declare import apply_topology
+from rmqdelay.cli.main import RET_ABANDONED, RET_ERROR, RET_OK, main
 from rmqdelay.core.topology import build_topology
 from rmqdelay.core.wire import PARKED_REASON, TASK_ID
-from rmqdelay.tools.cli import RET_ABANDONED, RET_ERROR, RET_OK, main
 from rmqdelay.tools.parking import ParkingLot
 
 from .conftest import make_settings, management_api, need_management
@@ -397,9 +397,9 @@ async def test_destroy_removes_a_namespace_but_not_while_workers_consume(
         assert "pass --yes" in capsys.readouterr().err
         assert await asyncio.to_thread(main, [*common, "destroy", "--yes"]) == RET_OK
         out = capsys.readouterr().out
-        # the levels, parked, unroutable, a work queue and three streams (cancels,
-        # snapshots, series)
-        assert f"deleted namespace {doomed.namespace!r}: {doomed.levels + 7} queue(s)" in out
+        # the levels, parked, unroutable, a work queue and five streams (cancels,
+        # snapshots, series, journal, stats)
+        assert f"deleted namespace {doomed.namespace!r}: {doomed.levels + 8} queue(s)" in out
         assert "holding " in out  # the task (and the stream's records, as counted so far)
         with pytest.raises(Exception, match="NOT_FOUND"):
             await depth(doomed, doomed.names.parked)

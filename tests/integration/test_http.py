@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
@@ -14,49 +13,23 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from pydantic import SecretStr
 from schemathesis.checks import positive_data_acceptance
 
 from rmqdelay import ConfigError, Scheduler, Settings, SyncScheduler
+from rmqdelay.cli.main import main
 from rmqdelay.core.redact import Redactor
-from rmqdelay.tools.cli import main
-from rmqdelay.tools.http_api import check_bind, server_config
 from rmqdelay.tools.logs import TextFormatter
+from rmqdelay.web.api import check_bind
 
-from .helpers import Recorder, depth, running_worker, use_in_cli
+from .helpers import Recorder, Server, depth, running_worker, use_in_cli
 from .proxy import Proxy
 
 pytestmark = pytest.mark.integration
 
 TOKEN = "s3cret-token-for-the-api"
-
-
-class Server:
-    """The API on a free loopback port, its event loop in a thread of its own (as uvicorn
-    runs it in production), so that tests of any kind can call it over HTTP."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.server = uvicorn.Server(server_config(settings, "127.0.0.1", 0))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        for _ in range(600):
-            if self.server.started:
-                break
-            self.thread.join(0.05)
-            assert self.thread.is_alive(), "the server stopped while starting"
-        assert self.server.started, "the server did not start within 30 s"
-        [server] = self.server.servers
-        port = server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    def __exit__(self, *_: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")

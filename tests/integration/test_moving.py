@@ -18,9 +18,9 @@ import pytest
 from rmqdelay import ConfigError, PublishNotConfirmedError, Scheduler, Settings
 from rmqdelay.broker.cancels import publish_cancel
 from rmqdelay.broker.declare import apply_topology
+from rmqdelay.cli.main import main
 from rmqdelay.core.topology import build_topology
 from rmqdelay.tools import moving
-from rmqdelay.tools.cli import main
 
 from .conftest import make_settings
 from .helpers import Recorder, running_worker, use_in_cli

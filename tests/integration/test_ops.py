@@ -28,8 +28,8 @@ from rmqdelay import (
     TopologyMismatchError,
 )
 from rmqdelay.broker.declare import apply_topology, resolve_backend
+from rmqdelay.cli.main import main
 from rmqdelay.core.topology import build_topology
-from rmqdelay.tools.cli import main
 
 from .conftest import TestBroker, cannot, make_settings, management_api
 from .helpers import Recorder, depth, running_worker, subprocess_env

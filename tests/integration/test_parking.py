@@ -12,8 +12,8 @@ import pytest
 
 from rmqdelay import RetryPolicy, Scheduler, Settings, Task
 from rmqdelay.broker.declare import apply_topology
+from rmqdelay.cli.main import RET_ERROR, RET_OK, main
 from rmqdelay.core.topology import destination_topology
-from rmqdelay.tools.cli import RET_ERROR, RET_OK, main
 
 from .helpers import (
     Recorder,

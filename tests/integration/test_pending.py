@@ -11,8 +11,8 @@ import pytest
 
 from rmqdelay import Pending, Scheduler, Settings, pending
 from rmqdelay.broker.declare import apply_topology
+from rmqdelay.cli.main import main
 from rmqdelay.core.topology import build_topology
-from rmqdelay.tools.cli import main
 
 from .conftest import make_settings
 from .helpers import use_in_cli

@@ -13,7 +13,7 @@ import aio_pika
 import pytest
 
 from rmqdelay import InvalidRecurrenceError, Scheduler, Settings, UnroutableError
-from rmqdelay.tools.cli import main
+from rmqdelay.cli.main import main
 
 from .conftest import TestBroker, cannot
 from .helpers import (

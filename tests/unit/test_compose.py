@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from rmqdelay.tools.cli import build_parser
+from rmqdelay.cli.main import build_parser
 from rmqdelay.worker.handler import load_handler
 
 ROOT = Path(__file__).resolve().parents[2]

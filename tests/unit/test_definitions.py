@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from rmqdelay.cli.main import main
 from rmqdelay.core.definitions import DefinitionOptions, permission_patterns, render_definitions
 from rmqdelay.core.topology import Layout, build_topology
 from rmqdelay.settings import Settings
-from rmqdelay.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYOUT = Layout("ops", "quorum", 10, 6)

@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 import pytest
 
 from rmqdelay import ConfigError, Task
-from rmqdelay.tools.cli import RET_ERROR, build_parser, main
+from rmqdelay.cli.main import RET_ERROR, build_parser, main
 from rmqdelay.worker.handler import is_async, load_handler, prepare
 
 TASK = Task("i", "d", {}, datetime.now(UTC), datetime.now(UTC), 1, (), "application/json", {})

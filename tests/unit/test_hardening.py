@@ -24,6 +24,7 @@ from rmqdelay import (
     WebhookError,
     Worker,
 )
+from rmqdelay.cli.main import RET_ERROR, RET_OK, main
 from rmqdelay.core.redact import (
     Redactor,
     redact_url,
@@ -32,7 +33,6 @@ from rmqdelay.core.redact import (
     webhook_secrets,
 )
 from rmqdelay.core.wire import check_key, check_keys, check_size, decode_task, encode_payload
-from rmqdelay.tools.cli import RET_ERROR, RET_OK, main
 from rmqdelay.tools.logs import THIRD_PARTY, TRACE, JsonFormatter, TextFormatter, configure_logging
 from rmqdelay.tools.status import headroom_warnings
 from rmqdelay.tools.webhook import WebhookHandler

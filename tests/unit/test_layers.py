@@ -1,4 +1,5 @@
-"""The package's layers import downwards only: core <- settings <- broker <- worker <- tools.
+"""The package's layers import downwards only: core <- settings <- broker <- worker <- tools
+<- web <- cli.
 
 (ruff also keeps I/O libraries out of rmqdelay.core: rmqdelay/core/ruff.toml.)
 """
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "rmqdelay"
-ORDER = ["core", "settings", "broker", "worker", "tools"]
+ORDER = ["core", "settings", "broker", "worker", "tools", "web", "cli"]
 
 
 def _layer(module: str) -> str | None:

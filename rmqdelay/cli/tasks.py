@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import sys
 from collections.abc import Callable
@@ -13,14 +12,14 @@ from typing import Any, TextIO, cast
 from urllib.parse import quote
 
 from rmqdelay.broker.scheduler import Scheduler
-from rmqdelay.core.errors import ConfigError, TaskNotPendingError
+from rmqdelay.cli.arguments import hops, int_between
+from rmqdelay.core.errors import ConfigError
 from rmqdelay.core.journal import MAX_PAGE
-from rmqdelay.core.task import PendingTask
 from rmqdelay.settings import Settings
 from rmqdelay.tools.api_client import ApiClient
-from rmqdelay.tools.arguments import hops, int_between
 from rmqdelay.tools.logs import escape_controls
 from rmqdelay.tools.moving import DEFAULT_MARGIN_S, export, import_items, read_export, transfer
+from rmqdelay.tools.task_json import pending_json, shown
 
 WHEN = "a delay from now (30m, 2h) or ISO 8601 with a UTC offset"
 MS = timedelta(milliseconds=1)
@@ -74,49 +73,6 @@ def add_parsers(commands: Any, duration: Callable[[str], timedelta]) -> None:
         default=timedelta(seconds=DEFAULT_MARGIN_S),
         help=f"leave tasks due sooner than this to the source's workers ({DEFAULT_MARGIN_S:g}s)",
     )
-
-
-def pending_json(task: PendingTask, *, whole: bool) -> dict[str, Any]:
-    """A pending task as JSON: the summary, and with ``whole`` the payload and properties."""
-    out: dict[str, Any] = {
-        "id": task.id,
-        "destination": task.destination,
-        "due_at": task.due_at.isoformat(),
-        "attempt": task.attempt,
-        "keys": list(task.keys),
-        "size": task.size,
-    }
-    if task.series is not None:
-        out["series"] = task.series
-    if whole:
-        out["published_at"] = task.published_at.isoformat()
-        out["content_type"] = task.content_type
-        out["properties"] = {k: _jsonable(v) for k, v in task.properties.items()}
-        out["headers"] = {k: _jsonable(v) for k, v in task.headers.items()}
-        out.update(payload_json(task))
-    return out
-
-
-def payload_json(task: PendingTask) -> dict[str, Any]:
-    """The payload as JSON when it is JSON, else the body in base64."""
-    if task.content_type == "application/json":
-        try:
-            return {"payload": json.loads(task.body)}
-        except ValueError:
-            pass
-    return {"payload_base64": base64.b64encode(task.body).decode()}
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, bytes | bytearray):
-        return base64.b64encode(value).decode()
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return value if value is None or isinstance(value, bool | int | float | str) else str(value)
 
 
 def when(text: str | None, what: str, duration: Callable[[str], timedelta]) -> datetime | None:
@@ -184,17 +140,6 @@ async def _whole(task_id: str, settings: Settings, api: ApiClient | None) -> dic
         return whole
     async with Scheduler(settings) as scheduler:
         return await shown(scheduler, task_id)
-
-
-async def shown(scheduler: Scheduler, task_id: str) -> dict[str, Any]:
-    """``show``'s JSON of a pending task, or TaskNotPendingError saying why there is none."""
-    task = await scheduler.get(task_id)
-    if task is None:
-        raise TaskNotPendingError(
-            f"no pending task has id {task_id!r}: it ran (or is due now), was cancelled, or "
-            "was never scheduled in this namespace"
-        )
-    return pending_json(task, whole=True)
 
 
 def _api(settings: Settings) -> ApiClient | None:

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from rmqdelay.broker.scheduler import Scheduler
+from rmqdelay.cli.arguments import hops
 from rmqdelay.core.task import Task
 from rmqdelay.settings import Settings
-from rmqdelay.tools.arguments import hops
 from rmqdelay.worker.consume import Worker
 
 DESTINATION = "demo"

@@ -21,22 +21,24 @@ from typing import Any
 
 from rmqdelay.broker.management import vhost_of
 from rmqdelay.broker.scheduler import Scheduler, TaskSpec, check_task
-from rmqdelay.core.definitions import DefinitionOptions, render_definitions
-from rmqdelay.core.errors import ConfigError, RmqDelayError
-from rmqdelay.core.redact import Redactor
-from rmqdelay.core.task import Handler
-from rmqdelay.core.topology import build_topology
-from rmqdelay.settings import Settings
-from rmqdelay.tools import aside_cmd, recurring_cmd, tasks_cmd
-from rmqdelay.tools.arguments import (
+from rmqdelay.cli import aside as aside_cmd
+from rmqdelay.cli import recurring as recurring_cmd
+from rmqdelay.cli import tasks as tasks_cmd
+from rmqdelay.cli.arguments import (
     duration,
     hops,
     int_between,
     join_negative_values,
     signed_duration,
 )
+from rmqdelay.cli.demo import run_demo
+from rmqdelay.core.definitions import DefinitionOptions, render_definitions
+from rmqdelay.core.errors import ConfigError, RmqDelayError
+from rmqdelay.core.redact import Redactor
+from rmqdelay.core.task import Handler
+from rmqdelay.core.topology import build_topology
+from rmqdelay.settings import Settings
 from rmqdelay.tools.bridge import Bridge, drain, plan_bridge
-from rmqdelay.tools.demo import run_demo
 from rmqdelay.tools.destroy import destroy as destroy_namespace
 from rmqdelay.tools.destroy import plan_destroy
 from rmqdelay.tools.forward import Forwarder, parse_target
@@ -394,7 +396,7 @@ async def _bridge(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _serve(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        from rmqdelay.tools.http_api import serve
+        from rmqdelay.web.api import serve
     except ImportError as e:
         raise ConfigError(
             f"rmqdelay serve needs the http extra ({e.name} is missing): "

@@ -21,10 +21,9 @@ from urllib.parse import unquote_to_bytes
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
-from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -49,7 +48,10 @@ from rmqdelay.core.errors import (
 from rmqdelay.core.journal import MAX_PAGE
 from rmqdelay.core.redact import without_urls
 from rmqdelay.settings import Settings
-from rmqdelay.tools.tasks_cmd import pending_json, shown
+from rmqdelay.tools.task_json import pending_json, shown
+from rmqdelay.web import paths  # noqa: F401  (registers the path convertors)
+from rmqdelay.web.dashboard import pages as dashboard
+from rmqdelay.web.dashboard.overview import OverviewSource
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("rmqdelay.http.access")
@@ -292,21 +294,6 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-class _AnyText(Convertor[str]):
-    """A path segment of any text: a key may hold '/', newlines and any Unicode, and
-    Starlette's own ``path`` convertor stops at a newline."""
-
-    regex = r"[\s\S]+"
-
-    def convert(self, value: str) -> str:
-        return value
-
-    def to_string(self, value: str) -> str:
-        return value
-
-
-register_url_convertor("anything", _AnyText())
-
 _bearer = HTTPBearer(auto_error=False, description="RMQDELAY_HTTP_TOKEN")
 
 
@@ -492,7 +479,7 @@ async def _on_unauthorized(_: Request, __: Exception) -> JSONResponse:
     )
 
 
-async def _on_refused(_: Request, error: Exception) -> JSONResponse:
+async def _on_refused(request: Request, error: Exception) -> Response:
     assert isinstance(error, RmqDelayError)
     status = _status(error)
     message = str(error)
@@ -501,6 +488,8 @@ async def _on_refused(_: Request, error: Exception) -> JSONResponse:
         # whoever calls the API.
         log.error("%s: %s", type(error).__name__, message)
         message = without_urls(message, "<the broker>")
+    if dashboard.dashboard_path(request.url.path):
+        return dashboard.on_refused(request, message, status)
     return _problem(status, type(error).__name__, message)
 
 
@@ -527,9 +516,13 @@ def create_app(settings: Settings) -> FastAPI:
             await scheduler.follow_journal()
         app.state.scheduler = scheduler
         app.state.reachability = reachability = Reachability(scheduler)
+        app.state.overview = overview = OverviewSource(settings, scheduler)
+        if scheduler.wiring.layout.journal:
+            overview.start()
         try:
             yield
         finally:
+            await overview.close()
             await reachability.close()
             await scheduler.close()
 
@@ -543,6 +536,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.token = settings.http_token.get_secret_value() if settings.http_token else None
     app.include_router(router)
+    dashboard.install(app, settings)
     app.add_exception_handler(_UnauthorizedError, _on_unauthorized)
     app.add_exception_handler(RmqDelayError, _on_refused)
     app.add_exception_handler(RequestValidationError, _on_invalid)

@@ -1,0 +1,1 @@
+"""The command line: `rmqdelay` and its subcommands (main.py parses and dispatches)."""

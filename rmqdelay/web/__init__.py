@@ -1,0 +1,1 @@
+"""`rmqdelay serve`: the HTTP API (api.py) and the dashboard beside it (dashboard/)."""
