@@ -29,7 +29,7 @@ from pydantic import SecretStr
 from rmqdelay import RetryPolicy, Scheduler, Settings, Task, TaskSpec, Worker
 from rmqdelay.broker.declare import apply_topology
 from rmqdelay.core.topology import build_topology
-from rmqdelay.tools.http_api import server_config
+from rmqdelay.web.api import server_config
 
 DESTINATIONS = ("escalations", "reminders", "invoices", "webhooks")
 BATCH = 1000

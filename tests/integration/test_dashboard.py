@@ -14,6 +14,7 @@ import re
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from rmqdelay.core.topology import build_topology
 from .conftest import ROOT, apply, cannot, make_settings
 from .helpers import Recorder, Server, running_worker
 
-pytestmark = [pytest.mark.integration, pytest.mark.browser]
+pytestmark = pytest.mark.integration
 
 TOKEN = "dashboard-token-not-in-any-url"
 SHOTS = ROOT / "tests" / "output" / "screenshots"
@@ -104,6 +105,7 @@ async def _shot(page: Any, name: str) -> Path:
     return path
 
 
+@pytest.mark.browser
 async def test_login_then_a_scheduled_task_appears_live_and_is_cancelled(
     page: Any, board_settings: Settings
 ) -> None:
@@ -151,6 +153,7 @@ async def test_login_then_a_scheduled_task_appears_live_and_is_cancelled(
     assert page.problems == []  # type: ignore[attr-defined]
 
 
+@pytest.mark.browser
 async def test_a_parked_task_is_shown_and_requeued(page: Any, board_settings: Settings) -> None:
     from playwright.async_api import expect
 
@@ -180,6 +183,7 @@ async def test_a_parked_task_is_shown_and_requeued(page: Any, board_settings: Se
     assert page.problems == []  # type: ignore[attr-defined]
 
 
+@pytest.mark.browser
 async def test_a_series_is_previewed_added_and_removed(page: Any, board_settings: Settings) -> None:
     from playwright.async_api import expect
 
@@ -213,6 +217,7 @@ async def test_a_series_is_previewed_added_and_removed(page: Any, board_settings
         assert key not in {s.key for s in await scheduler.series()}
 
 
+@pytest.mark.browser
 async def test_keys_and_payloads_render_as_text_and_no_script_runs(
     page: Any, board_settings: Settings
 ) -> None:
@@ -237,6 +242,7 @@ async def test_keys_and_payloads_render_as_text_and_no_script_runs(
         await scheduler.cancel(task.id)
 
 
+@pytest.mark.browser
 async def test_an_action_without_its_csrf_token_is_refused(
     page: Any, board_settings: Settings
 ) -> None:
@@ -328,6 +334,14 @@ async def test_who_may_see_and_act(base_url: str, board_settings: Settings) -> N
             other = await scheduler.schedule(DEST, {"n": 3}, delay=3600)
             bearer = {"Authorization": f"Bearer {TOKEN}"}
             async with httpx.AsyncClient(base_url=base_url, headers=bearer, timeout=30) as script:
+                moved = await script.post(f"/tasks/{other.id}/reschedule", data={"when": "2h"})
+                assert moved.status_code == 303
+                later = await scheduler.get(other.id)
+                assert later is not None
+                assert later.due_at > other.due_at + timedelta(minutes=59)
+                bad = await script.post(f"/tasks/{other.id}/reschedule", data={"when": "soon"})
+                assert bad.status_code == 422
+                assert "neither a duration" in bad.text
                 assert (await script.post(f"/tasks/{other.id}/cancel", data={})).status_code == 303
             assert await scheduler.get(other.id) is None
     finally:
