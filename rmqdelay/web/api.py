@@ -31,19 +31,10 @@ from rmqdelay.broker.health import Reachability
 from rmqdelay.broker.scheduler import Scheduler
 from rmqdelay.core.delays import parse_duration
 from rmqdelay.core.errors import (
-    BrokerError,
-    BrokerUnavailableError,
     ConfigError,
     InvalidDelayError,
-    InvalidPayloadError,
     InvalidQueryError,
-    InvalidTaskError,
-    JournalUnavailableError,
-    PublishNotConfirmedError,
     RmqDelayError,
-    TaskDueTooSoonError,
-    TaskNotPendingError,
-    UnroutableError,
 )
 from rmqdelay.core.journal import MAX_PAGE
 from rmqdelay.core.redact import without_urls
@@ -52,6 +43,7 @@ from rmqdelay.tools.task_json import pending_json, shown
 from rmqdelay.web import paths  # noqa: F401  (registers the path convertors)
 from rmqdelay.web.dashboard import pages as dashboard
 from rmqdelay.web.dashboard.overview import OverviewSource
+from rmqdelay.web.status import status_of
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("rmqdelay.http.access")
@@ -203,20 +195,6 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem, "description": "No work queue for the destination."}
 }
-
-
-def _status(error: RmqDelayError) -> int:
-    if isinstance(error, InvalidPayloadError) and "maximum message size" in str(error):
-        return 413
-    if isinstance(error, TaskDueTooSoonError | JournalUnavailableError):
-        return 409
-    if isinstance(error, UnroutableError | TaskNotPendingError):
-        return 404
-    if isinstance(error, InvalidTaskError | InvalidQueryError | ConfigError):
-        return 422
-    if isinstance(error, BrokerUnavailableError | PublishNotConfirmedError | BrokerError):
-        return 503
-    return 500
 
 
 def _problem(status: int, error: str, message: str, **headers: str) -> JSONResponse:
@@ -481,7 +459,7 @@ async def _on_unauthorized(_: Request, __: Exception) -> JSONResponse:
 
 async def _on_refused(request: Request, error: Exception) -> Response:
     assert isinstance(error, RmqDelayError)
-    status = _status(error)
+    status = status_of(error)
     message = str(error)
     if status >= 500:
         # Where the broker is (user, host, port, vhost) is for the server's log, not for

@@ -161,7 +161,7 @@ class OverviewSource:
             rows=sorted(rows.values(), key=lambda r: r.destination),
             parked=status.parked,
             unroutable=status.unroutable,
-            pending_at=pending.at if pending else None,
+            pending_at=pending.at if pending and pending.unavailable is None else None,
             pending_note=pending.unavailable if pending else "counting pending tasks...",
             sampled_at=status.sampled_at,
             notes=status.notes,
@@ -177,7 +177,7 @@ class OverviewSource:
                     await self._counted.wait()
             return self._pending
         age = (datetime.now(UTC) - current.at).total_seconds()
-        if age > max(MIN_RECOUNT_S, 10 * current.took_s):
+        if age > max(MIN_RECOUNT_S, 10 * current.took_s) or current.unavailable is not None:
             self._recount()
         return current
 

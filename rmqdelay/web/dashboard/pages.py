@@ -40,6 +40,7 @@ from rmqdelay.tools.parking import AsideQueue, ParkingLot, UnroutableQueue
 from rmqdelay.web import paths  # noqa: F401  (registers the path convertors)
 from rmqdelay.web.dashboard.overview import WINDOW_LABELS, OverviewSource
 from rmqdelay.web.dashboard.session import COOKIE, SESSION_S, Session, Sessions
+from rmqdelay.web.status import status_of
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("rmqdelay.http.access")
@@ -369,7 +370,7 @@ async def tasks_page(request: Request) -> Response:
     }
     if q["id"]:
         return RedirectResponse(f"/tasks/{quote(q['id'], safe='')}", status_code=303)
-    page, error = None, None
+    page, error, status = None, None, 200
     try:
         due_after, after_delay = _time_or_delay(q["due_after"], "due after")
         due_before, before_delay = _time_or_delay(q["due_before"], "due before")
@@ -388,13 +389,15 @@ async def tasks_page(request: Request) -> Response:
             limit=TASKS_PAGE,
             cursor=q["cursor"] or None,
         )
-    except (RmqDelayError, ValueError) as e:
-        error = without_urls(str(e), "<the broker>")  # where the broker is: for the log
+    except RmqDelayError as e:
+        error, status = without_urls(str(e), "<the broker>"), status_of(e)  # no broker URL
+    except ValueError as e:
+        error, status = str(e), 422
     more = None
     if page is not None and page.cursor is not None:
         more = "/tasks?" + urlencode({**{k: v for k, v in q.items() if v}, "cursor": page.cursor})
     return _page(
-        request, viewer, "tasks.html", 200 if error is None else 422, title="Pending tasks",
+        request, viewer, "tasks.html", status, title="Pending tasks",
         q=q, page=page, more=more, search_error=error,
     )  # fmt: skip
 
