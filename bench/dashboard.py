@@ -66,7 +66,7 @@ async def fill(settings: Settings, pending: int, parked: int) -> tuple[str, str]
                     for i in range(start, min(pending, start + BATCH))
                 ]
             )
-            first = first or done[0].id
+            first = done[-1].id  # the latest due (days from now): still pending when timed
             if start % 100_000 == 0:
                 print(f"  scheduled {start} ({time.perf_counter() - started:.0f} s)", flush=True)
 
