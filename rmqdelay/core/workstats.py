@@ -103,11 +103,6 @@ class StatsRecord:
             setattr(activity, name, count)
         return activity
 
-    @property
-    def empty(self) -> bool:
-        """Whether nothing happened (an idle worker still says it is there)."""
-        return not any(self.counts)
-
 
 def decode_record(body: bytes) -> StatsRecord:
     """A record from its body.

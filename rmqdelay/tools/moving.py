@@ -265,8 +265,9 @@ async def _copy(
     stays with the source too, and its copy is cancelled on the target.
     """
     margin_ms = margin_s * 1000
-    ready = [e for e in batch if e.due_ms > _now_ms() + margin_ms]
-    left.update((e.id, e.published_ms) for e in batch if e.due_ms <= _now_ms() + margin_ms)
+    soon = _now_ms() + margin_ms  # one reading: every entry is either ready or left
+    ready = [e for e in batch if e.due_ms > soon]
+    left.update((e.id, e.published_ms) for e in batch if e.due_ms <= soon)
     fresh = [e for e in ready if not _there(there, e)]
     await _publish_all(target, fresh)
     close = _now_ms() + margin_ms / 2

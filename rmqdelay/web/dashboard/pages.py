@@ -233,7 +233,7 @@ async def _fields(request: Request) -> dict[str, str]:
 def _done(request: Request, viewer: Viewer, action: str, target: str, to: str) -> Response:
     """Log the action and send the browser on (303: a reload does not post again)."""
     client = request.client.host if request.client else "-"
-    by = "bearer" if viewer.session is None else f"session {viewer.session.cookie[11:17]}"
+    by = "bearer" if viewer.session is None else f"session {viewer.session.nonce[:6]}"
     audit.info(
         "dashboard action %s %s by %s from %s",
         action,

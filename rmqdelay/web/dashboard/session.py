@@ -28,6 +28,11 @@ class Session:
     cookie: str
     csrf: str
 
+    @property
+    def nonce(self) -> str:
+        """The cookie's random part (the access log names a session by its start)."""
+        return self.cookie.split(".")[1]
+
 
 class Sessions:
     """Issues and checks session cookies and their CSRF tokens."""
@@ -62,8 +67,7 @@ class Sessions:
         return self._session(cookie)
 
     def _session(self, cookie: str) -> Session:
-        nonce = cookie.split(".")[1]
-        return Session(cookie, self._mac(f"csrf.{nonce}"))
+        return Session(cookie, self._mac(f"csrf.{cookie.split('.')[1]}"))
 
     def csrf_ok(self, session: Session, given: str | None) -> bool:
         """Whether a form's CSRF field is the session's (constant time)."""
