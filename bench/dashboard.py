@@ -9,6 +9,10 @@ it and in an empty namespace, both served at once.
 
     .venv/bin/python bench/dashboard.py --url amqp://guest:guest@localhost:5730/%2F \\
         --pending 1000000 --parked 10000
+
+Filling a million takes about half an hour here: ``--namespace NS --keep`` leaves the
+filled namespace in place, and ``--namespace NS --filled`` times it again (after a code
+change, say) without filling it anew. Delete it with ``rmqdelay destroy``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pydantic import SecretStr
 from rmqdelay import RetryPolicy, Scheduler, Settings, Task, TaskSpec, Worker
 from rmqdelay.broker.declare import apply_topology
 from rmqdelay.core.topology import build_topology
+from rmqdelay.tools.parking import ParkingLot
 from rmqdelay.web.api import server_config
 
 DESTINATIONS = ("escalations", "reminders", "invoices", "webhooks")
@@ -37,11 +42,11 @@ TOKEN = "bench-token"
 BUDGET_S = 1.0
 
 
-def settings_for(url: str, management: str | None) -> Settings:
+def settings_for(url: str, management: str | None, namespace: str | None = None) -> Settings:
     return Settings(
         _env_file=None,
         url=url,
-        namespace=f"db-{uuid.uuid4().hex[:6]}",
+        namespace=namespace or f"db-{uuid.uuid4().hex[:6]}",
         queue_type="classic",
         max_delay=timedelta(days=30),
         http_token=SecretStr(TOKEN),
@@ -99,6 +104,16 @@ async def fill(settings: Settings, pending: int, parked: int) -> tuple[str, str]
     return first, last
 
 
+async def filled_ids(settings: Settings, pending: int, parked: int) -> tuple[str, str]:
+    """The ids ``fill`` returned, from a namespace an earlier run filled: the task of the
+    last key scheduled (due days later), and the newest parked."""
+    async with Scheduler(settings) as scheduler:
+        async with asyncio.timeout(900):  # the scheduler reads the whole journal first
+            found = await scheduler.find(key=f"order:{pending - 1}")
+        newest = (await ParkingLot(scheduler).peek(parked))[-1]
+    return found.tasks[0].id, newest.id
+
+
 class Serve:
     def __init__(self, settings: Settings) -> None:
         self.server = uvicorn.Server(server_config(settings, "127.0.0.1", 0))
@@ -147,13 +162,24 @@ async def main() -> None:
     parser.add_argument("--pending", type=int, default=100_000)
     parser.add_argument("--parked", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--namespace", help="fill (or, with --filled, reuse) this namespace")
+    parser.add_argument("--keep", action="store_true", help="leave the filled namespace")
+    parser.add_argument("--filled", action="store_true", help="--namespace is filled already")
     args = parser.parse_args()
-    full, empty = settings_for(args.url, args.management), settings_for(args.url, args.management)
+    if args.filled and not args.namespace:
+        parser.error("--filled needs --namespace")
+    full = settings_for(args.url, args.management, args.namespace)
+    empty = settings_for(args.url, args.management)
     topologies = [(s, build_topology(s.layout, (*DESTINATIONS, "failing"))) for s in (full, empty)]
     for s, topology in topologies:
         await apply_topology(s, topology)
+    if args.keep or args.filled:
+        topologies = topologies[1:]  # the filled one stays
     try:
-        first, last = await fill(full, args.pending, args.parked)
+        if args.filled:
+            first, last = await filled_ids(full, args.pending, args.parked)
+        else:
+            first, last = await fill(full, args.pending, args.parked)
         paths = [
             "/", "/overview/live", "/tasks", "/tasks?destination=reminders&within=1d",
             "/tasks?key=order:777", f"/tasks/{first}", "/parked", f"/parked/{last}",
