@@ -28,7 +28,7 @@ from rmqdelay.broker.connection import (
     reconnect_wait,
 )
 from rmqdelay.broker.publisher import properties
-from rmqdelay.broker.streams import AckGate, wait_first, when_replica_runs
+from rmqdelay.broker.streams import AckGate, read_at, wait_first, when_replica_runs
 from rmqdelay.core.errors import (
     BrokerUnavailableError,
     JournalUnavailableError,
@@ -174,38 +174,8 @@ async def read_record(settings: Settings, connection: AbstractConnection, offset
     Raises:
         BrokerUnavailableError: it could not be read in time (the retention dropped it).
     """
-    return await when_replica_runs(
-        settings.names.journal, lambda: _read_record(settings, connection, offset)
-    )
-
-
-async def _read_record(settings: Settings, connection: AbstractConnection, offset: int) -> Entry:
-    channel = await connection.channel()
-    try:
-        raw = await channel.get_underlay_channel()
-        await raw.basic_qos(prefetch_count=1)
-        got: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
-
-        async def on_record(message: DeliveredMessage) -> None:
-            headers: dict[str, Any] = message.header.properties.headers or {}
-            if MARKER not in headers and not got.done():
-                try:
-                    got.set_result(_decode(message, headers))
-                except MessageDecodeError as e:
-                    got.set_exception(e)
-
-        await raw.basic_consume(
-            settings.names.journal, on_record, arguments={"x-stream-offset": offset}
-        )
-        try:
-            return await asyncio.wait_for(got, READ_RECORD_TIMEOUT_S)
-        except TimeoutError:
-            raise BrokerUnavailableError(
-                f"could not read journal record {offset} within {READ_RECORD_TIMEOUT_S:g}s"
-            ) from None
-    finally:
-        if not channel.is_closed:
-            await channel.close()
+    message = await read_at(connection, settings.names.journal, offset, READ_RECORD_TIMEOUT_S)
+    return _decode(message, message.header.properties.headers or {})
 
 
 #: A live index forgets tasks this long past due (retries and reschedules of them come

@@ -24,6 +24,7 @@ from aiormq.exceptions import ChannelNotFoundEntity
 from rmqdelay.broker.connection import queue_starting
 from rmqdelay.broker.publisher import properties
 from rmqdelay.core.errors import BrokerUnavailableError, TopologyMismatchError
+from rmqdelay.core.journal import STREAM_OFFSET
 from rmqdelay.core.wire import MARKER
 
 #: How long reading a stream to its end may take.
@@ -215,6 +216,48 @@ async def _read_stream(
                 f"could not read stream {stream!r} to its end within {timeout_s:g}s"
             ) from None
         return records
+    finally:
+        await gate.close(channel)
+
+
+async def read_at(
+    connection: AbstractConnection, stream: str, offset: int, timeout_s: float = 10.0
+) -> DeliveredMessage:
+    """The record of ``stream`` at ``offset``, whole.
+
+    Raises:
+        BrokerUnavailableError: it could not be read in time (the retention dropped it, or
+            the broker is slow to answer).
+    """
+    return await when_replica_runs(stream, lambda: _read_at(connection, stream, offset, timeout_s))
+
+
+async def _read_at(
+    connection: AbstractConnection, stream: str, offset: int, timeout_s: float
+) -> DeliveredMessage:
+    channel, gate = await connection.channel(), AckGate()
+    try:
+        raw = await channel.get_underlay_channel()
+        await raw.basic_qos(prefetch_count=1)
+        got: asyncio.Future[DeliveredMessage] = asyncio.get_running_loop().create_future()
+
+        async def on_record(message: DeliveredMessage) -> None:
+            headers = message.header.properties.headers or {}
+            at = headers.get(STREAM_OFFSET)
+            # A stream delivers from the start of the chunk holding ``offset``: skip (and
+            # ack, one record is in flight at a time) what comes before it.
+            if (isinstance(at, int) and at < offset) or MARKER in headers:
+                await gate.ack(message.channel, message.delivery_tag)
+            elif not got.done():
+                got.set_result(message)
+
+        await raw.basic_consume(stream, on_record, arguments={STREAM_OFFSET: offset})
+        try:
+            return await asyncio.wait_for(got, timeout_s)
+        except TimeoutError:
+            raise BrokerUnavailableError(
+                f"could not read record {offset} of stream {stream!r} within {timeout_s:g}s"
+            ) from None
     finally:
         await gate.close(channel)
 

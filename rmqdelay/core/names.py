@@ -76,6 +76,12 @@ class Names:
         """Fanout exchange and queue for tasks that failed or could not be decoded."""
         return f"{self.namespace}.parked"
 
+    def aside_log(self, aside: str) -> str:
+        """Stream bound beside the queue ``aside`` (the parking lot, the unroutable queue):
+        a copy of every message that went there, and a record of each one rmqdelay's tools
+        took out, so one can be looked up without taking the whole queue."""
+        return f"{aside}.log"
+
     @property
     def cancels(self) -> str:
         """Stream of cancel records every worker replays and follows."""

@@ -146,6 +146,11 @@ SNAPSHOT_RETENTION_S = 2 * 86_400
 #: How long worker stats records are kept (the dashboard shows the last minutes).
 STATS_RETENTION_S = 3600
 STATS_SEGMENT_BYTES = 1_000_000
+#: How long the parking lot's and the unroutable queue's logs keep a copy: a message set
+#: aside longer than this is still there, and looked up by taking the queue (slower).
+ASIDE_LOG_RETENTION_S = 30 * 86_400
+#: Their segments: small enough for the age to apply at a few parked tasks a day.
+ASIDE_LOG_SEGMENT_BYTES = 50_000_000
 
 
 def placement(layout: Layout, queue_type: str) -> Arguments:
@@ -286,6 +291,8 @@ def _common_queues(layout: Layout) -> tuple[QueueSpec, ...]:
     return (
         aside_queue_spec(layout, names.unroutable),
         aside_queue_spec(layout, names.parked),
+        aside_log_spec(layout, names.unroutable),
+        aside_log_spec(layout, names.parked),
         QueueSpec(
             names.cancels,
             {"x-queue-type": "stream", "x-max-age": f"{layout.cancel_retention_s}s"},
@@ -312,10 +319,26 @@ def _common_queues(layout: Layout) -> tuple[QueueSpec, ...]:
     )
 
 
+def aside_log_spec(layout: Layout, aside: str) -> QueueSpec:
+    """The log beside a queue set aside (``Names.aside_log``)."""
+    return QueueSpec(
+        layout.names.aside_log(aside),
+        {
+            "x-queue-type": "stream",
+            "x-max-age": f"{ASIDE_LOG_RETENTION_S}s",
+            "x-stream-max-segment-size-bytes": ASIDE_LOG_SEGMENT_BYTES,
+        },
+        placement(layout, "stream"),
+    )
+
+
 def _common_bindings(names: Names) -> tuple[BindingSpec, ...]:
     return (
         BindingSpec(names.unroutable, names.unroutable, "queue"),
         BindingSpec(names.parked, names.parked, "queue"),
+        # The exchanges are fanouts: whatever reaches a queue set aside reaches its log.
+        BindingSpec(names.unroutable, names.aside_log(names.unroutable), "queue"),
+        BindingSpec(names.parked, names.aside_log(names.parked), "queue"),
     )
 
 

@@ -392,6 +392,10 @@ PARKED_ATTEMPTS = "rmqdelay-parked-attempts"
 PARKED_DESTINATION = "rmqdelay-parked-destination"
 PARKED_AT = "rmqdelay-parked-at"
 PARKED_FROM = "rmqdelay-parked-from"
+#: Records rmqdelay's tools append to the log beside a queue set aside
+#: (``tools/aside_log.py``): the ids they took out (the body, a JSON list), and a purge.
+ASIDE_TAKEN = "rmqdelay-aside-taken"
+ASIDE_PURGED = "rmqdelay-aside-purged"
 _PARKED = (PARKED_REASON, PARKED_ERROR, PARKED_ATTEMPTS, PARKED_DESTINATION, PARKED_AT, PARKED_FROM)
 _MAX_REASON = 1000
 #: Bookkeeping the broker adds to a message: dead-lettering (x-death, x-first-death-*,

@@ -69,7 +69,15 @@ def _guessed_names(settings: Settings, destinations: list[str]) -> tuple[list[st
 
 def _streams(settings: Settings) -> tuple[str, ...]:
     names = settings.names
-    return (names.cancels, names.cancel_snapshots, names.series, names.journal, names.stats)
+    return (
+        names.cancels,
+        names.cancel_snapshots,
+        names.series,
+        names.journal,
+        names.stats,
+        names.aside_log(names.parked),
+        names.aside_log(names.unroutable),
+    )
 
 
 async def plan_destroy(settings: Settings, destinations: list[str]) -> DestroyPlan:

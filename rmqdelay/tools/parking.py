@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -20,23 +21,26 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from aio_pika import IncomingMessage
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from rmqdelay.broker.publisher import carried
+from rmqdelay.broker.publisher import carried, properties
 from rmqdelay.broker.scheduler import Scheduler
 from rmqdelay.core.errors import MessageDecodeError, RmqDelayError
 from rmqdelay.core.wire import (
+    ASIDE_PURGED,
+    ASIDE_TAKEN,
     PARKED_AT,
     PARKED_ATTEMPTS,
     PARKED_DESTINATION,
     PARKED_ERROR,
     PARKED_REASON,
     PUBLISHER_PROPERTIES,
-    TASK_ID,
     decode_task,
     ms_to_datetime,
     rescheduled_headers,
 )
+from rmqdelay.tools.aside_log import AsideLog, message_id
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +115,7 @@ def _found(
 
 
 def _id(message: AbstractIncomingMessage) -> str:
-    return str((message.headers or {}).get(TASK_ID) or message.message_id or "-")
+    return message_id(message.headers or {}, message.message_id)
 
 
 def _broker_reason(headers: Mapping[str, Any]) -> str:
@@ -135,6 +139,9 @@ class AsideMessage:
     content_type: str | None
     headers: dict[str, Any]
     properties: dict[str, Any]
+    #: Read from the queue's log (the copy the broker made as it arrived): a RabbitMQ
+    #: stream keeps no array or table headers (3.10), or only those named ``x-...`` (4.x).
+    logged: bool = False
 
     def as_json(self) -> dict[str, Any]:
         """For printing: the payload as text when it is, else base64."""
@@ -160,9 +167,11 @@ class AsideQueue:
     #: For messages "not in" it.
     place = "the queue"
 
-    def __init__(self, scheduler: Scheduler, queue: str) -> None:
+    def __init__(self, scheduler: Scheduler, queue: str, log: AsideLog | None = None) -> None:
         self.scheduler = scheduler
         self.queue = queue
+        #: The queue's log, followed (by a long-running reader): ``show`` reads from it.
+        self.log = log
 
     async def _take(
         self,
@@ -253,7 +262,7 @@ class AsideQueue:
         """
         taken = await self._take()
         described = [(message, self.describe(message)) for message in taken]
-        sent, stayed = 0, []
+        sent, sent_ids, stayed = 0, set[str](), list[str]()
         try:
             for message, parked in described:
                 if ids is not None and parked.id not in ids:
@@ -269,8 +278,10 @@ class AsideQueue:
                     continue
                 await message.ack()
                 sent += 1
+                sent_ids.add(parked.id)
         finally:
             await self._give_back(taken)
+            await self._note({ASIDE_TAKEN: 1}, sent_ids)
         missing = set(ids or ()) - {parked.id for _, parked in described}
         stayed += [f"{task_id}: not in {self.place}" for task_id in sorted(missing)]
         return sent, stayed
@@ -308,25 +319,54 @@ class AsideQueue:
         )
 
     async def show(self, task_id: str) -> AsideMessage | None:
-        """The first message with id ``task_id``, whole; nothing is consumed."""
+        """The first message with id ``task_id``, whole; nothing is consumed. From the
+        queue's log when it has one that accounts for the queue, else by taking the queue
+        up to the message."""
+        if self.log is not None:
+            connection = self.scheduler.connection
+            copy = await self.log.find(connection, task_id, await self.count())
+            if copy is not None:
+                return self._whole(IncomingMessage(copy, no_ack=True), logged=True)
         taken = await self._take(until=lambda m: _id(m) == task_id)
         try:
             for message in taken:
-                if self.describe(message).id == task_id:
-                    return AsideMessage(
-                        self.describe(message),
-                        message.body,
-                        message.content_type,
-                        dict(message.headers or {}),
-                        {
-                            name: value
-                            for name in PUBLISHER_PROPERTIES
-                            if (value := getattr(message.properties, name)) is not None
-                        },
-                    )
+                if _id(message) == task_id:
+                    return self._whole(message, logged=False)
             return None
         finally:
             await self._give_back(taken)
+
+    def _whole(self, message: AbstractIncomingMessage, *, logged: bool) -> AsideMessage:
+        return AsideMessage(
+            self.describe(message),
+            message.body,
+            message.content_type,
+            dict(message.headers or {}),
+            {
+                name: value
+                for name in PUBLISHER_PROPERTIES
+                if (value := getattr(message.properties, name)) is not None
+            },
+            logged,
+        )
+
+    async def _note(self, headers: dict[str, Any], ids: Collection[str] = ()) -> None:
+        """Append to the queue's log what a tool took out, so a reader of the log keeps
+        accounting for the queue. Best effort: a record that does not get there leaves the
+        log short of the queue, and its readers then take the queue instead."""
+        if ASIDE_PURGED not in headers and not ids:
+            return
+        try:
+            await self.scheduler.publisher.publish(
+                json.dumps(sorted(ids)).encode(),
+                properties(headers, content_type="application/json"),
+                "",
+                self.scheduler.wiring.names.aside_log(self.queue),
+                mandatory=False,
+                what=f"a record in the log of {self.queue}",
+            )
+        except RmqDelayError as e:
+            log.warning("could not append to the log of %s (%s)", self.queue, e)
 
     async def delete(self, task_id: str) -> int:
         """Delete the messages with id ``task_id`` (a task parked twice is there twice);
@@ -335,11 +375,13 @@ class AsideQueue:
         deleted = 0
         try:
             for message in taken:
-                if self.describe(message).id == task_id:
+                if _id(message) == task_id:
                     await message.ack()
                     deleted += 1
         finally:
             await self._give_back(taken)
+            if deleted:
+                await self._note({ASIDE_TAKEN: 1}, [task_id])
         return deleted
 
     async def purge(self) -> int:
@@ -348,6 +390,7 @@ class AsideQueue:
         async with channel:
             queue = await channel.get_queue(self.queue, ensure=False)
             result = await queue.purge()
+        await self._note({ASIDE_PURGED: 1})
         return int(result.message_count or 0)
 
     async def count(self) -> int:
@@ -363,8 +406,8 @@ class ParkingLot(AsideQueue):
 
     place = "the parking lot"
 
-    def __init__(self, scheduler: Scheduler) -> None:
-        super().__init__(scheduler, scheduler.wiring.names.parked)
+    def __init__(self, scheduler: Scheduler, log: AsideLog | None = None) -> None:
+        super().__init__(scheduler, scheduler.wiring.names.parked, log)
 
 
 class UnroutableQueue(AsideQueue):
@@ -374,5 +417,5 @@ class UnroutableQueue(AsideQueue):
     describe = staticmethod(_describe_unroutable)
     place = "the unroutable queue"
 
-    def __init__(self, scheduler: Scheduler) -> None:
-        super().__init__(scheduler, scheduler.wiring.names.unroutable)
+    def __init__(self, scheduler: Scheduler, log: AsideLog | None = None) -> None:
+        super().__init__(scheduler, scheduler.wiring.names.unroutable, log)

@@ -8,6 +8,7 @@ confirmed the task, exactly as ``schedule()`` returning does.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import logging
@@ -39,6 +40,7 @@ from rmqdelay.core.errors import (
 from rmqdelay.core.journal import MAX_PAGE
 from rmqdelay.core.redact import without_urls
 from rmqdelay.settings import Settings
+from rmqdelay.tools.aside_log import AsideLog
 from rmqdelay.tools.task_json import pending_json, shown
 from rmqdelay.web import paths  # noqa: F401  (registers the path convertors)
 from rmqdelay.web.dashboard import pages as dashboard
@@ -497,9 +499,19 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.overview = overview = OverviewSource(settings, scheduler)
         if scheduler.wiring.layout.journal:
             overview.start()
+        names = scheduler.wiring.names
+        app.state.aside_logs = logs = {
+            which: AsideLog(names.aside_log(queue))
+            for which, queue in (("parked", names.parked), ("unroutable", names.unroutable))
+        }
+        # Read the logs once now, so that the first look at a message need not.
+        priming = [asyncio.create_task(log.catch_up(scheduler.connection)) for log in logs.values()]
         try:
             yield
         finally:
+            for task in priming:
+                task.cancel()
+            await asyncio.gather(*priming, return_exceptions=True)
             await overview.close()
             await reachability.close()
             await scheduler.close()

@@ -14,6 +14,8 @@ from rmqdelay import RetryPolicy, Scheduler, Settings, Task
 from rmqdelay.broker.declare import apply_topology
 from rmqdelay.cli.main import RET_ERROR, RET_OK, main
 from rmqdelay.core.topology import destination_topology
+from rmqdelay.tools.aside_log import AsideLog
+from rmqdelay.tools.parking import ParkingLot
 
 from .helpers import (
     Recorder,
@@ -156,3 +158,46 @@ async def test_unroutable_lists_shows_and_requeues_what_lost_its_destination(
     assert recorder.runs[0][0].payload == {"n": 1}
     assert recorder.runs[0][0].keys == ("k1",), "its keys came back with it"
     assert await depth(settings, names.unroutable) == 0
+
+
+async def test_show_reads_the_log_while_it_accounts_for_the_lot_and_takes_the_lot_after(
+    own_settings: Settings,
+) -> None:
+    settings, names = own_settings, own_settings.names
+    ids = await _park(settings, "dest", 3)
+    async with Scheduler(settings) as scheduler:
+        logged = ParkingLot(scheduler, AsideLog(names.aside_log(names.parked)))
+        taken = ParkingLot(scheduler)
+
+        async def shown_from_log(task_id: str) -> bool | None:
+            copy = await logged.show(task_id)
+            return None if copy is None else copy.logged
+
+        # The copy the broker logged is the message the lot holds.
+        copy, whole = await logged.show(ids[2]), await taken.show(ids[2])
+        assert copy is not None
+        assert whole is not None
+        assert (copy.logged, whole.logged) == (True, False)
+        assert (copy.task, copy.body) == (whole.task, whole.body)
+        assert copy.content_type == whole.content_type
+        assert json.loads(copy.body) == {"n": 2}
+        assert copy.task.error == "LookupError"
+        # What a tool takes out is recorded in the log: gone, and the rest still read there.
+        assert await taken.delete(ids[0]) == 1
+        assert await shown_from_log(ids[0]) is None
+        assert await shown_from_log(ids[1]) is True
+        # A consumer of someone else's takes one unseen: the log no longer adds up, and the
+        # lot itself is taken (and answers right).
+        channel = await scheduler.connection.channel()
+        outsider = await (await channel.get_queue(names.parked, ensure=False)).get()
+        await outsider.ack()
+        await channel.close()
+        gone = str(outsider.headers["rmqdelay-id"])
+        left = ({ids[1], ids[2]} - {gone}).pop()
+        assert await shown_from_log(gone) is None
+        assert await shown_from_log(left) is False
+        # A purge is recorded too: after it, the log adds up again.
+        assert await taken.purge() == 1
+        (again,) = await _park(settings, "dest", 1)
+        assert await shown_from_log(again) is True
+        assert await shown_from_log(left) is None

@@ -71,7 +71,7 @@ def test_plugin_topology_feeds_the_work_exchange_and_has_no_levels() -> None:
     assert (feed.destination, feed.destination_type) == ("n.work", "exchange")
     assert {q.name for q in topology.queues} == {
         "n.unroutable", "n.parked", "n.cancels", "n.cancels.snapshots", "n.series", "n.stats",
-        "n.work.d",
+        "n.unroutable.log", "n.parked.log", "n.work.d",
     }  # fmt: skip
 
 

@@ -34,7 +34,10 @@ def walk(
     each level it waited in to ``visited``, and each exchange that copied it into the
     journal to ``journaled``).
     """
-    journal = Names(topology.queues[0].name.split(".")[0]).journal
+    names = Names(topology.queues[0].name.split(".")[0])
+    journal = names.journal
+    # The aside queues' logs take a copy of what reaches the queue beside them.
+    logs = {names.aside_log(names.parked), names.aside_log(names.unroutable)}
     exchanges = {x.name: x for x in topology.exchanges}
     queues = {q.name: q for q in topology.queues}
     exchange, waited = start or topology.exchanges[3].name, 0  # the schedule exchange
@@ -48,7 +51,7 @@ def walk(
         copies = [b for b in out if b.destination == journal]
         if journaled is not None:
             journaled.extend(b.source for b in copies)
-        out = [b for b in out if b.destination != journal]
+        out = [b for b in out if b.destination != journal and b.destination not in logs]
         if not out:
             assert "alternate-exchange" in x.arguments, f"{exchange} drops unmatched messages"
             exchange = str(x.arguments["alternate-exchange"])
@@ -238,3 +241,15 @@ def test_replicated_queues_carry_placement_that_only_applies_at_creation() -> No
     assert all(q.placement == {} for q in classic.queues if q.arguments["x-queue-type"] != "stream")
     unset = build_topology(Layout("t", "quorum", 10, 12, replicas=None))
     assert all(set(q.placement) == {"x-queue-leader-locator"} for q in unset.queues)
+
+
+@pytest.mark.parametrize("backend", ["levels", "plugin"])
+def test_what_reaches_a_queue_set_aside_is_copied_to_its_log(backend: str) -> None:
+    layout = Settings(_env_file=None, namespace="t", backend=backend).layout
+    topology, names = build_topology(layout, ("d",)), layout.names
+    streams = {q.name: q.arguments for q in topology.queues}
+    for aside in (names.parked, names.unroutable):
+        out = {b.destination for b in topology.bindings if b.source == aside}
+        assert out == {aside, names.aside_log(aside)}
+        assert streams[names.aside_log(aside)]["x-queue-type"] == "stream"
+        assert "x-max-age" in streams[names.aside_log(aside)]

@@ -467,9 +467,10 @@ async def cancel_key(request: Request) -> Response:
 
 def _aside(request: Request, which: str) -> AsideQueue:
     _, scheduler, _ = _state(request)
+    log = request.app.state.aside_logs[which]
     if which == "parked":
-        return ParkingLot(scheduler)
-    return UnroutableQueue(scheduler)
+        return ParkingLot(scheduler, log)
+    return UnroutableQueue(scheduler, log)
 
 
 @router.get("/{which:aside}")
