@@ -33,6 +33,7 @@ from pydantic import SecretStr
 from rmqdelay import RetryPolicy, Scheduler, Settings, Task, TaskSpec, Worker
 from rmqdelay.broker.declare import apply_topology
 from rmqdelay.core.topology import build_topology
+from rmqdelay.tools.aside_log import AsideLog
 from rmqdelay.tools.parking import ParkingLot
 from rmqdelay.web.api import server_config
 
@@ -114,6 +115,25 @@ async def filled_ids(settings: Settings, pending: int, parked: int) -> tuple[str
     return found.tasks[0].id, newest.id
 
 
+async def time_show(settings: Settings, task_id: str, rounds: int) -> tuple[float, float]:
+    """The newest parked message shown by taking the lot and from its log (read once
+    before, as serve does at start): medians of ``rounds``, side by side."""
+    async with Scheduler(settings) as scheduler:
+        names = scheduler.wiring.names
+        log = AsideLog(names.aside_log(names.parked))
+        assert await log.catch_up(scheduler.connection)
+        timed: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(rounds):
+            for logged in (False, True):
+                lot = ParkingLot(scheduler, log if logged else None)
+                started = time.perf_counter()
+                shown = await lot.show(task_id)
+                timed[logged].append(time.perf_counter() - started)
+                assert shown is not None
+                assert shown.logged == logged
+    return statistics.median(timed[False]), statistics.median(timed[True])
+
+
 class Serve:
     def __init__(self, settings: Settings) -> None:
         self.server = uvicorn.Server(server_config(settings, "127.0.0.1", 0))
@@ -193,6 +213,7 @@ async def main() -> None:
                 [p for p in paths if "/tasks/" not in p and "/parked/" not in p],
                 args.rounds,
             )
+        taking, logged = await time_show(full, last, args.rounds)
         print(f"\n{args.pending:,} pending, {args.parked:,} parked; median of {args.rounds}")
         print(f"{'page':44} {'loaded':>9} {'empty':>9} {'ratio':>7}  under {BUDGET_S:g} s")
         for path, took in loaded.items():
@@ -201,6 +222,10 @@ async def main() -> None:
             shown = path if len(path) < 44 else path[:40] + "..."
             ok = "yes" if took < BUDGET_S else "NO"
             print(f"{shown:44} {took:8.3f}s {base or 0:8.3f}s {ratio}  {ok}")
+        print(
+            f"\nshow the newest parked: taking the lot {taking:.3f} s, from its log "
+            f"{logged:.3f} s ({taking / logged:.0f}x faster)"
+        )
     finally:
         for s, topology in topologies:
             await apply_topology(s, topology, delete=True)

@@ -173,6 +173,12 @@ async def test_a_parked_task_is_shown_and_requeued(page: Any, board_settings: Se
         await expect(row).to_contain_text("LookupError")
         await expect(row).to_contain_text(XSS)  # the error is user data: shown as text
         await _shot(page, "parked")
+        # Shown from the parking lot's log, not by taking the lot.
+        await row.locator(f"a:has-text('{parked.id}')").click()
+        await expect(page.locator("pre.payload")).to_contain_text('"n": 7')
+        await expect(page.locator("main")).to_contain_text("logged as it arrived")
+        await _shot(page, "parked-message")
+        await page.go_back()
         await row.locator("button:has-text('Requeue')").click()
         await page.wait_for_url(re.compile(r"/parked\?done=requeued$"))
         await expect(page.locator(".notice")).to_contain_text("Requeued")
