@@ -14,7 +14,10 @@ of the copies still in the queue, and reads one copy back at its offset.
 The log is trusted only while it accounts for the queue exactly: when the copies it
 holds do not number the messages ready in the queue (a consumer of your own took some,
 one was parked before the log existed or outlived its retention, a look at the queue
-holds some), the caller takes the queue as before. Slower, never wrong.
+holds some), the caller takes the queue as before, slower. One case slips through: a
+consumer of your own takes a message in the instant another arrives in the queue but not
+yet in the log; the counts then agree and the taken one is still shown, until the next
+look (the log has the new copy by then).
 """
 
 from __future__ import annotations
