@@ -397,9 +397,9 @@ async def test_destroy_removes_a_namespace_but_not_while_workers_consume(
         assert "pass --yes" in capsys.readouterr().err
         assert await asyncio.to_thread(main, [*common, "destroy", "--yes"]) == RET_OK
         out = capsys.readouterr().out
-        # the levels, parked, unroutable, a work queue and five streams (cancels,
-        # snapshots, series, journal, stats)
-        assert f"deleted namespace {doomed.namespace!r}: {doomed.levels + 8} queue(s)" in out
+        # the levels, parked, unroutable, a work queue and seven streams (cancels,
+        # snapshots, series, journal, stats, and the parked and unroutable logs)
+        assert f"deleted namespace {doomed.namespace!r}: {doomed.levels + 10} queue(s)" in out
         assert "holding " in out  # the task (and the stream's records, as counted so far)
         with pytest.raises(Exception, match="NOT_FOUND"):
             await depth(doomed, doomed.names.parked)
