@@ -10,6 +10,7 @@ from rmqdelay.broker.scheduler import Scheduler, TaskSpec
 from rmqdelay.broker.sync import SyncScheduler
 from rmqdelay.core.errors import (
     BatchNotConfirmedError,
+    BrokerBlockedError,
     BrokerError,
     BrokerUnavailableError,
     ConfigError,
@@ -53,6 +54,7 @@ __version__ = _metadata.version("rmqdelay")  # one source: pyproject.toml
 
 __all__ = [
     "BatchNotConfirmedError",
+    "BrokerBlockedError",
     "BrokerError",
     "BrokerUnavailableError",
     "Cancellation",

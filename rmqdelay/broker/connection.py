@@ -33,6 +33,7 @@ from tenacity import (
 )
 from yarl import URL
 
+from rmqdelay.broker import alarms
 from rmqdelay.core.errors import BrokerUnavailableError
 from rmqdelay.core.redact import redact_url
 from rmqdelay.settings import Settings
@@ -182,6 +183,8 @@ class BackoffRobustConnection(aio_pika.RobustConnection):
         except BaseException:
             self.next_url()
             raise
+        if self.transport is not None:
+            alarms.watch(self.transport.connection)
 
     async def close(self, exc: Any = asyncio.CancelledError) -> None:
         """Close for good (the close callbacks then must not report a lost connection)."""

@@ -32,6 +32,9 @@ class Reachability:
         (no host, port or user: this goes to whoever asks)."""
         if not self._scheduler.connected:
             return "the connection to the broker is down; reconnecting"
+        if (alarm := await self._scheduler.alarm()) is not None:
+            # A blocked connection is not read: the round trip would only time out.
+            return f"the broker blocks publishing: resource alarm {alarm!r}"
         if self._round_trip is None or self._round_trip.done():
             self._round_trip = asyncio.create_task(self._scheduler.ping())
         try:

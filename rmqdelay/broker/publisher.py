@@ -31,8 +31,10 @@ from tenacity import (
     wait_random,
 )
 
+from rmqdelay.broker.alarms import Alarm, alarm_of, cleared
 from rmqdelay.broker.connection import PUBLISH_RETRYABLE
 from rmqdelay.core.errors import (
+    BrokerBlockedError,
     BrokerUnavailableError,
     InvalidPayloadError,
     PublishNotConfirmedError,
@@ -130,40 +132,70 @@ class Publisher:
             UnroutableError: a mandatory publish that the broker could not route.
             PublishNotConfirmedError: the broker nacked it.
             InvalidPayloadError: the broker refused it as too large.
+            BrokerBlockedError: a resource alarm blocked publishing until the deadline.
             BrokerUnavailableError: no confirm before the deadline.
         """
-        started = time.monotonic()
+        deadline = self.settings.publish_deadline.total_seconds()
+        ends = time.monotonic() + deadline
         try:
-            await self._publish_once(body, props, exchange, routing_key, mandatory, what)
+            await self._publish_once(body, props, exchange, routing_key, mandatory, what, ends)
             if self._failing_since is not None:
                 self._working_again()
             return  # the usual case: no retry machinery on the hot path
         except _RETRYABLE as e:
             self._failed(1, e)
-        deadline = self.settings.publish_deadline.total_seconds()
-        retrying = until_deadline(
-            deadline - (time.monotonic() - started),
-            _RETRYABLE,
-            before_sleep=lambda state: self._failed(
-                state.attempt_number + 1, state.outcome.exception() if state.outcome else None
-            ),
-        )
+            # Whether an attempt went out unconfirmed: the broker may yet store it.
+            written = not isinstance(e, _Blocked)
+
+        def failed(state: RetryCallState) -> None:
+            nonlocal written
+            error = state.outcome.exception() if state.outcome else None
+            written = written or not isinstance(error, _Blocked)
+            self._failed(state.attempt_number + 1, error)
+
+        retrying = until_deadline(ends - time.monotonic(), _RETRYABLE, before_sleep=failed)
         try:
             async for attempt in retrying:
                 with attempt:
-                    await self._publish_once(body, props, exchange, routing_key, mandatory, what)
+                    await self._publish_once(
+                        body, props, exchange, routing_key, mandatory, what, ends
+                    )
             self._working_again()
         except _Nacked as e:
             raise PublishNotConfirmedError(
                 f"the broker refused {what} (nack) until RMQDELAY_PUBLISH_DEADLINE "
                 f"({deadline:g}s) ran out: {e}; a queue on its way has no leader or is full"
             ) from e
-        except PUBLISH_RETRYABLE as e:
+        except _RETRYABLE as e:
+            written = written or not isinstance(e, _Blocked)
+            alarm = e.alarm if isinstance(e, _Blocked) else await self.alarm()
+            if alarm is not None:
+                raise BrokerBlockedError(
+                    f"could not publish {what} within RMQDELAY_PUBLISH_DEADLINE "
+                    f"({deadline:g}s): the broker at {self.settings.safe_url} blocks "
+                    f"publishing, {alarm.describe()}; "
+                    + (
+                        # The broker only says so once a connection publishes: the first
+                        # publish of an alarm is written before the client can know.
+                        "it was sent before the broker said so, and was not confirmed: it "
+                        "may still be stored when the alarm clears"
+                        if written
+                        else "nothing was sent"
+                    ),
+                    alarm=alarm.reason,
+                ) from e
             raise BrokerUnavailableError(
                 f"could not publish {what} within RMQDELAY_PUBLISH_DEADLINE ({deadline:g}s): "
                 f"the broker at {self.settings.safe_url} is unreachable "
                 f"({e or type(e).__name__}); nothing was confirmed"
             ) from e
+
+    async def alarm(self) -> Alarm | None:
+        """The resource alarm blocking this publisher's connection now, if any."""
+        if self.channel.is_closed:
+            return None
+        channel = await self.channel.get_underlay_channel()
+        return alarm_of(channel.connection)
 
     def _failed(self, attempt: int, error: BaseException | None) -> None:
         """A publish attempt failed: said once an outage, the rest at debug."""
@@ -190,10 +222,17 @@ class Publisher:
         routing_key: str,
         mandatory: bool,
         what: str,
+        ends: float,
     ) -> None:
+        """One attempt, given until ``ends`` (time.monotonic()) at most."""
         if self.channel.is_closed:  # as aio-pika checks: the robust channel may be reopening
             raise ChannelInvalidStateError(f"the channel for {what} is closed")
         channel = await self.channel.get_underlay_channel()
+        if (alarm := alarm_of(channel.connection)) is not None:
+            # Blocked: a publish written now would wait unconfirmed until the alarm clears,
+            # and might be stored after this call has given up. Send nothing until then.
+            if not await cleared(channel.connection, ends - time.monotonic()):
+                raise _Blocked(alarm)
         try:
             confirm = await channel.basic_publish(
                 body,
@@ -201,7 +240,7 @@ class Publisher:
                 routing_key=routing_key,
                 properties=props,
                 mandatory=mandatory,
-                timeout=PUBLISH_TIMEOUT_S,
+                timeout=max(0.001, min(PUBLISH_TIMEOUT_S, ends - time.monotonic())),
             )
         except PublishError as e:
             raise UnroutableError(
@@ -234,7 +273,16 @@ class _Nacked(Exception):
     (a task routes to one queue), so publishing again is safe until the deadline."""
 
 
-_RETRYABLE: tuple[type[BaseException], ...] = (*PUBLISH_RETRYABLE, _Nacked)
+class _Blocked(Exception):
+    """A resource alarm blocks the connection, and did not clear before the deadline: the
+    message was not sent."""
+
+    def __init__(self, alarm: Alarm) -> None:
+        super().__init__(f"the broker blocks publishing: resource alarm {alarm.reason!r}")
+        self.alarm = alarm
+
+
+_RETRYABLE: tuple[type[BaseException], ...] = (*PUBLISH_RETRYABLE, _Nacked, _Blocked)
 
 
 def until_deadline(

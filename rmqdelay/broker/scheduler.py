@@ -253,6 +253,16 @@ class Scheduler:
         connection = self._connection
         return connection is not None and not connection.is_closed and connection.connected.is_set()
 
+    async def alarm(self) -> str | None:
+        """The resource alarm blocking this scheduler's publishes now, as RabbitMQ names it
+        ("low on disk", "low on memory"), or None. While one is raised, ``schedule()`` and
+        ``cancel()`` wait for it to clear, then fail with ``BrokerBlockedError`` at
+        ``RMQDELAY_PUBLISH_DEADLINE``."""
+        if self._publisher is None:
+            return None
+        alarm = await self._publisher.alarm()
+        return None if alarm is None else alarm.reason
+
     async def ping(self) -> None:
         """One round trip to the broker on the scheduler's channel; raises what a broken
         link raises. (basic.qos: an answer and nothing else on a channel that only

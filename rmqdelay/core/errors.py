@@ -10,6 +10,7 @@
     │   └── InvalidPayloadError
     ├── BrokerError                         the broker said no, or could not be reached
     │   ├── BrokerUnavailableError (ConnectionError)
+    │   │   └── BrokerBlockedError          a resource alarm (disk, memory) blocks publishing
     │   ├── TopologyMismatchError
     │   ├── UnroutableError
     │   ├── PublishNotConfirmedError
@@ -74,6 +75,15 @@ class BrokerError(RmqDelayError):
 
 class BrokerUnavailableError(BrokerError, ConnectionError):
     """Raised when no connection to the broker could be made within the allowed attempts."""
+
+
+class BrokerBlockedError(BrokerUnavailableError):
+    """Raised when the broker blocked publishing (a disk or memory alarm) for longer than
+    ``RMQDELAY_PUBLISH_DEADLINE``; ``alarm`` is RabbitMQ's reason ("low on disk")."""
+
+    def __init__(self, message: str, *, alarm: str) -> None:
+        super().__init__(message)
+        self.alarm = alarm
 
 
 class TopologyMismatchError(BrokerError):

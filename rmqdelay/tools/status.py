@@ -78,8 +78,10 @@ class Status:
     #: When the counts were read (UTC, ISO 8601).
     sampled_at: str = ""
     notes: list[str] = field(default_factory=list)
-    #: Broker limits running low (file handles, Erlang processes).
+    #: Broker limits running low (file handles, Erlang processes), alarms raised.
     warnings: list[str] = field(default_factory=list)
+    #: Resource alarms raised now, as "<node>: disk" or "<node>: memory" (management only).
+    alarms: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         """For ``--json``."""
@@ -204,6 +206,50 @@ def headroom_warnings(nodes: list[dict[str, Any]]) -> list[str]:
     return found
 
 
+#: What the management API is asked of each node: limits, and the alarms with their figures.
+_NODE_COLUMNS = (
+    "name,fd_used,fd_total,proc_used,proc_total,mem_alarm,mem_used,mem_limit,"
+    "disk_free_alarm,disk_free,disk_free_limit"
+)
+
+
+def alarms_raised(nodes: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Each resource alarm raised (management /api/nodes), as ("<node>: disk", what it
+    means). While one is raised the broker blocks every connection that publishes:
+    schedule(), cancels, retries and parking wait, then fail at RMQDELAY_PUBLISH_DEADLINE;
+    workers go on executing (their acks travel on connections that do not publish)."""
+    found = []
+    blocked = "the broker blocks every publisher (schedule(), cancel, retries) until it clears"
+    for node in nodes:
+        name = node.get("name", "?")
+        if node.get("disk_free_alarm") is True:
+            found.append(
+                (
+                    f"{name}: disk",
+                    f"node {name}: DISK ALARM, {_size(node.get('disk_free'))} free, under its "
+                    f"disk_free_limit of {_size(node.get('disk_free_limit'))}; {blocked}",
+                )
+            )
+        if node.get("mem_alarm") is True:
+            found.append(
+                (
+                    f"{name}: memory",
+                    f"node {name}: MEMORY ALARM, {_size(node.get('mem_used'))} in use, over "
+                    f"its high watermark of {_size(node.get('mem_limit'))}; {blocked}",
+                )
+            )
+    return found
+
+
+def _size(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "?"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:.3g} {unit}"
+    return f"{value:g} B"
+
+
 async def collect(settings: Settings, destinations: list[str]) -> Status:
     """A snapshot of ``settings``' namespace (all destinations, or those named)."""
     names = settings.names
@@ -240,6 +286,7 @@ async def collect(settings: Settings, destinations: list[str]) -> Status:
     if backend == "plugin":
         notes.append("tasks waiting inside the delayed-message plugin are not counted by it")
     warnings: list[str] = []
+    alarms: list[tuple[str, str]] = []
     if source == "management":
         notes.append(
             "the management API samples counts every few seconds (5 s by default): they can "
@@ -248,11 +295,13 @@ async def collect(settings: Settings, destinations: list[str]) -> Status:
         replicas = replica_warnings(list(counts.values()))
         # Parked and unroutable counts as the parking-lot tools see them, live.
         counts.update(await _from_amqp(settings, [names.parked, names.unroutable]))
-        nodes = await management_get(
-            settings, "nodes", "name,fd_used,fd_total,proc_used,proc_total"
-        )
+        nodes = await management_get(settings, "nodes", _NODE_COLUMNS)
+        alarms = alarms_raised(nodes or [])
         warnings = (
-            headroom_warnings(nodes or []) + replicas + await limit_warnings(settings, listed or [])
+            [text for _, text in alarms]
+            + headroom_warnings(nodes or [])
+            + replicas
+            + await limit_warnings(settings, listed or [])
         )
     missing = Counts("", exists=False)
 
@@ -284,6 +333,7 @@ async def collect(settings: Settings, destinations: list[str]) -> Status:
         sampled_at=sampled_at,
         notes=notes,
         warnings=warnings,
+        alarms=[alarm for alarm, _ in alarms],
     )
 
 

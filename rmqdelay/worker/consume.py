@@ -138,6 +138,14 @@ class Worker:
         self.settings = await resolve_backend(self.settings)
         self.wiring = self.settings.wiring
         connection = self._connection = await connect(self.settings)
+        try:
+            # Publishes (retries, parking, stats) go on a connection of their own: RabbitMQ
+            # stops reading a connection that publishes while a disk or memory alarm is
+            # raised, and acks sharing it would stall with them.
+            publishing = await connect(self.settings)
+        except BaseException:
+            await connection.close()
+            raise
         self._stopping = False
         server = await self._serve_metrics()
         threads = self._threads = DaemonThreadPool(self.concurrency, thread_name_prefix="rmqdelay")
@@ -157,9 +165,12 @@ class Worker:
         reporting: asyncio.Task[None] | None = None
         report = Reporter(self.stats, self.destination, self.wiring.names.stats)
         try:
-            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            channel = await connection.channel(publisher_confirms=False)
             await channel.set_qos(prefetch_count=self.prefetch)
-            publisher = Publisher(self.settings, channel)
+            publishing_channel = await publishing.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            publisher = Publisher(self.settings, publishing_channel)
             self._settler = Settler(
                 self.wiring,
                 self.destination,
@@ -190,7 +201,7 @@ class Worker:
             if self.settings.journal and self.wiring.layout.backend == "levels":
                 keeper = self.keeper = JournalKeeper(self.settings, self._follower.cancels)
                 keeping = asyncio.create_task(keeper.run(stop_following))
-            reporting = asyncio.create_task(report.run(channel))
+            reporting = asyncio.create_task(report.run(publishing_channel))
             await self._consume(channel, subscription, stop, following)
         finally:
             self._stopping = True
@@ -202,8 +213,9 @@ class Worker:
             await self._drain()
             if reporting is not None:
                 reporting.cancel()
-                if not channel.is_closed:
-                    await report.write(channel)  # the last seconds, drained tasks included
+                if not publishing_channel.is_closed:
+                    # The last seconds, drained tasks included.
+                    await report.write(publishing_channel)
             stop_following.set()
             if keeping is not None:
                 # A pass may read for a while; one cut short is redone by the next keeper.
@@ -215,6 +227,7 @@ class Worker:
             # Daemon threads: a handler stuck in a blocking call cannot hold the process.
             threads.shutdown(wait=False, cancel_futures=True)
             await connection.close()
+            await publishing.close()
         log.info("worker for %s stopped: %s", self.destination, self.stats.summary())
         return self.stats
 

@@ -5,9 +5,9 @@ The broker comes from the environment, and tests reach it only through what it g
 - ``RMQDELAY_TEST_URL``: its AMQP URL;
 - ``RMQDELAY_TEST_MANAGEMENT_URL``: its management API (tests that need it skip without);
 - ``RMQDELAY_TEST_BROKER_CONTROL``: a command that takes ``stop``, ``kill`` (-9),
-  ``restart``, ``import FILE`` (rabbitmqctl import_definitions) and ``version`` for this
-  broker alone, as ``scripts/broker`` does for the node it started (fault tests skip
-  without it).
+  ``restart``, ``import FILE`` (rabbitmqctl import_definitions), ``ctl ARGS`` (rabbitmqctl
+  ARGS) and ``version`` for this broker alone, as ``scripts/broker`` does for the node it
+  started (fault tests skip without it).
 
 Without ``RMQDELAY_TEST_URL``: testcontainers when a Docker engine runs, else
 ``scripts/broker`` (RabbitMQ ``RMQDELAY_BROKER_VERSION``, 4.3 by default), which gives all
