@@ -173,6 +173,12 @@ class Settings(BaseSettings):
     handler_timeout: Duration | None = Field(
         default=None, description="A handler running longer has failed (default: no limit)."
     )
+    consumer_timeout: Duration = Field(
+        default=timedelta(minutes=30),
+        description="How long the broker lets a worker hold a task unacked (RabbitMQ's "
+        "consumer timeout; set per consumer on 3.12+, else match the broker's "
+        "consumer_timeout). A handler still running near it is stopped and its task retried.",
+    )
     publish_deadline: Duration = Field(
         default=timedelta(seconds=30),
         description="How long schedule()/cancel() keep retrying through a broker outage.",
@@ -306,6 +312,7 @@ class Settings(BaseSettings):
         "backoff_cap",
         "handler_timeout",
         "publish_deadline",
+        "consumer_timeout",
     )
     @classmethod
     def _check_positive(cls, value: timedelta | None) -> timedelta | None:
@@ -334,6 +341,12 @@ class Settings(BaseSettings):
                 f"resolution ({self.resolution_ms} ms: the levels cannot deliver a task any "
                 f"closer to its due time) to {describe_us(delay_to_us(MAX_HOLD_WINDOW))} (held "
                 "tasks are unacked deliveries in a worker's memory)"
+            )
+        if self.consumer_timeout <= 2 * timedelta(seconds=self.hold_window_s):
+            raise ValueError(
+                f"consumer_timeout={describe_us(delay_to_us(self.consumer_timeout))} must be "
+                f"over twice the hold window ({self.hold_window_s:g}s): a worker holds a task "
+                "unacked until it is due, and then needs time to run it"
             )
         if self.cancel_retention is not None and self.cancel_retention < self.max_delay:
             raise ValueError(

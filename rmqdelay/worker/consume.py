@@ -38,6 +38,7 @@ from rmqdelay.worker.execute import (
     Executed,
     Execution,
     Failed,
+    Result,
     Skipped,
     Undecodable,
 )
@@ -53,6 +54,8 @@ from rmqdelay.worker.threads import DaemonThreadPool
 log = logging.getLogger(__name__)
 #: Seconds between the info-level summaries a busy worker logs.
 SUMMARY_INTERVAL_S = 60.0
+#: How often running handlers are checked against the broker's consumer timeout.
+OVERRUN_CHECK_S = 1.0
 #: A delivery that waited this long for a slot (from its arrival, its hold included) is
 #: handed back rather than left to the broker's consumer timeout (30 min by default):
 #: this, plus the longest handler run, must stay under the broker's timeout.
@@ -154,11 +157,16 @@ class Worker:
             accept=self.accept,
             raw=self.raw,
             timeout=self.handler_timeout,
+            consumer_timeout=self.settings.consumer_timeout,
             cancels=self._follower.cancels,
             threads=threads,
             metrics=self.metrics,
         )
+        # Waiting for a slot may take at most half of the time a handler has before the
+        # broker's consumer timeout: the other half is the handler's.
+        self.max_unacked_s = min(self.max_unacked_s, self._execution.stop_after_s / 2)
         reporter = asyncio.create_task(self._report_periodically())
+        overruns = asyncio.create_task(self._watch_overruns(self._execution))
         stop_following = asyncio.Event()
         following: asyncio.Task[None] | None = None
         keeping: asyncio.Task[None] | None = None
@@ -207,6 +215,7 @@ class Worker:
             self._stopping = True
             self.ready.clear()
             reporter.cancel()
+            overruns.cancel()
             self._gauge_connected(0)
             if server is not None:
                 server.close()
@@ -259,8 +268,8 @@ class Worker:
                 return
             self.ready.clear()
             log.warning(
-                "the broker cancelled the consumer of %s (was the queue deleted?); "
-                "declaring it again",
+                "the broker cancelled the consumer of %s (its queue was deleted, or on "
+                "RabbitMQ 4.3 a task outlived RMQDELAY_CONSUMER_TIMEOUT); consuming again",
                 subscription.name,
             )
             assert self._connection is not None
@@ -304,6 +313,44 @@ class Worker:
             if current != last:
                 log.info("worker for %s: %s", self.destination, self.stats.summary())
                 last = current
+
+    async def _overran(self, message: Delivery, result: Result, settler: Settler) -> None:
+        """A handler that outlived the consumer timeout has ended. The broker holds the
+        task again (its copy counts toward the delivery limit), so this run is not retried;
+        a success cancels the copies by id that have not started yet."""
+        if not message.channel.is_closed:
+            await message.ack()  # RabbitMQ 4.3 ignores an ack for a task it took back
+        if not isinstance(result, Executed):
+            self._tally.count("failed")
+            log.error(
+                "task %s ended after the consumer timeout without success; its copy in the "
+                "queue goes on", message.message_id,
+            )  # fmt: skip
+            return
+        self._tally.executed(result.lateness_s, result.past_due)
+        try:
+            await settler.cancel_copies(message)
+        except RmqDelayError as e:
+            log.error("could not cancel the copies of task %s: %s", message.message_id, e)
+
+    async def _watch_overruns(self, execution: Execution) -> None:
+        """Say at once when a handler outlives the broker's consumer timeout: the broker
+        has taken its task back and may be running it elsewhere at the same time."""
+        while True:
+            await asyncio.sleep(OVERRUN_CHECK_S)
+            for task in execution.overrunning():
+                self.stats.overran += 1
+                log.error(
+                    "task %s (attempt %d) has run for over %gs, past RabbitMQ's consumer "
+                    "timeout (RMQDELAY_CONSUMER_TIMEOUT), and its handler did not stop when "
+                    "asked at %gs: the broker has taken the task back and may already run "
+                    "it on another worker, at the same time as this one. When this run ends "
+                    "it is not retried; if it succeeds, copies that have not started yet "
+                    "are cancelled. Make the handler stop when cancelled, or raise "
+                    "RMQDELAY_CONSUMER_TIMEOUT.",
+                    task.id, task.attempt, execution.consumer_timeout_s,
+                    execution.stop_after_s,
+                )  # fmt: skip
 
     async def _drain(self) -> None:
         """Let in-flight tasks finish within the grace period; cancel (and give back) the rest.
@@ -422,7 +469,9 @@ class Worker:
     async def _execute(self, message: Delivery, settler: Settler) -> None:
         assert self._execution is not None
         result = await self._execution.run(message)
-        if isinstance(result, Executed):
+        if message.overran:
+            await self._overran(message, result, settler)
+        elif isinstance(result, Executed):
             await message.ack()
             self._tally.executed(result.lateness_s, result.past_due)
         elif isinstance(result, Failed):

@@ -35,6 +35,7 @@ class Delivery:
         "content_type",
         "headers",
         "message_id",
+        "overran",
         "properties",
         "redelivered",
         "routing_key",
@@ -56,6 +57,8 @@ class Delivery:
         self._settled = False
         #: When it arrived (time.monotonic()): the broker's consumer timeout counts from then.
         self.arrived = time.monotonic()
+        #: Its handler ran past the broker's consumer timeout: the broker took it back.
+        self.overran = False
 
     def publisher_properties(self) -> Mapping[str, Any]:
         """The properties the publisher set, other than headers and content type (what

@@ -96,6 +96,7 @@ class Execution:
         accept: Collection[str],
         raw: bool = False,
         timeout: timedelta | None,
+        consumer_timeout: timedelta,
         cancels: CancelSet,
         threads: DaemonThreadPool,
         metrics: WorkerMetrics,
@@ -104,6 +105,12 @@ class Execution:
         self._accept = frozenset(accept)
         self._raw = raw
         self._timeout_s = timeout.total_seconds() if timeout is not None else None
+        self.consumer_timeout_s = consumer_timeout.total_seconds()
+        #: A handler is stopped this long after its delivery arrived: early enough that its
+        #: task is retried (or parked) and acked before the broker takes it back.
+        self.stop_after_s = self.consumer_timeout_s - settle_margin_s(self.consumer_timeout_s)
+        #: Deliveries whose handler runs now, oldest first (``overrunning`` reads them).
+        self._executing: dict[Delivery, Task] = {}
         self._cancels = cancels
         #: Extends recurring series; set once the worker's publisher exists.
         self.series: SeriesKeeper | None = None
@@ -158,11 +165,14 @@ class Execution:
         metrics.lateness.observe(lateness_s if lateness_s > 0 else 0.0)
         self.running += 1
         started = time.perf_counter()
+        self._executing[message] = task
+        # The handler's own limit, or the broker's consumer timeout less a margin if sooner.
+        # (A timer per task either way: the broker's timeout always applies.)
+        limit_s, mine = message.arrived + self.stop_after_s - time.monotonic(), False
+        if self._timeout_s is not None and self._timeout_s <= limit_s:
+            limit_s, mine = self._timeout_s, True
         try:
-            if self._timeout_s is None:
-                await self._call(task)
-            else:
-                await self._within_timeout(task, self._timeout_s)
+            await self._within_timeout(task, limit_s, mine)
         except Retry as e:
             return Failed(task, "Retry", describe_failure(e)[1], e.delay)
         except asyncio.CancelledError as e:
@@ -173,8 +183,24 @@ class Execution:
             return Failed(task, *describe_failure(e), None)
         finally:
             self.running -= 1
+            del self._executing[message]
             metrics.duration.observe(time.perf_counter() - started)
         return Executed(lateness_s, past_due)
+
+    def overrunning(self) -> list[Task]:
+        """Handlers running past the broker's consumer timeout now, each told once: their
+        stop at ``stop_after_s`` did not stop them (an async handler that swallows the
+        cancellation). The broker has taken their task back, and may already have given it
+        to another worker."""
+        now = time.monotonic()
+        found = []
+        for message, task in self._executing.items():
+            if now - message.arrived <= self.consumer_timeout_s:
+                break  # oldest first: the rest arrived later
+            if not message.overran:
+                message.overran = True
+                found.append(task)
+        return found
 
     async def _advance_series(self, message: Delivery, task: Task) -> Result | None:
         """Schedule the series' next occurrence; a result if this one is not to run."""
@@ -189,14 +215,30 @@ class Execution:
             return Cancelled(task.keys[0] if task.keys else task.id)  # the series key
         return None if advance == "run" else Skipped()
 
-    async def _within_timeout(self, task: Task, limit_s: float) -> None:
+    async def _within_timeout(self, task: Task, limit_s: float, mine: bool) -> None:
+        """Run the handler for ``limit_s`` at most: the handler timeout (``mine``), or what
+        is left of the broker's consumer timeout."""
         try:
             async with asyncio.timeout(limit_s) as deadline:
                 await self._call(task)
         except TimeoutError as e:
             if not deadline.expired():
                 raise  # the handler's own TimeoutError
-            raise HandlerTimeoutError(f"handler ran longer than {limit_s:g}s") from e
+            if mine:
+                raise HandlerTimeoutError(f"handler ran longer than {limit_s:g}s") from e
+            raise HandlerTimeoutError(
+                f"handler stopped after {self.stop_after_s:g}s from the task's delivery, "
+                f"before RabbitMQ's consumer timeout ({self.consumer_timeout_s:g}s, "
+                "RMQDELAY_CONSUMER_TIMEOUT) takes the task back and hands it to another "
+                "worker while this one still runs; raise RMQDELAY_CONSUMER_TIMEOUT for "
+                "longer handlers"
+            ) from e
+
+
+def settle_margin_s(consumer_timeout_s: float) -> float:
+    """How long before the broker's consumer timeout a handler is stopped: time to publish
+    its retry and ack it (a minute, or a tenth of a short timeout)."""
+    return min(60.0, consumer_timeout_s / 10)
 
 
 def _being_cancelled() -> bool:

@@ -24,6 +24,7 @@ from datetime import timedelta
 
 from pamqp.commands import Basic
 
+from rmqdelay.broker.cancels import publish_cancel
 from rmqdelay.broker.publisher import Publisher, carried
 from rmqdelay.core.errors import InvalidDelayError, PublishNotConfirmedError
 from rmqdelay.core.redact import Redactor
@@ -58,6 +59,15 @@ class Settler:
         #: What a parked reason must not show (a handler's exception text may hold the
         #: broker URL, a webhook's token...): the rules of the logs.
         self._redact = redact if redact is not None else Redactor()
+
+    async def cancel_copies(self, message: Delivery) -> None:
+        """Cancel, by its id, every copy of ``message``'s task published before now: a
+        task that ran to success after the broker took it back (its consumer timeout) must
+        not run again from the copy in the queue."""
+        task_id = (message.headers or {}).get(TASK_ID)
+        if isinstance(task_id, str):
+            now_ms = time.time_ns() // 1_000_000
+            await publish_cancel(self._publisher, self._wiring.names, task_id, now_ms, None)
 
     async def requeue(self, message: Delivery) -> None:
         """Return the delivery to the queue, counted toward its delivery limit (a publish

@@ -39,6 +39,9 @@ class WorkerStats:
     backlogged: int = 0
     #: Handlers still running when the worker gave up on them at stop (tasks requeued).
     abandoned: int = 0
+    #: Handlers still running past the broker's consumer timeout: the broker took their
+    #: task back and may have run it elsewhere meanwhile (each said at ERROR).
+    overran: int = 0
     lateness_max_s: float = 0.0
     lateness_total_s: float = 0.0
     #: Executions by lateness, in the buckets of ``core/workstats.py``.
@@ -66,6 +69,7 @@ class WorkerStats:
             + (f"handed back from a backlog {self.backlogged}, " if self.backlogged else "")
             + f"scheduled past due {self.past_due}"
             + (f", abandoned {self.abandoned}" if self.abandoned else "")
+            + (f", overran the consumer timeout {self.overran}" if self.overran else "")
             + "; "
             f"lateness mean {mean_ms:.0f} ms, max {1000 * self.lateness_max_s:.0f} ms"
         )

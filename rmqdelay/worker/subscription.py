@@ -43,6 +43,7 @@ class Subscription:
         self._destination = destination
         self._on_delivery = on_delivery
         self.name = settings.wiring.names.work_queue(destination)
+        self._consumer_timeout_ms = int(settings.consumer_timeout.total_seconds() * 1000)
         #: Set when the broker cancels the consumer (its queue was deleted).
         self.lost = asyncio.Event()
         self._tag: str | None = None
@@ -124,13 +125,16 @@ class Subscription:
         channel that closes during its own restore. Reopen it then.
         """
         self.lost.clear()
+        # The broker's consumer timeout, set to what the worker plans by (RabbitMQ 3.12+;
+        # older brokers ignore the argument and apply their own consumer_timeout).
+        arguments: dict[str, Any] = {"x-consumer-timeout": self._consumer_timeout_ms}
         try:
             raw = await channel.get_underlay_channel()
-            ok = await raw.basic_consume(self.name, self._on_delivery)
+            ok = await raw.basic_consume(self.name, self._on_delivery, arguments=arguments)
         except ChannelInvalidStateError:
             await channel.reopen()
             raw = await channel.get_underlay_channel()
-            ok = await raw.basic_consume(self.name, self._on_delivery)
+            ok = await raw.basic_consume(self.name, self._on_delivery, arguments=arguments)
         self._tag = ok.consumer_tag
 
     async def stop(self, channel: AbstractChannel) -> None:
