@@ -13,6 +13,8 @@ from typing import Any, cast
 from rmqdelay.core.errors import ConfigError, HandlerError
 from rmqdelay.core.task import Handler, Task
 
+log = logging.getLogger(__name__)
+
 
 def load_handler(spec: str) -> Handler:
     """Import ``package.module:function`` (or ``module:Class.method``-style attribute paths)."""
@@ -60,7 +62,20 @@ def prepare(handler: Handler, executor: Executor) -> Callable[[Task], Awaitable[
         return cast(Callable[[Task], Awaitable[None]], handler)
 
     async def call_plain(task: Task) -> None:
-        result = await asyncio.get_running_loop().run_in_executor(executor, handler, task)
+        running = executor.submit(handler, task)
+        try:
+            result = await asyncio.wrap_future(running)
+        except asyncio.CancelledError:
+            if running.running():
+                # Stopped at a timeout (its task is retried) or at the worker's stop: a
+                # thread cannot be interrupted, and may still be doing the task's work.
+                log.warning(
+                    "the plain (def) handler %s is still running task %s in its thread after "
+                    "the worker stopped waiting for it; its task may run again meanwhile. "
+                    "Make it 'async def' to be stopped, or finish within the timeouts",
+                    _name(handler), task.id,
+                )  # fmt: skip
+            raise
         if inspect.isawaitable(result):
             close = getattr(result, "close", None)
             if callable(close):

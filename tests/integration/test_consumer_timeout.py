@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from datetime import timedelta
 
@@ -134,3 +135,31 @@ async def test_a_handler_that_ignores_its_stop_is_reported_and_its_copies_cancel
     assert started2 < ended1
     assert second.redelivered
     assert len(runs.runs) == 2, "a copy ran after the overrun run succeeded"
+
+
+@pytest.mark.timeout(60)
+async def test_a_plain_handler_left_running_in_its_thread_is_reported(
+    settings: Settings, destination: str
+) -> None:
+    """A thread cannot be stopped: when the worker stops waiting for one (its timeout), the
+    task is retried while the thread may still work on it, and the log says so."""
+    release = threading.Event()
+    seen: list[int] = []
+
+    def blocking(task: Task) -> None:
+        seen.append(task.attempt)
+        if task.attempt == 1:
+            release.wait(10)
+
+    retry = RetryPolicy(max_attempts=2, base_ms=1, cap_ms=1)
+    async with Scheduler(settings) as scheduler:
+        await scheduler.declare_destination(destination)
+        s = await scheduler.schedule(destination, {}, delay=0)
+        with logged("rmqdelay.worker.handler", f"still running task {s.id}") as told:
+            async with running_worker(
+                settings, destination, blocking, retry=retry, handler_timeout=timedelta(seconds=1)
+            ) as worker:
+                await asyncio.wait_for(told.wait(), 20)
+                await asyncio.wait_for(worker.wait_for(lambda s: s.executed >= 1), 20)
+                release.set()
+    assert seen == [1, 2]
