@@ -31,6 +31,7 @@ from rmqdelay.core.task import Handler
 from rmqdelay.core.topology import build_topology
 from rmqdelay.core.wire import DEFAULT_ACCEPT
 from rmqdelay.settings import Settings
+from rmqdelay.worker.clocks import SkewReport
 from rmqdelay.worker.delivery import Delivery
 from rmqdelay.worker.execute import (
     Cancelled,
@@ -117,6 +118,7 @@ class Worker:
         self._stopping = False
         self._follower = CancelFollower(settings)
         self._holder = Holder(self._tally, self.metrics, self._release)
+        self._skew = SkewReport()
         #: How long a delivery may wait (held, then for a slot) before it is handed back.
         self.max_unacked_s = MAX_UNACKED_S
         self._max_hold_s = max_hold_s(settings.resolution_ms, settings.hold_window_s)
@@ -389,6 +391,7 @@ class Worker:
         return self._on_message(Delivery(message))
 
     async def _on_message(self, message: Delivery) -> None:
+        self._skew.check(message.headers, time.time() * 1000)
         due = due_s(message.headers)
         # Stopping: _run hands it back, as it does a held one (a delivery may still come
         # in while the consumer is being cancelled, after the held ones went back).
