@@ -42,6 +42,7 @@ from rmqdelay.worker.execute import (
     Result,
     Skipped,
     Undecodable,
+    settle_margin_s,
 )
 from rmqdelay.worker.hold import Holder, due_s, max_hold_s
 from rmqdelay.worker.metrics import WorkerMetrics, serve
@@ -55,7 +56,8 @@ from rmqdelay.worker.threads import DaemonThreadPool
 log = logging.getLogger(__name__)
 #: Seconds between the info-level summaries a busy worker logs.
 SUMMARY_INTERVAL_S = 60.0
-#: How often running handlers are checked against the broker's consumer timeout.
+#: How often running handlers are checked against the broker's consumer timeout (more
+#: often for a timeout so short that its margin is under four of these).
 OVERRUN_CHECK_S = 1.0
 #: A delivery that waited this long for a slot (from its arrival, its hold included) is
 #: handed back rather than left to the broker's consumer timeout (30 min by default):
@@ -336,11 +338,13 @@ class Worker:
             log.error("could not cancel the copies of task %s: %s", message.message_id, e)
 
     async def _watch_overruns(self, execution: Execution) -> None:
-        """Say at once when a handler outlives the broker's consumer timeout: the broker
-        has taken its task back and may be running it elsewhere at the same time."""
+        """Stop handlers near the broker's consumer timeout, and say at once when one
+        outlives it: the broker has taken its task back and may be running it elsewhere at
+        the same time."""
+        every_s = min(OVERRUN_CHECK_S, settle_margin_s(execution.consumer_timeout_s) / 4)
         while True:
-            await asyncio.sleep(OVERRUN_CHECK_S)
-            for task in execution.overrunning():
+            await asyncio.sleep(every_s)
+            for task in execution.enforce():
                 self.stats.overran += 1
                 log.error(
                     "task %s (attempt %d) has run for over %gs, past RabbitMQ's consumer "

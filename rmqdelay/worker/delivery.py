@@ -39,6 +39,7 @@ class Delivery:
         "properties",
         "redelivered",
         "routing_key",
+        "stopped",
     )
 
     def __init__(self, message: DeliveredMessage) -> None:
@@ -57,6 +58,8 @@ class Delivery:
         self._settled = False
         #: When it arrived (time.monotonic()): the broker's consumer timeout counts from then.
         self.arrived = time.monotonic()
+        #: Its handler was stopped near the broker's consumer timeout.
+        self.stopped = False
         #: Its handler ran past the broker's consumer timeout: the broker took it back.
         self.overran = False
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import cast
+from typing import Any, cast
 
 from rmqdelay.core.cancelset import CancelSet
 from rmqdelay.core.errors import HandlerTimeoutError, MessageDecodeError, RmqDelayError
@@ -109,8 +109,9 @@ class Execution:
         #: A handler is stopped this long after its delivery arrived: early enough that its
         #: task is retried (or parked) and acked before the broker takes it back.
         self.stop_after_s = self.consumer_timeout_s - settle_margin_s(self.consumer_timeout_s)
-        #: Deliveries whose handler runs now, oldest first (``overrunning`` reads them).
-        self._executing: dict[Delivery, Task] = {}
+        #: Deliveries whose handler runs now, oldest first, with the asyncio task running
+        #: it (``enforce`` stops it).
+        self._executing: dict[Delivery, tuple[Task, asyncio.Task[Any]]] = {}
         self._cancels = cancels
         #: Extends recurring series; set once the worker's publisher exists.
         self.series: SeriesKeeper | None = None
@@ -161,21 +162,27 @@ class Execution:
         log.debug(
             "executing %s (attempt %d, %.0f ms late)", task.id, task.attempt, lateness_s * 1e3
         )
+        self._metrics.lateness.observe(lateness_s if lateness_s > 0 else 0.0)
+        return await self._handle(message, task, Executed(lateness_s, past_due))
+
+    async def _handle(self, message: Delivery, task: Task, executed: Executed) -> Result:
+        """Call the handler: ``executed`` if it returns, else why it failed."""
         metrics = self._metrics
-        metrics.lateness.observe(lateness_s if lateness_s > 0 else 0.0)
         self.running += 1
         started = time.perf_counter()
-        self._executing[message] = task
-        # The handler's own limit, or the broker's consumer timeout less a margin if sooner.
-        # (A timer per task either way: the broker's timeout always applies.)
-        limit_s, mine = message.arrived + self.stop_after_s - time.monotonic(), False
-        if self._timeout_s is not None and self._timeout_s <= limit_s:
-            limit_s, mine = self._timeout_s, True
+        current = asyncio.current_task()
+        assert current is not None
+        self._executing[message] = (task, current)
         try:
-            await self._within_timeout(task, limit_s, mine)
+            if self._timeout_s is None:
+                await self._call(task)
+            else:
+                await self._within_timeout(task, self._timeout_s)
         except Retry as e:
             return Failed(task, "Retry", describe_failure(e)[1], e.delay)
         except asyncio.CancelledError as e:
+            if message.stopped and _uncancel(current):
+                return Failed(task, *describe_failure(HandlerTimeoutError(self._why())), None)
             if _being_cancelled():
                 raise  # the worker is stopping: its task goes back to the queue
             return Failed(task, *describe_failure(e), None)
@@ -185,22 +192,40 @@ class Execution:
             self.running -= 1
             del self._executing[message]
             metrics.duration.observe(time.perf_counter() - started)
-        return Executed(lateness_s, past_due)
+        if message.stopped:
+            current.uncancel()  # the handler swallowed its stop and returned
+        return executed
 
-    def overrunning(self) -> list[Task]:
-        """Handlers running past the broker's consumer timeout now, each told once: their
-        stop at ``stop_after_s`` did not stop them (an async handler that swallows the
-        cancellation). The broker has taken their task back, and may already have given it
-        to another worker."""
+    def enforce(self) -> list[Task]:
+        """Stop the handlers whose delivery is near the broker's consumer timeout (at
+        ``stop_after_s``: their task is then retried in time), and return those running
+        past it, each once: their handler ignored the stop (an async one that swallows the
+        cancellation). The broker has taken those tasks back and may already have given
+        them to another worker.
+
+        Called about every second rather than a timer per task: a timer costs ~5 us a task,
+        and the margin before the timeout is wider than the interval."""
         now = time.monotonic()
-        found = []
-        for message, task in self._executing.items():
-            if now - message.arrived <= self.consumer_timeout_s:
+        overran = []
+        for message, (task, running) in self._executing.items():
+            age = now - message.arrived
+            if age <= self.stop_after_s:
                 break  # oldest first: the rest arrived later
-            if not message.overran:
+            if not message.stopped:
+                message.stopped = True
+                running.cancel()
+            if age > self.consumer_timeout_s and not message.overran:
                 message.overran = True
-                found.append(task)
-        return found
+                overran.append(task)
+        return overran
+
+    def _why(self) -> str:
+        return (
+            f"handler stopped {self.stop_after_s:g}s after the task's delivery, before "
+            f"RabbitMQ's consumer timeout ({self.consumer_timeout_s:g}s, "
+            "RMQDELAY_CONSUMER_TIMEOUT) takes the task back and hands it to another worker "
+            "while this one still runs; raise RMQDELAY_CONSUMER_TIMEOUT for longer handlers"
+        )
 
     async def _advance_series(self, message: Delivery, task: Task) -> Result | None:
         """Schedule the series' next occurrence; a result if this one is not to run."""
@@ -215,30 +240,26 @@ class Execution:
             return Cancelled(task.keys[0] if task.keys else task.id)  # the series key
         return None if advance == "run" else Skipped()
 
-    async def _within_timeout(self, task: Task, limit_s: float, mine: bool) -> None:
-        """Run the handler for ``limit_s`` at most: the handler timeout (``mine``), or what
-        is left of the broker's consumer timeout."""
+    async def _within_timeout(self, task: Task, limit_s: float) -> None:
         try:
             async with asyncio.timeout(limit_s) as deadline:
                 await self._call(task)
         except TimeoutError as e:
             if not deadline.expired():
                 raise  # the handler's own TimeoutError
-            if mine:
-                raise HandlerTimeoutError(f"handler ran longer than {limit_s:g}s") from e
-            raise HandlerTimeoutError(
-                f"handler stopped after {self.stop_after_s:g}s from the task's delivery, "
-                f"before RabbitMQ's consumer timeout ({self.consumer_timeout_s:g}s, "
-                "RMQDELAY_CONSUMER_TIMEOUT) takes the task back and hands it to another "
-                "worker while this one still runs; raise RMQDELAY_CONSUMER_TIMEOUT for "
-                "longer handlers"
-            ) from e
+            raise HandlerTimeoutError(f"handler ran longer than {limit_s:g}s") from e
 
 
 def settle_margin_s(consumer_timeout_s: float) -> float:
     """How long before the broker's consumer timeout a handler is stopped: time to publish
     its retry and ack it (a minute, or a tenth of a short timeout)."""
     return min(60.0, consumer_timeout_s / 10)
+
+
+def _uncancel(current: asyncio.Task[object]) -> bool:
+    """Take back the cancel that stopped a handler; False if the task is being cancelled
+    for another reason as well (the worker is stopping)."""
+    return current.uncancel() == 0
 
 
 def _being_cancelled() -> bool:

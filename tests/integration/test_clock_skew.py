@@ -54,6 +54,12 @@ async def test_never_early_on_the_workers_clock_whichever_way_the_publishers_run
     true_due = sent_at + DELAY_S
     slack = settings.hold_window_s + settings.resolution_ms / 1000
     earliest = min(first_runs.values())
+    on_true = sorted(ran - true_due for ran in first_runs.values())
+    on_worker = sorted(ran - scheduled[i] / 1000 for i, ran in first_runs.items())
+    print(
+        f"\npublisher {skew_s:+g}s: start minus due, on true time {on_true[0]:+.3f}.."
+        f"{on_true[-1]:+.3f}s, on the worker's clock {on_worker[0]:+.3f}..{on_worker[-1]:+.3f}s"
+    )
     if skew_s > 0:
         # Late by the publisher's lead, and the worker says whose clock is ahead.
         assert earliest >= true_due + skew_s - 0.1, earliest - true_due

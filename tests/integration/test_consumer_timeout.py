@@ -80,6 +80,7 @@ async def test_a_long_handler_is_stopped_before_the_timeout_and_retried_never_tw
     assert ended1 is not None
     # Stopped a tenth of the timeout before it: 3.6 s after its delivery.
     assert 3.0 < ended1 - started1 < TIMEOUT.total_seconds(), ended1 - started1
+    print(f"\nstopped after {ended1 - started1:.2f}s of a {TIMEOUT.total_seconds():g}s timeout")
     assert started2 >= ended1, "the retry ran while the first run was still going"
 
 
@@ -133,6 +134,7 @@ async def test_a_handler_that_ignores_its_stop_is_reported_and_its_copies_cancel
     # The broker took it back at its timeout and gave it again, while the first still ran:
     # the case the ERROR line is for.
     assert started2 < ended1
+    print(f"\ngiven again {started2 - runs.runs[0][1]:.2f}s after the first start")
     assert second.redelivered
     assert len(runs.runs) == 2, "a copy ran after the overrun run succeeded"
 
