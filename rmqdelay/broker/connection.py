@@ -277,6 +277,8 @@ async def _plain(url: str, settings: Settings) -> AbstractConnection:
         with contextlib.suppress(Exception):
             await connection.close()
         raise
+    if connection.transport is not None:
+        alarms.watch(connection.transport.connection)
     return connection
 
 
