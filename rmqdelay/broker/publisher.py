@@ -183,6 +183,7 @@ class Publisher:
                         else "nothing was sent"
                     ),
                     alarm=alarm.reason,
+                    sent=written,
                 ) from e
             raise BrokerUnavailableError(
                 f"could not publish {what} within RMQDELAY_PUBLISH_DEADLINE ({deadline:g}s): "

@@ -79,11 +79,14 @@ class BrokerUnavailableError(BrokerError, ConnectionError):
 
 class BrokerBlockedError(BrokerUnavailableError):
     """Raised when the broker blocked publishing (a disk or memory alarm) for longer than
-    ``RMQDELAY_PUBLISH_DEADLINE``; ``alarm`` is RabbitMQ's reason ("low on disk")."""
+    ``RMQDELAY_PUBLISH_DEADLINE``; ``alarm`` is RabbitMQ's reason ("low on disk"). ``sent``
+    is true when the message went out before the broker said so: it may still be stored
+    (and its task run) once the alarm clears."""
 
-    def __init__(self, message: str, *, alarm: str) -> None:
+    def __init__(self, message: str, *, alarm: str, sent: bool = False) -> None:
         super().__init__(message)
         self.alarm = alarm
+        self.sent = sent
 
 
 class TopologyMismatchError(BrokerError):

@@ -43,7 +43,14 @@ class Subscription:
         self._destination = destination
         self._on_delivery = on_delivery
         self.name = settings.wiring.names.work_queue(destination)
-        self._consumer_timeout_ms = int(settings.consumer_timeout.total_seconds() * 1000)
+        #: The broker's consumer timeout, set to what the worker plans by, on a quorum work
+        #: queue (RabbitMQ 3.12+; 3.10 ignores the argument and applies its own
+        #: consumer_timeout). 4.3 refuses it on a classic queue, where it applies none.
+        self._arguments: dict[str, Any] = (
+            {"x-consumer-timeout": int(settings.consumer_timeout.total_seconds() * 1000)}
+            if settings.queue_type == "quorum"
+            else {}
+        )
         #: Set when the broker cancels the consumer (its queue was deleted).
         self.lost = asyncio.Event()
         self._tag: str | None = None
@@ -125,9 +132,7 @@ class Subscription:
         channel that closes during its own restore. Reopen it then.
         """
         self.lost.clear()
-        # The broker's consumer timeout, set to what the worker plans by (RabbitMQ 3.12+;
-        # older brokers ignore the argument and apply their own consumer_timeout).
-        arguments: dict[str, Any] = {"x-consumer-timeout": self._consumer_timeout_ms}
+        arguments = self._arguments
         try:
             raw = await channel.get_underlay_channel()
             ok = await raw.basic_consume(self.name, self._on_delivery, arguments=arguments)

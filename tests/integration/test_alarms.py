@@ -76,6 +76,7 @@ async def _refused(scheduler: Scheduler, destination: str, n: str, reason: str) 
     assert DEADLINE_S - 0.2 <= took <= DEADLINE_S + 1, took
     assert caught.value.alarm == reason
     message = str(caught.value)
+    assert caught.value.sent == message.endswith("when the alarm clears"), message
     assert repr(reason) in message, message
     assert "RMQDELAY_PUBLISH_DEADLINE (3s)" in message, message
     print(f"\n{n}: BrokerBlockedError after {took:.2f}s: ...{message[-60:]}")
