@@ -109,8 +109,8 @@ class Execution:
         #: A handler is stopped this long after its delivery arrived: early enough that its
         #: task is retried (or parked) and acked before the broker takes it back.
         self.stop_after_s = self.consumer_timeout_s - settle_margin_s(self.consumer_timeout_s)
-        #: Deliveries whose handler runs now, oldest first, with the asyncio task running
-        #: it (``enforce`` stops it).
+        #: Deliveries whose handler runs now, with the asyncio task running it (``enforce``
+        #: stops it).
         self._executing: dict[Delivery, tuple[Task, asyncio.Task[Any]]] = {}
         self._cancels = cancels
         #: Extends recurring series; set once the worker's publisher exists.
@@ -207,10 +207,12 @@ class Execution:
         and the margin before the timeout is wider than the interval."""
         now = time.monotonic()
         overran = []
+        # All of them (a concurrency's worth): the order is that of the handlers' starts,
+        # and a delivery that waited for a slot started after younger ones.
         for message, (task, running) in self._executing.items():
             age = now - message.arrived
             if age <= self.stop_after_s:
-                break  # oldest first: the rest arrived later
+                continue
             if not message.stopped:
                 message.stopped = True
                 running.cancel()
