@@ -238,6 +238,7 @@ class Soak:
         """The whole soak; the counts and samples in the Result."""
         from rmqdelay import Scheduler
         from rmqdelay.broker.declare import apply_topology
+        from rmqdelay.broker.management import namespace_depths
         from rmqdelay.core.topology import build_topology
 
         topology = build_topology(self.settings.layout, (DESTINATION,))
@@ -261,7 +262,7 @@ class Soak:
                 await self._drained()
                 sampling.cancel()
                 if self.result.lost:
-                    self.result.left_in = await _depths(self.settings)
+                    self.result.left_in = await namespace_depths(self.settings)
         finally:
             self.result.seconds = self.now()
             await self.workers.stop()
@@ -333,17 +334,6 @@ class Soak:
                 point.update(await _node_memory(http, self.cfg.managements))
                 self.result.memory.append((self.now(), point))
                 await asyncio.sleep(SAMPLE_EVERY_S)
-
-
-async def _depths(settings: Any) -> dict[str, int]:
-    from rmqdelay.broker.management import management_get, vhost_path
-
-    queues = await management_get(settings, f"queues/{vhost_path(settings)}", "name,messages")
-    return {
-        q["name"]: q["messages"]
-        for q in queues or []
-        if q["name"].startswith(settings.namespace) and q.get("messages")
-    }
 
 
 async def _node_memory(http: httpx.AsyncClient, managements: list[str]) -> dict[str, float]:

@@ -120,3 +120,16 @@ def _reason(response: httpx.Response) -> str:
         return str(response.json().get("reason", response.text))[:300]
     except ValueError:
         return response.text[:300]
+
+
+async def namespace_depths(settings: Settings, *kinds: str) -> dict[str, int]:
+    """Messages in each non-empty queue of ``settings``' namespace, by name (only those
+    named ``<namespace>.<kind>...`` for the ``kinds`` given, e.g. "level.", "work."); empty
+    without a management API. For telling where tasks wait when they do not arrive."""
+    queues = await management_get(settings, f"queues/{vhost_path(settings)}", "name,messages")
+    prefixes = tuple(f"{settings.namespace}.{kind}" for kind in kinds or ("",))
+    return {
+        q["name"]: q["messages"]
+        for q in queues or []
+        if q["name"].startswith(prefixes) and q.get("messages")
+    }

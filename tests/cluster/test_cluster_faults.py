@@ -26,7 +26,7 @@ from rmqdelay import (
     TaskSpec,
 )
 from rmqdelay.broker.declare import apply_topology
-from rmqdelay.broker.management import management_get, vhost_path
+from rmqdelay.broker.management import management_get, namespace_depths, vhost_path
 from rmqdelay.core.topology import build_topology
 from tests.integration.helpers import Recorder, eventually, running_worker
 
@@ -170,10 +170,11 @@ async def _under_load(
             await recorder.wait_for(load.returned, within=60 if recover else 180)
         except TimeoutError:
             if recover is None or strict:
-                raise AssertionError(_missing(load, recorder, await _depths(settings))) from None
+                depths = await namespace_depths(settings)
+                raise AssertionError(_missing(load, recorder, depths)) from None
             # RabbitMQ 3.10.8: a level whose at-least-once dead-letter worker was sending
             # into a queue led by the dead node can stall until that node is back.
-            stalled = _missing(load, recorder, await _depths(settings))
+            stalled = _missing(load, recorder, await namespace_depths(settings))
             print(f"\nbefore the node is back: {stalled}")
         if recover is not None:
             await recover()
@@ -183,16 +184,7 @@ async def _under_load(
         assert load.refused == 0, f"publishes refused: {dict(load.reasons.most_common(3))}"
 
 
-async def _depths(settings: Settings) -> list[tuple[str, int]]:
-    queues = await management_get(settings, f"queues/{vhost_path(settings)}", "name,messages")
-    return [
-        (q["name"], q.get("messages") or 0)
-        for q in queues or []
-        if q["name"].startswith(settings.namespace) and q.get("messages")
-    ]
-
-
-def _missing(load: Load, recorder: Recorder, depths: list[tuple[str, int]]) -> str:
+def _missing(load: Load, recorder: Recorder, depths: dict[str, int]) -> str:
     missing = load.returned - recorder.ids
     return f"{len(missing)} of {len(load.returned)} returned tasks not run yet; in {depths}"
 

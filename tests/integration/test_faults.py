@@ -12,7 +12,7 @@ import time
 import pytest
 
 from rmqdelay import BrokerUnavailableError, Scheduler, Settings
-from rmqdelay.broker.management import management_get, vhost_path
+from rmqdelay.broker.management import namespace_depths
 from rmqdelay.cli.main import main as cli_main
 
 from .conftest import TestBroker, cannot, make_settings
@@ -81,7 +81,7 @@ async def test_broker_killed_and_restarted_under_load_loses_no_confirmed_task(
             await recorder.wait_for(returned, within=120)
         except TimeoutError:
             missing = len(returned - recorder.ids)
-            held = await _held_in_levels(settings)
+            held = await namespace_depths(settings, "level.", "work.")
             where = f"{missing} of {len(returned)} returned tasks not run; queues: {held}"
             # RabbitMQ 3.10.8: after a kill -9, a level's at-least-once dead-letter worker
             # can stall for good (seen once in CI; docs/design.md, "Node loss"). The tasks
@@ -102,17 +102,6 @@ async def test_broker_killed_and_restarted_under_load_loses_no_confirmed_task(
     assert returned <= recorder.ids
     assert refused == 0, "the outage was shorter than RMQDELAY_PUBLISH_DEADLINE"
     assert duplicates <= max(5, len(returned) // 20), "duplicates must be rare"
-
-
-async def _held_in_levels(settings: Settings) -> dict[str, int]:
-    """Messages in each of the namespace's non-empty levels and work queues."""
-    queues = await management_get(settings, f"queues/{vhost_path(settings)}", "name,messages")
-    names = (settings.namespace + ".level.", settings.namespace + ".work.")
-    return {
-        q["name"]: q.get("messages") or 0
-        for q in queues or []
-        if q["name"].startswith(names) and q.get("messages")
-    }
 
 
 async def test_schedule_during_an_outage_retries_until_the_deadline_then_says_so(
