@@ -300,20 +300,14 @@ class Soak:
 
     async def _workers(self) -> None:
         slot = 0
-        while not self.stop.is_set():
-            await asyncio.sleep(self.cfg.worker_restart_s)
-            if self.stop.is_set():
-                return
+        while not await self._stopped_within(self.cfg.worker_restart_s):
             self.result.events.append((self.now(), f"worker {slot + 1} restarted"))
             await self.workers.restart(slot)
             slot = (slot + 1) % WORKERS
 
     async def _nodes(self) -> None:
         node = 1
-        while not self.stop.is_set():
-            await asyncio.sleep(self.cfg.node_restart_s)
-            if self.stop.is_set():
-                return
+        while not await self._stopped_within(self.cfg.node_restart_s):
             # A member may still be catching up: wait, as production should.
             while await _cluster(self.cfg, "safe-to-stop", str(node)) != 0:  # noqa: ASYNC110
                 await asyncio.sleep(2)
@@ -321,6 +315,14 @@ class Soak:
             await _cluster(self.cfg, "stop", str(node))
             await _cluster(self.cfg, "restart", str(node))
             node = node % 3 + 1
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        """Wait ``seconds``; True at once if the soak ends meanwhile."""
+        try:
+            await asyncio.wait_for(self.stop.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
 
     async def _sample(self) -> None:
         async with httpx.AsyncClient(auth=("guest", "guest"), timeout=10) as http:
