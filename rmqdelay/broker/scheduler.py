@@ -25,6 +25,7 @@ from rmqdelay.core.cancelset import Stamps
 from rmqdelay.core.delays import delay_to_us, describe_us
 from rmqdelay.core.errors import (
     BatchNotConfirmedError,
+    BrokerBlockedError,
     BrokerUnavailableError,
     InvalidDelayError,
     InvalidKeyError,
@@ -794,11 +795,23 @@ class Scheduler:
     async def _queue_exists(self, destination: str) -> None:
         """Ask the broker, through an outage as long as a publish would wait for it."""
         deadline = self.settings.publish_deadline.total_seconds()
+        ends = time.monotonic() + deadline
         try:
             async for attempt in until_deadline(deadline, PUBLISH_RETRYABLE):
                 with attempt:
-                    await self._passive_declare(destination)
+                    # Bounded: a connection blocked by a resource alarm is not read at all,
+                    # and the channel's open would wait for as long as the alarm lasts.
+                    async with asyncio.timeout(max(0.001, ends - time.monotonic())):
+                        await self._passive_declare(destination)
         except PUBLISH_RETRYABLE as e:
+            if (alarm := await self.alarm()) is not None:
+                raise BrokerBlockedError(
+                    f"could not check that destination {destination!r} exists within "
+                    f"RMQDELAY_PUBLISH_DEADLINE ({deadline:g}s): the broker at "
+                    f"{self.settings.safe_url} blocks this connection, resource alarm "
+                    f"{alarm!r}; nothing was published",
+                    alarm=alarm,
+                ) from e
             raise BrokerUnavailableError(
                 f"could not check that destination {destination!r} exists within "
                 f"RMQDELAY_PUBLISH_DEADLINE ({deadline:g}s): the broker at "

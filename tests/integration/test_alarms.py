@@ -121,6 +121,10 @@ async def test_an_alarm_fails_schedule_at_its_deadline_naming_it_and_workers_go_
                     assert await scheduler.alarm() == reason
                     second = await _refused(scheduler, destination, "refused", reason)
                     assert second.endswith("nothing was sent"), second
+                    # A destination not seen yet is looked up first, on the same blocked
+                    # connection: bounded by the deadline too.
+                    third = await _refused(scheduler, "not-seen-yet", "unchecked", reason)
+                    assert third.endswith("nothing was published"), third
                     assert first.endswith(("nothing was sent", "when the alarm clears")), first
 
                     started = time.monotonic()
