@@ -146,11 +146,14 @@ class Publisher:
             self._failed(1, e)
             # Whether an attempt went out unconfirmed: the broker may yet store it.
             written = not isinstance(e, _Blocked)
+            # The broker's last refusal: the last attempt may only have run out of time.
+            refused = e if isinstance(e, _Nacked) else None
 
         def failed(state: RetryCallState) -> None:
-            nonlocal written
+            nonlocal written, refused
             error = state.outcome.exception() if state.outcome else None
             written = written or not isinstance(error, _Blocked)
+            refused = error if isinstance(error, _Nacked) else refused
             self._failed(state.attempt_number + 1, error)
 
         retrying = until_deadline(ends - time.monotonic(), _RETRYABLE, before_sleep=failed)
@@ -161,12 +164,13 @@ class Publisher:
                         body, props, exchange, routing_key, mandatory, what, ends
                     )
             self._working_again()
-        except _Nacked as e:
-            raise PublishNotConfirmedError(
-                f"the broker refused {what} (nack) until RMQDELAY_PUBLISH_DEADLINE "
-                f"({deadline:g}s) ran out: {e}; a queue on its way has no leader or is full"
-            ) from e
         except _RETRYABLE as e:
+            if isinstance(e, _Nacked) or (refused is not None and isinstance(e, TimeoutError)):
+                raise PublishNotConfirmedError(
+                    f"the broker refused {what} (nack) until RMQDELAY_PUBLISH_DEADLINE "
+                    f"({deadline:g}s) ran out: {refused or e}; a queue on its way has no "
+                    "leader or is full"
+                ) from e
             written = written or not isinstance(e, _Blocked)
             alarm = e.alarm if isinstance(e, _Blocked) else await self.alarm()
             if alarm is not None:
