@@ -395,13 +395,14 @@ class Worker:
         return self._on_message(Delivery(message))
 
     async def _on_message(self, message: Delivery) -> None:
-        self._skew.check(message.headers, time.time() * 1000)
+        now = time.time()  # one clock read per delivery, on the hot path
+        self._skew.check(message.headers, now * 1000)
         due = due_s(message.headers)
         # Stopping: _run hands it back, as it does a held one (a delivery may still come
         # in while the consumer is being cancelled, after the held ones went back).
-        if due is None or due <= time.time() or self._stopping:
+        if due is None or due <= now or self._stopping:
             await self._run(message)
-        elif due - time.time() <= self._max_hold_s:
+        elif due - now <= self._max_hold_s:
             self._holder.hold(message, due)  # released to _release when due
         else:
             assert self._settler is not None
