@@ -16,6 +16,10 @@
 # (chroot --userspec, which keeps the open-file limit that `su` would reset). A node is
 # stopped, killed or restarted only through the pid file it was started with.
 #
+# A NODE argument is a short name (the node is NODE@this host) or a full name@host; a node
+# named after an address (a cluster node in a network namespace of its own, scripts/cluster)
+# uses long names, and RMQ_NETNS names the namespace its commands run in.
+#
 # The caller defines say() and die().
 
 RMQ_VERSION="${RMQDELAY_BROKER_VERSION:-4.3}"
@@ -133,7 +137,7 @@ rmq_mount() {  # what the Erlang VM needs inside the root
 rmq_unmount_if_idle() {  # when no node of ours runs from the root: stop its epmd, unmount
   local dir
   for dir in "$RMQ_ROOT$RMQ_NODES_DIR"/*/; do
-    [ -d "$dir" ] && [ -n "$(rmq_pid "$(basename "$dir")")" ] && return 0
+    [ -d "$dir" ] && [ -n "$(rmq_pid "$(basename "$dir")@*")" ] && return 0
   done
   # The version's own epmd (ERL_EPMD_PORT), started with its first node.
   [ -d "$RMQ_ROOT/etc" ] && rmq_in_root epmd -kill >/dev/null 2>&1 || true
@@ -144,53 +148,69 @@ rmq_unmount_if_idle() {  # when no node of ours runs from the root: stop its epm
   return 0
 }
 
-rmq_in_root() {  # rmq_in_root CMD...: run CMD in the root as its rabbitmq user
-  chroot --userspec="$(rmq_ids)" "$RMQ_ROOT" env -i \
+rmq_full() {  # rmq_full NODE: its full name@host
+  case "$1" in *@*) echo "$1" ;; *) echo "$1@$RMQ_HOST" ;; esac
+}
+
+rmq_in_root() {  # rmq_in_root CMD...: run CMD in the root as its rabbitmq user (in RMQ_NETNS)
+  local netns=() longname=()
+  if [ -n "${RMQ_NETNS:-}" ]; then
+    netns=(ip netns exec "$RMQ_NETNS")
+    longname=(RABBITMQ_USE_LONGNAME=true)
+  fi
+  "${netns[@]}" chroot --userspec="$(rmq_ids)" "$RMQ_ROOT" env -i \
     HOME=/var/lib/rabbitmq PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
-    ERL_EPMD_PORT="$RMQ_EPMD_PORT" "$@"
+    ERL_EPMD_PORT="$RMQ_EPMD_PORT" "${longname[@]}" "$@"
 }
 
 rmq_ctl() {  # rmq_ctl NODE ARGS...: rabbitmqctl on NODE of this version, and no other
   local node=$1; shift
-  rmq_in_root rabbitmqctl -q -n "$node@$RMQ_HOST" "$@"
+  rmq_in_root rabbitmqctl -q -n "$(rmq_full "$node")" "$@"
 }
 
 rmq_pid() {  # rmq_pid NODE: the OS pid of NODE's Erlang VM when it runs, else nothing
-  local pidfile="$RMQ_ROOT$RMQ_NODES_DIR/$1/pid" pid environ
+  # (NODE name@* for that name on any host)
+  local pidfile="$RMQ_ROOT$RMQ_NODES_DIR/${1%@*}/pid" pid environ
   [ -f "$pidfile" ] || return 0
   pid=$(cat "$pidfile" 2>/dev/null) || return 0
   # Only while that pid is still this node's VM: a pid file outlives its process, and the
   # number may since belong to another program.
   [ -n "$pid" ] || return 0
   environ=$(tr '\0' '\n' 2>/dev/null < "/proc/$pid/environ") || return 0
-  grep -qx "RABBITMQ_NODENAME=$1@$RMQ_HOST" <<<"$environ" && echo "$pid"
+  case "$1" in
+    *@\*) grep -q "^RABBITMQ_NODENAME=${1%@*}@" <<<"$environ" && echo "$pid" ;;
+    *) grep -Fqx "RABBITMQ_NODENAME=$(rmq_full "$1")" <<<"$environ" && echo "$pid" ;;
+  esac
   return 0
 }
 
 rmq_prepare() {  # rmq_prepare NODE N [fresh]: config for NODE as node N; fresh: no data
-  local node=$1 n=$2 dir="$RMQ_ROOT$RMQ_NODES_DIR/$1"
+  # RMQ_EXTRA_CONF: more rabbitmq.conf lines; RMQ_GUEST_LOOPBACK_ONLY=false lets guest in
+  # from another address (a cluster's private bridge)
+  local node=$1 n=$2 dir="$RMQ_ROOT$RMQ_NODES_DIR/${1%@*}"
   [ "${3:-}" = fresh ] && rm -rf "$dir"
   mkdir -p "$dir/data" "$dir/log"
   cat > "$dir/rabbitmq.conf" <<EOF
 listeners.tcp.default = $(rmq_port amqp "$n")
 management.tcp.port = $(rmq_port management "$n")
 prometheus.tcp.port = $(rmq_port prometheus "$n")
-loopback_users.guest = true
+loopback_users.guest = ${RMQ_GUEST_LOOPBACK_ONLY:-true}
 EOF
+  [ -z "${RMQ_EXTRA_CONF:-}" ] || echo "$RMQ_EXTRA_CONF" >> "$dir/rabbitmq.conf"
   echo '[rabbitmq_management,rabbitmq_prometheus].' > "$dir/enabled_plugins"
   cp "$RMQ_SCRIPTS/advanced.config" "$dir/advanced.config"
   chown -R "$(rmq_ids)" "$RMQ_ROOT/var/lib/rabbitmq"
 }
 
 rmq_launch() {  # rmq_launch NODE N: start NODE (prepared as node N) detached
-  local node=$1 n=$2 dir="$RMQ_NODES_DIR/$1"
+  local node=$1 n=$2 dir="$RMQ_NODES_DIR/${1%@*}"
   [ -f "$RMQ_ROOT$dir/rabbitmq.conf" ] || die "node $node is not prepared ($RMQ_ROOT$dir)"
   rmq_mount
   rm -f "$RMQ_ROOT$dir/pid"
   # The soft limit is raised here, as root, and kept through chroot --userspec.
   ( ulimit -n "$RMQ_WANT_FILES" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
     rmq_in_root \
-      RABBITMQ_NODENAME="$node@$RMQ_HOST" \
+      RABBITMQ_NODENAME="$(rmq_full "$node")" \
       RABBITMQ_NODE_PORT="$(rmq_port amqp "$n")" \
       RABBITMQ_DIST_PORT="$(rmq_port dist "$n")" \
       RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" \
@@ -207,7 +227,7 @@ rmq_await() {  # rmq_await NODE: until NODE has booted (its log says why not)
   local node=$1 deadline=$((SECONDS + 180))
   until rmq_ctl "$node" await_startup >/dev/null 2>&1; do
     [ "$SECONDS" -lt "$deadline" ] \
-      || die "$node did not start within 180 s (see $RMQ_ROOT$RMQ_NODES_DIR/$node/log)"
+      || die "$node did not start within 180 s (see $RMQ_ROOT$RMQ_NODES_DIR/${node%@*}/log)"
     sleep 1
   done
 }
