@@ -157,6 +157,12 @@ class Settings(BaseSettings):
     connect_timeout: Duration = Field(
         default=timedelta(seconds=30), description="How long to keep retrying the first connect."
     )
+    heartbeat: Duration = Field(
+        default=timedelta(seconds=5),
+        description="AMQP heartbeat: a link that stays silent (a cut network) is given up "
+        "after about 3.5 heartbeats and clients move to the next node (whole seconds; a "
+        "URL's own ?heartbeat= wins).",
+    )
     cancel_retention: Duration | None = Field(
         default=None,
         description="How long cancels are kept (default and minimum: max_delay).",
@@ -318,6 +324,17 @@ class Settings(BaseSettings):
     def _check_positive(cls, value: timedelta | None) -> timedelta | None:
         if value is not None and value <= timedelta(0):
             raise ValueError("must be positive")
+        return value
+
+    @field_validator("heartbeat")
+    @classmethod
+    def _check_heartbeat(cls, value: timedelta) -> timedelta:
+        seconds = value.total_seconds()
+        if seconds != int(seconds) or not 1 <= seconds <= 600:
+            raise ValueError(
+                f"must be whole seconds from 1s to 600s (AMQP counts heartbeats in seconds), "
+                f"not {seconds:g}s"
+            )
         return value
 
     @model_validator(mode="after")

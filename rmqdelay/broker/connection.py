@@ -9,7 +9,7 @@ import socket
 import ssl
 import time
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractRobustConnection
@@ -235,6 +235,20 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+def amqp_urls(settings: Settings) -> tuple[str, ...]:
+    """The URLs to connect to, each with RMQDELAY_HEARTBEAT unless it names its own.
+
+    The heartbeat is what notices a silent link (a cut network keeps a TCP connection open
+    for many minutes): aio-pika gives a link up after about 3.5 heartbeats without a frame,
+    and the broker after two; only then do clients move to another node.
+    """
+    beat = str(int(settings.heartbeat.total_seconds()))
+    return tuple(
+        url if "heartbeat" in parse_qs(urlsplit(url).query) else str(URL(url) % {"heartbeat": beat})
+        for url in settings.urls
+    )
+
+
 def _attempt_timeout(settings: Settings) -> float:
     return min(ATTEMPT_TIMEOUT_S, settings.connect_timeout.total_seconds())
 
@@ -248,7 +262,7 @@ async def connect_once(settings: Settings, *, raw: bool = False) -> AbstractConn
             what no retry fixes, the rest as aiormq raised it, for a caller that retries.
     """
     error: BaseException | None = None
-    for url in settings.urls:
+    for url in amqp_urls(settings):
         try:
             return await _plain(url, settings)
         except InvalidFrameError as e:
@@ -296,7 +310,7 @@ async def connect(settings: Settings) -> AbstractRobustConnection:
         before_sleep=_log_retry(settings),  # type: ignore[arg-type]
         reraise=True,
     )
-    urls = settings.urls
+    urls = amqp_urls(settings)
     try:
         async for attempt in retrying:
             with attempt:

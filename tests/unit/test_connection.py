@@ -3,7 +3,8 @@
 import aio_pika
 from yarl import URL
 
-from rmqdelay.broker.connection import BackoffRobustConnection
+from rmqdelay import Settings
+from rmqdelay.broker.connection import BackoffRobustConnection, amqp_urls
 
 
 def test_aio_pika_still_has_the_hook_failover_relies_on() -> None:
@@ -29,3 +30,17 @@ async def test_one_url_stays_put() -> None:
     connection.fail_over(("amqp://u:p@n1/",))
     connection.next_url()
     assert connection.url == URL("amqp://u:p@n1/")
+
+
+def test_every_url_gets_the_heartbeat_unless_it_names_its_own() -> None:
+    settings = Settings(
+        _env_file=None,
+        heartbeat="7s",
+        url="amqp://u:p%40ss@n1:5681/%2F,amqp://n2/%2F?heartbeat=30,amqp://n3/%2F?frame_max=8192",
+    )
+    assert amqp_urls(settings) == (
+        "amqp://u:p%40ss@n1:5681/%2F?heartbeat=7",  # the password and vhost as they were
+        "amqp://n2/%2F?heartbeat=30",
+        "amqp://n3/%2F?frame_max=8192&heartbeat=7",
+    )
+    assert Settings(_env_file=None).heartbeat.total_seconds() == 5

@@ -59,6 +59,9 @@ def test_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"max_delay": "7000d"}, "RMQDELAY_MAX_DELAY"),  # top level over 10 x 365 days
         ({"prefetch": 0}, "RMQDELAY_PREFETCH"),
         ({"url": "http://h/"}, "RMQDELAY_URL"),
+        ({"heartbeat": "0.5s"}, "RMQDELAY_HEARTBEAT.*whole seconds.*not 0.5s"),
+        ({"heartbeat": "0s"}, "RMQDELAY_HEARTBEAT"),
+        ({"heartbeat": "11m"}, "RMQDELAY_HEARTBEAT.*not 660s"),
     ],
 )
 def test_invalid_settings_name_the_variable(values: dict[str, object], fragment: str) -> None:
