@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import aiormq.abc
 from aio_pika.abc import AbstractChannel
 from aiormq.exceptions import (
     ChannelInvalidStateError,
@@ -44,8 +45,8 @@ from rmqdelay.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: How long one publish attempt waits for its confirm (attempts repeat until the deadline).
-PUBLISH_TIMEOUT_S = 10.0
+#: How long a publish waits for aio-pika to reopen a channel the broker closed.
+REOPEN_WAIT_S = 10.0
 
 
 #: Every message rmqdelay sends survives a broker restart.
@@ -126,7 +127,13 @@ class Publisher:
     ) -> None:
         """Publish and wait for the confirm, retrying through an outage until the deadline.
 
-        A retry after a lost confirm may store the message twice; delivery is at least once.
+        One copy per link: a publish is sent again only when the broker refused it (a
+        nack: nothing was stored) or when the link that carried it has gone (aio-pika
+        reopens it, or fails over to the next node). A copy written to a link that only
+        went quiet (a cut network) arrives whenever the link does, so a second copy on it
+        would be stored too; the confirm is waited for instead, until the deadline. A copy
+        sent again after its link went may still have been stored: delivery is at least
+        once.
 
         Raises:
             UnroutableError: a mandatory publish that the broker could not route.
@@ -219,6 +226,18 @@ class Publisher:
             log.info("publishing works again after %.1fs", time.monotonic() - self._failing_since)
             self._failing_since = None
 
+    async def _open_channel(self, what: str, ends: float) -> aiormq.abc.AbstractChannel:
+        """The channel to publish on, once no resource alarm blocks it (until ``ends``)."""
+        if self.channel.is_closed:  # as aio-pika checks: the robust channel may be reopening
+            raise ChannelInvalidStateError(f"the channel for {what} is closed")
+        channel = await self.channel.get_underlay_channel()
+        if (alarm := alarm_of(channel.connection)) is not None:
+            # Blocked: a publish written now would wait unconfirmed until the alarm clears,
+            # and might be stored after this call has given up. Send nothing until then.
+            if not await cleared(channel.connection, ends - time.monotonic()):
+                raise _Blocked(alarm)
+        return channel
+
     async def _publish_once(
         self,
         body: bytes,
@@ -230,14 +249,7 @@ class Publisher:
         ends: float,
     ) -> None:
         """One attempt, given until ``ends`` (time.monotonic()) at most."""
-        if self.channel.is_closed:  # as aio-pika checks: the robust channel may be reopening
-            raise ChannelInvalidStateError(f"the channel for {what} is closed")
-        channel = await self.channel.get_underlay_channel()
-        if (alarm := alarm_of(channel.connection)) is not None:
-            # Blocked: a publish written now would wait unconfirmed until the alarm clears,
-            # and might be stored after this call has given up. Send nothing until then.
-            if not await cleared(channel.connection, ends - time.monotonic()):
-                raise _Blocked(alarm)
+        channel = await self._open_channel(what, ends)
         try:
             confirm = await channel.basic_publish(
                 body,
@@ -245,7 +257,8 @@ class Publisher:
                 routing_key=routing_key,
                 properties=props,
                 mandatory=mandatory,
-                timeout=max(0.001, min(PUBLISH_TIMEOUT_S, ends - time.monotonic())),
+                # The whole deadline: see publish() on why not a shorter attempt.
+                timeout=max(0.001, ends - time.monotonic()),
             )
         except PublishError as e:
             raise UnroutableError(
@@ -257,6 +270,13 @@ class Publisher:
             if isinstance(e.frame, Basic.Nack):
                 raise _Nacked(f"the broker nacked {what}") from e
             raise PublishNotConfirmedError(f"the broker did not confirm {what}: {e!r}") from e
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is None or current.cancelling():
+                raise  # the caller cancelled: nothing to retry
+            # aiormq cancels a publish's confirm when it gives a silent link up (its reader
+            # is cancelled): the link went, not the caller. Sent again on the new link.
+            raise _LinkLost(f"the link carrying {what} was given up before its confirm") from None
         except ChannelPreconditionFailed as e:
             # The broker refused the message (over its max_message_size) by closing the
             # channel: wait for it to be reopened, so the next publish need not retry.
@@ -278,6 +298,11 @@ class _Nacked(Exception):
     (a task routes to one queue), so publishing again is safe until the deadline."""
 
 
+class _LinkLost(Exception):
+    """The connection was given up (no frame for several heartbeats) while a publish
+    waited for its confirm."""
+
+
 class _Blocked(Exception):
     """A resource alarm blocks the connection, and did not clear before the deadline: the
     message was not sent."""
@@ -287,7 +312,7 @@ class _Blocked(Exception):
         self.alarm = alarm
 
 
-_RETRYABLE: tuple[type[BaseException], ...] = (*PUBLISH_RETRYABLE, _Nacked, _Blocked)
+_RETRYABLE: tuple[type[BaseException], ...] = (*PUBLISH_RETRYABLE, _Nacked, _Blocked, _LinkLost)
 
 
 def until_deadline(
@@ -310,6 +335,6 @@ def until_deadline(
 async def reopened(channel: AbstractChannel) -> None:
     """Wait (briefly) until aio-pika has reopened a channel the broker closed."""
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+        async with asyncio.timeout(REOPEN_WAIT_S):
             while channel.is_closed:  # noqa: ASYNC110 - aio-pika offers no event for it
                 await asyncio.sleep(0.01)

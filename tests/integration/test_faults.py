@@ -127,6 +127,35 @@ async def test_schedule_during_an_outage_retries_until_the_deadline_then_says_so
         await recorder.wait_for({s.id}, within=10)
 
 
+async def test_a_publish_on_a_link_gone_silent_is_sent_once_on_the_next_node(
+    settings: Settings, destination: str
+) -> None:
+    """A link that goes silent (a cut network: no socket error) is given up after a few
+    heartbeats. The publish that waited on it is sent again on the next node, once, and
+    schedule() returns; it never raises the CancelledError aiormq ends the wait with."""
+    async with Proxy(settings.url) as first, Proxy(settings.url) as second:
+        listed = make_settings(
+            f"{first.url},{second.url}", namespace=settings.namespace, declare=False,
+            heartbeat="1s",
+        )  # fmt: skip
+        recorder = Recorder()
+        async with Scheduler(listed) as scheduler:
+            await scheduler.declare_destination(destination)
+            await scheduler.schedule(destination, {"n": 0}, delay=0)
+            first.stall()
+            started = time.monotonic()
+            s = await scheduler.schedule(destination, {"n": 1}, delay=0)
+            took = time.monotonic() - started
+            first.resume()  # what the silent link held reaches a connection the broker closed
+            after = await scheduler.schedule(destination, {"n": 2}, delay=1)
+        assert second.connections >= 1, "the scheduler moved to the second node"
+        # aiormq gives a link up after (heartbeat + 1) x 3 s without a frame.
+        assert 5 <= took <= 20, took
+        async with running_worker(settings, destination, recorder):
+            await recorder.wait_for({s.id, after.id}, within=30)
+        assert recorder.counts[s.id] == 1, "sent once per link: the stalled copy was not stored"
+
+
 def _closed_port() -> int:
     """A local port nothing listens on (bound, then released)."""
     with socket.socket() as s:
