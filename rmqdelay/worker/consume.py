@@ -39,6 +39,7 @@ from rmqdelay.worker.execute import (
     Executed,
     Execution,
     Failed,
+    Repeated,
     Result,
     Skipped,
     Undecodable,
@@ -494,6 +495,10 @@ class Worker:
         elif isinstance(result, Skipped):
             await message.ack()
             self._tally.count("skipped")
+        elif isinstance(result, Repeated):
+            log.debug("task %s ran here already (ack lost); not run again", message.message_id)
+            await message.ack()
+            self._tally.count("repeated")
         elif isinstance(result, Deferred):
             log.error(
                 "task %s not run: %s; returning it to the queue", message.message_id, result.error

@@ -24,6 +24,7 @@ from rmqdelay.core.wire import DUE_MS, PAST_DUE_TOLERANCE_MS, PUBLISHED_MS, deco
 from rmqdelay.worker.delivery import Delivery
 from rmqdelay.worker.handler import describe_failure, prepare
 from rmqdelay.worker.metrics import WorkerMetrics
+from rmqdelay.worker.recent import RecentRuns
 from rmqdelay.worker.series import SeriesKeeper
 from rmqdelay.worker.threads import DaemonThreadPool
 
@@ -55,6 +56,11 @@ class Undecodable:
 
 
 @dataclass(slots=True)
+class Repeated:
+    """A redelivery of a copy this worker ran already (its ack was lost): not run again."""
+
+
+@dataclass(slots=True)
 class Skipped:
     """An occurrence of a series missed during downtime, passed over (catch-up ``skip``);
     the next one is scheduled."""
@@ -83,7 +89,7 @@ class Failed:
 
 
 #: (Mutable dataclasses: a frozen one costs a setattr call per field, on every task.)
-Result = Executed | Cancelled | Undecodable | Failed | Skipped | Deferred
+Result = Executed | Cancelled | Undecodable | Failed | Skipped | Deferred | Repeated
 
 
 class Execution:
@@ -118,6 +124,8 @@ class Execution:
         self._metrics = metrics
         #: Handlers running now (the in-flight gauge reads it when scraped).
         self.running = 0
+        #: What ran lately, so that a redelivery after a lost ack is not run again.
+        self.recent = RecentRuns()
         metrics.in_flight.set_function(lambda: self.running)
 
     async def run(self, message: Delivery) -> Result:
@@ -146,6 +154,9 @@ class Execution:
         cancelled_by = self._cancels.cancelled_by((task.id, *task.keys), published_ms)
         if cancelled_by is not None:
             return Cancelled(cancelled_by)
+        ran = RecentRuns.key(task.id, published_ms, task.attempt)
+        if message.redelivered and ran in self.recent:
+            return Repeated()
         if SERIES in headers and (instead := await self._advance_series(message, task)):
             return instead
         now_ms = time.time() * 1000
@@ -163,7 +174,9 @@ class Execution:
             "executing %s (attempt %d, %.0f ms late)", task.id, task.attempt, lateness_s * 1e3
         )
         self._metrics.lateness.observe(lateness_s if lateness_s > 0 else 0.0)
-        return await self._handle(message, task, Executed(lateness_s, past_due))
+        result = await self._handle(message, task, Executed(lateness_s, past_due))
+        self.recent.add(ran)  # it ran, whatever the ack or retry that follows comes to
+        return result
 
     async def _handle(self, message: Delivery, task: Task, executed: Executed) -> Result:
         """Call the handler: ``executed`` if it returns, else why it failed."""

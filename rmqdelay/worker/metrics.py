@@ -35,6 +35,10 @@ class WorkerMetrics:
         self.retried = counter("rmqdelay_tasks_retried", "Tasks sent back for another attempt")
         self.parked = counter("rmqdelay_tasks_parked", "Tasks moved to the parking lot")
         self.cancelled = counter("rmqdelay_tasks_cancelled", "Tasks skipped as cancelled")
+        self.repeated = counter(
+            "rmqdelay_tasks_repeated",
+            "Redeliveries of tasks this worker had run already (their ack was lost), not run again",
+        )
         self.past_due = counter(
             "rmqdelay_tasks_past_due",
             "Executed tasks scheduled with a due time already past (lateness counted from "

@@ -13,7 +13,15 @@ from rmqdelay.core.workstats import BUCKETS, COUNTED, bucket_of
 from rmqdelay.worker.metrics import WorkerMetrics
 
 Outcome: TypeAlias = Literal[
-    "executed", "failed", "retried", "parked", "cancelled", "requeued", "skipped", "backlogged"
+    "executed",
+    "failed",
+    "retried",
+    "parked",
+    "cancelled",
+    "requeued",
+    "skipped",
+    "backlogged",
+    "repeated",
 ]
 
 
@@ -37,6 +45,9 @@ class WorkerStats:
     #: Tasks handed back (a fresh copy at the queue's tail) after waiting
     #: ``Worker.max_unacked_s`` for a free slot: a backlog, not a failure.
     backlogged: int = 0
+    #: Redeliveries of copies this worker had run already (the ack was lost with a link
+    #: that went silent), acked without running again.
+    repeated: int = 0
     #: Handlers still running when the worker gave up on them at stop (tasks requeued).
     abandoned: int = 0
     #: Handlers still running past the broker's consumer timeout: the broker took their
@@ -67,6 +78,7 @@ class WorkerStats:
             f"requeued {self.requeued}, "
             + (f"skipped {self.skipped}, " if self.skipped else "")
             + (f"handed back from a backlog {self.backlogged}, " if self.backlogged else "")
+            + (f"not run again after a lost ack {self.repeated}, " if self.repeated else "")
             + f"scheduled past due {self.past_due}"
             + (f", abandoned {self.abandoned}" if self.abandoned else "")
             + (f", overran the consumer timeout {self.overran}" if self.overran else "")
@@ -85,7 +97,7 @@ class Tally:
         self._executed: Counter = metrics.executed
         self._counters: dict[str, Counter] = {
             outcome: getattr(metrics, outcome)
-            for outcome in ("executed", "failed", "retried", "parked", "cancelled")
+            for outcome in ("executed", "failed", "retried", "parked", "cancelled", "repeated")
         }
 
     def count(self, outcome: Outcome) -> None:
