@@ -4,15 +4,8 @@ load. Bounded in time; each test uses a namespace of its own and deletes it."""
 from __future__ import annotations
 
 import asyncio
-import os
-import random
 import time
-import uuid
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from datetime import timedelta
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -20,119 +13,28 @@ import pytest
 from rmqdelay import (
     BrokerUnavailableError,
     JournalUnavailableError,
-    PublishNotConfirmedError,
     Scheduler,
     Settings,
     TaskSpec,
 )
-from rmqdelay.broker.declare import apply_topology
 from rmqdelay.broker.management import management_get, namespace_depths, vhost_path
-from rmqdelay.core.topology import build_topology
 from tests.integration.helpers import Recorder, eventually, running_worker
 
 from .conftest import NODES, Cluster
+from .load import (
+    DESTINATION,
+    RATE,
+    Load,
+    all_members_online,
+    cluster_settings,
+    eventually_async,
+    level_leaders,
+    missing,
+    namespace,
+    report,
+)
 
 pytestmark = pytest.mark.cluster
-
-#: Tasks per second while nodes die: at least the 200/s the issue asks for.
-RATE = 200
-DESTINATION = "jobs"
-
-
-def _settings(cluster: Cluster, first: int, **overrides: object) -> Settings:
-    values: dict[str, object] = {
-        "url": cluster.url_list(first),
-        "management_url": cluster.management(first),
-        "namespace": f"rmqdelay-cluster-{uuid.uuid4().hex[:8]}",
-        "resolution_ms": 256,
-        "max_delay": timedelta(hours=1),
-        "concurrency": 32,
-        "prefetch": 512,
-        "connect_timeout": timedelta(seconds=60),
-        "publish_deadline": timedelta(seconds=60),
-        "shutdown_grace": timedelta(seconds=5),
-    }
-    values.update(overrides)
-    return Settings(_env_file=None, **values)
-
-
-@dataclass
-class Load:
-    """Schedules at RATE per second, each task 0.5-3 s ahead, and counts what returned."""
-
-    scheduler: Scheduler
-    returned: set[str] = field(default_factory=set)
-    refused: int = 0
-    reasons: Counter[str] = field(default_factory=Counter)
-    _pending: set[asyncio.Task[None]] = field(default_factory=set)
-
-    async def _one(self, i: int, delay: float) -> None:
-        try:
-            s = await self.scheduler.schedule(DESTINATION, {"i": i}, delay=delay)
-        except (BrokerUnavailableError, PublishNotConfirmedError) as e:
-            self.refused += 1  # the caller was told: not a loss
-            text = str(e)  # grouped by its start and its end, where the cause is named
-            self.reasons[text if len(text) < 240 else f"{text[:100]} ... {text[-140:]}"] += 1
-            return
-        self.returned.add(s.id)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Until ``stop`` is set; then wait for the schedule() calls under way."""
-        rng, started, i = random.Random(11), time.monotonic(), 0
-        while not stop.is_set():
-            elapsed = time.monotonic() - started
-            # Paced by the clock, not by confirms: a stalled publish must not lower the rate.
-            for _ in range(int(elapsed * RATE) - i):
-                task = asyncio.create_task(self._one(i, rng.uniform(0.5, 3.0)))
-                self._pending.add(task)
-                task.add_done_callback(self._pending.discard)
-                i += 1
-            await asyncio.sleep(0.005)
-        if self._pending:
-            await asyncio.wait(self._pending, timeout=120)
-        assert not self._pending, f"{len(self._pending)} schedule() calls still hanging"
-
-
-async def _leaders(settings: Settings) -> Counter[str]:
-    queues = await management_get(settings, f"queues/{vhost_path(settings)}", "name,leader")
-    assert queues is not None, "no management API answered"
-    prefix = f"{settings.namespace}.level."
-    return Counter(q["leader"] for q in queues if q["name"].startswith(prefix) and q.get("leader"))
-
-
-async def _all_members_online(settings: Settings) -> bool:
-    queues = await management_get(settings, f"queues/{vhost_path(settings)}", "name,members,online")
-    mine = [q for q in queues or [] if q["name"].startswith(f"{settings.namespace}.")]
-    return bool(mine) and all(
-        len(q.get("online", [])) == len(q.get("members", [])) == NODES
-        for q in mine
-        if "members" in q
-    )
-
-
-@asynccontextmanager
-async def _namespace(settings: Settings) -> AsyncIterator[None]:
-    topology = build_topology(settings.layout, (DESTINATION,))
-    await apply_topology(settings, topology)
-    try:
-        yield
-    finally:
-        if not os.environ.get("RMQDELAY_TEST_KEEP"):
-            await apply_topology(settings, topology, delete=True)
-
-
-def _report(what: str, load: Load, recorder: Recorder) -> int:
-    duplicates = sum(n - 1 for n in recorder.counts.values())
-    early = [ms for ms in recorder.lateness_ms().values() if ms < 0]
-    print(
-        f"\n{what}: {len(load.returned)} schedules returned, {load.refused} refused, "
-        f"{len(recorder.ids)} executed, {duplicates} executed twice or more, "
-        f"{len(early)} early; refusals: {dict(load.reasons.most_common(3))}"
-    )
-    assert load.returned <= recorder.ids, "every task whose schedule() returned ran"
-    assert not early, f"tasks ran before they were due: {sorted(early)[:5]} ms"
-    assert duplicates <= max(20, len(load.returned) // 20), "duplicates must stay rare"
-    return duplicates
 
 
 async def _broker_version(settings: Settings) -> tuple[int, int]:
@@ -171,34 +73,29 @@ async def _under_load(
         except TimeoutError:
             if recover is None or strict:
                 depths = await namespace_depths(settings)
-                raise AssertionError(_missing(load, recorder, depths)) from None
+                raise AssertionError(missing(load, recorder, depths)) from None
             # RabbitMQ 3.10.8: a level whose at-least-once dead-letter worker was sending
             # into a queue led by the dead node can stall until that node is back.
-            stalled = _missing(load, recorder, await namespace_depths(settings))
+            stalled = missing(load, recorder, await namespace_depths(settings))
             print(f"\nbefore the node is back: {stalled}")
         if recover is not None:
             await recover()
             await recorder.wait_for(load.returned, within=180)
-    _report(what, load, recorder)
+    report(what, load, recorder)
     if strict:
         assert load.refused == 0, f"publishes refused: {dict(load.reasons.most_common(3))}"
 
 
-def _missing(load: Load, recorder: Recorder, depths: dict[str, int]) -> str:
-    missing = load.returned - recorder.ids
-    return f"{len(missing)} of {len(load.returned)} returned tasks not run yet; in {depths}"
-
-
 @pytest.mark.timeout(600)
 async def test_killing_the_node_that_leads_most_levels_loses_no_task(cluster: Cluster) -> None:
-    probe = _settings(cluster, 1)
-    async with _namespace(probe):
-        leaders = await _leaders(probe)
+    probe = cluster_settings(cluster, 1)
+    async with namespace(probe):
+        leaders = await level_leaders(probe)
         victim_node = leaders.most_common(1)[0][0]
         victim = int(victim_node.split("@")[0][-1])  # rmqd<version>c<N>@host
         print(f"\nlevel leaders: {dict(leaders)}; killing node {victim}")
         # Clients list the victim first: the worker and scheduler are connected to it.
-        settings = _settings(cluster, victim, namespace=probe.namespace)
+        settings = cluster_settings(cluster, victim, namespace=probe.namespace)
 
         async def kill() -> None:
             await asyncio.to_thread(cluster.run, "kill", str(victim))
@@ -211,13 +108,13 @@ async def test_killing_the_node_that_leads_most_levels_loses_no_task(cluster: Cl
         finally:  # back even when the test fails: the next test needs three nodes
             await restart()
         assert cluster.running() == NODES, "the node rejoined the cluster"
-        await eventually_async(lambda: _all_members_online(settings), 120, "members back")
+        await eventually_async(lambda: all_members_online(settings), 120, "members back")
 
 
 @pytest.mark.timeout(900)
 async def test_a_rolling_restart_under_load_loses_no_task(cluster: Cluster) -> None:
-    settings = _settings(cluster, 2)
-    async with _namespace(settings):
+    settings = cluster_settings(cluster, 2)
+    async with namespace(settings):
 
         async def roll() -> None:
             for n in range(1, NODES + 1):
@@ -227,34 +124,22 @@ async def test_a_rolling_restart_under_load_loses_no_task(cluster: Cluster) -> N
                 await asyncio.to_thread(cluster.run, "stop", str(n))
                 await asyncio.to_thread(cluster.run, "restart", str(n))
                 # The next node may go only once every queue has its members back.
-                await eventually_async(lambda: _all_members_online(settings), 120, "members back")
+                await eventually_async(lambda: all_members_online(settings), 120, "members back")
 
         await _under_load(settings, roll, "rolling restart")
         assert cluster.running() == NODES
-
-
-async def eventually_async(
-    condition: Callable[[], Awaitable[bool]], within: float, what: str
-) -> None:
-    """Poll an async ``condition`` (the management API) until true."""
-    try:
-        async with asyncio.timeout(within):
-            while not await condition():  # noqa: ASYNC110 - polling the management API
-                await asyncio.sleep(0.5)
-    except TimeoutError:
-        raise AssertionError(f"not within {within}s: {what}") from None
 
 
 @pytest.mark.timeout(300)
 async def test_lookups_survive_killing_the_node_that_leads_the_journal(cluster: Cluster) -> None:
     """The journal is a replicated stream: with its leader dead, another node reads it
     out whole, and a reschedule made meanwhile holds."""
-    probe = _settings(cluster, 1)
-    async with _namespace(probe):
+    probe = cluster_settings(cluster, 1)
+    async with namespace(probe):
         leader = await _journal_leader(probe)
         victim = int(leader.split("@")[0][-1])  # rmqd<version>c<N>@host
         survivor = victim % NODES + 1
-        settings = _settings(cluster, survivor, namespace=probe.namespace)
+        settings = cluster_settings(cluster, survivor, namespace=probe.namespace)
         async with Scheduler(settings) as scheduler:
             tasks = await scheduler.schedule_many(
                 [TaskSpec(DESTINATION, {"i": i}, delay=600 + i) for i in range(200)]
@@ -270,7 +155,7 @@ async def test_lookups_survive_killing_the_node_that_leads_the_journal(cluster: 
                 assert abs((again.due_at - moved.due_at).total_seconds()) < 0.001
             finally:
                 await asyncio.to_thread(cluster.run, "restart", str(victim))
-        await eventually_async(lambda: _all_members_online(settings), 120, "members back")
+        await eventually_async(lambda: all_members_online(settings), 120, "members back")
 
 
 async def _journal_leader(settings: Settings) -> str:
