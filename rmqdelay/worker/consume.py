@@ -482,11 +482,14 @@ class Worker:
             await self._overran(message, result, settler)
         elif isinstance(result, Executed):
             await message.ack()
+            self._execution.settled(message)
             self._tally.executed(result.lateness_s, result.past_due)
         elif isinstance(result, Failed):
+            # Raises when the retry or parked copy could not be published (requeued).
             await settler.retry_or_park(
                 message, result.task, result.error, result.detail, result.delay
             )
+            self._execution.settled(message)
         elif isinstance(result, Cancelled):
             # Debug only: one cancel of a busy key can skip thousands (counted, summarised).
             log.debug("task %s cancelled by %r; not run", message.message_id, result.key)

@@ -37,6 +37,7 @@ class Delivery:
         "message_id",
         "overran",
         "properties",
+        "ran",
         "redelivered",
         "routing_key",
         "stopped",
@@ -62,6 +63,8 @@ class Delivery:
         self.stopped = False
         #: Its handler ran past the broker's consumer timeout: the broker took it back.
         self.overran = False
+        #: Its key in the worker's RecentRuns once its handler was called.
+        self.ran: int | None = None
 
     def publisher_properties(self) -> Mapping[str, Any]:
         """The properties the publisher set, other than headers and content type (what

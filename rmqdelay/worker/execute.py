@@ -154,7 +154,7 @@ class Execution:
         cancelled_by = self._cancels.cancelled_by((task.id, *task.keys), published_ms)
         if cancelled_by is not None:
             return Cancelled(cancelled_by)
-        ran = RecentRuns.key(task.id, published_ms, task.attempt)
+        ran = message.ran = RecentRuns.key(task.id, published_ms, task.attempt)
         if message.redelivered and ran in self.recent:
             return Repeated()
         if SERIES in headers and (instead := await self._advance_series(message, task)):
@@ -174,9 +174,14 @@ class Execution:
             "executing %s (attempt %d, %.0f ms late)", task.id, task.attempt, lateness_s * 1e3
         )
         self._metrics.lateness.observe(lateness_s if lateness_s > 0 else 0.0)
-        result = await self._handle(message, task, Executed(lateness_s, past_due))
-        self.recent.add(ran)  # it ran, whatever the ack or retry that follows comes to
-        return result
+        return await self._handle(message, task, Executed(lateness_s, past_due))
+
+    def settled(self, message: Delivery) -> None:
+        """``message``'s handler ran and its outcome is settled (acked, or its retry or
+        parked copy confirmed): a redelivery of it is a lost ack's, not to run again. Not
+        called when the settlement failed and the task went back to the queue."""
+        if message.ran is not None:
+            self.recent.add(message.ran)
 
     async def _handle(self, message: Delivery, task: Task, executed: Executed) -> Result:
         """Call the handler: ``executed`` if it returns, else why it failed."""

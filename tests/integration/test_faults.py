@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from rmqdelay import BrokerUnavailableError, Scheduler, Settings
+from rmqdelay import BrokerUnavailableError, Scheduler, Settings, Task
 from rmqdelay.broker.management import namespace_depths
 from rmqdelay.cli.main import main as cli_main
 
@@ -154,6 +154,38 @@ async def test_a_publish_on_a_link_gone_silent_is_sent_once_on_the_next_node(
         async with running_worker(settings, destination, recorder):
             await recorder.wait_for({s.id, after.id}, within=30)
         assert recorder.counts[s.id] == 1, "sent once per link: the stalled copy was not stored"
+
+
+async def test_a_task_whose_ack_was_lost_with_a_silent_link_is_not_run_again(
+    settings: Settings, destination: str
+) -> None:
+    """The worker runs a task, and its ack goes into a link that has gone silent. The
+    broker gives the link up and delivers the task again, to the same worker on its next
+    node: it acks it without running it again, and counts it."""
+    started, go = asyncio.Event(), asyncio.Event()
+    runs: list[str] = []
+
+    async def handler(task: Task) -> None:
+        runs.append(task.id)
+        started.set()
+        await go.wait()
+
+    async with Proxy(settings.url) as first, Proxy(settings.url) as second:
+        listed = make_settings(
+            f"{first.url},{second.url}", namespace=settings.namespace, declare=False,
+            heartbeat="1s",
+        )  # fmt: skip
+        async with Scheduler(settings) as scheduler:
+            await scheduler.declare_destination(destination)
+            s = await scheduler.schedule(destination, {}, delay=0)
+        async with running_worker(listed, destination, handler) as worker:
+            await asyncio.wait_for(started.wait(), 20)
+            first.stall()  # the ack the handler's return sends goes nowhere
+            go.set()
+            stats = await asyncio.wait_for(worker.wait_for(lambda st: st.repeated >= 1), 60)
+            assert second.connections >= 1, "the worker moved to the second node"
+    assert runs == [s.id], "ran once, though delivered twice"
+    assert stats.executed == 1
 
 
 def _closed_port() -> int:
