@@ -481,15 +481,11 @@ class Worker:
         if message.overran:
             await self._overran(message, result, settler)
         elif isinstance(result, Executed):
+            self._execution.settled(message)  # before the ack, which a dropped link loses
             await message.ack()
-            self._execution.settled(message)
             self._tally.executed(result.lateness_s, result.past_due)
         elif isinstance(result, Failed):
-            # Raises when the retry or parked copy could not be published (requeued).
-            await settler.retry_or_park(
-                message, result.task, result.error, result.detail, result.delay
-            )
-            self._execution.settled(message)
+            await self._retry_or_park(message, result, settler)
         elif isinstance(result, Cancelled):
             # Debug only: one cancel of a busy key can skip thousands (counted, summarised).
             log.debug("task %s cancelled by %r; not run", message.message_id, result.key)
@@ -515,6 +511,19 @@ class Worker:
             await settler.park(
                 message, f"undecodable: {result.error}", error="MessageDecodeError", attempts=0
             )
+
+    async def _retry_or_park(self, message: Delivery, result: Failed, settler: Settler) -> None:
+        assert self._execution is not None
+        try:
+            await settler.retry_or_park(
+                message, result.task, result.error, result.detail, result.delay
+            )
+        except RmqDelayError:
+            raise  # its retry or parked copy was not confirmed: requeued, to run again
+        except BaseException:
+            self._execution.settled(message)  # the copy is confirmed; only the ack failed
+            raise
+        self._execution.settled(message)
 
 
 def _check_between(name: str, value: object, low: int, high: int) -> None:

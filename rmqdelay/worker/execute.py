@@ -177,9 +177,10 @@ class Execution:
         return await self._handle(message, task, Executed(lateness_s, past_due))
 
     def settled(self, message: Delivery) -> None:
-        """``message``'s handler ran and its outcome is settled (acked, or its retry or
-        parked copy confirmed): a redelivery of it is a lost ack's, not to run again. Not
-        called when the settlement failed and the task went back to the queue."""
+        """``message``'s handler ran and what follows is decided (it returned, or its retry
+        or parked copy is confirmed): a redelivery of it is a lost ack's, not to run again.
+        Not called when a retry could not be published and the task went back to the
+        queue to run again."""
         if message.ran is not None:
             self.recent.add(message.ran)
 
