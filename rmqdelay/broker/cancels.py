@@ -133,6 +133,8 @@ class CancelFollower:
         self.cancels = CancelSet(int(settings.retention.total_seconds() * 1000))
         #: Set while every cancel confirmed before the last (re)sync is known.
         self.caught_up = asyncio.Event()
+        #: When (time.monotonic()) the set stopped being current; None while it is.
+        self._behind_since: float | None = time.monotonic()
         self._on_cancel = on_cancel
         #: Stream records received (cancels and markers), replays included.
         self.records_seen = 0
@@ -176,6 +178,13 @@ class CancelFollower:
         """Stop vouching for the set until a new marker comes back (a connection dropped)."""
         self.caught_up.clear()
         self._marker = None
+        if self._behind_since is None:
+            self._behind_since = time.monotonic()
+
+    def behind_s(self) -> float:
+        """How long the set has not been current (0.0 while it is)."""
+        since = self._behind_since
+        return 0.0 if since is None else time.monotonic() - since
 
     async def resync(self) -> None:
         """Append a marker and clear ``caught_up`` until it comes back through the stream."""
@@ -244,6 +253,7 @@ class CancelFollower:
             if marker == self._marker:
                 self._progress("cancellation set caught up: %d keys", len(self.cancels))
                 self.caught_up.set()
+                self._behind_since = None
             return
         if SNAPSHOT in headers:
             self._snapshot_announced(headers)

@@ -21,6 +21,7 @@ from typing import Any
 
 from rmqdelay.broker.management import vhost_of
 from rmqdelay.broker.scheduler import Scheduler, TaskSpec, check_task
+from rmqdelay.cli import alerts as alerts_cmd
 from rmqdelay.cli import aside as aside_cmd
 from rmqdelay.cli import recurring as recurring_cmd
 from rmqdelay.cli import tasks as tasks_cmd
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     recurring_cmd.add_parser(commands, duration)
+    alerts_cmd.add_parser(commands, duration)
     tasks_cmd.add_parsers(commands, duration)
 
     schedule = commands.add_parser("schedule", help="schedule one task")
@@ -650,6 +652,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _secrets.add(*settings.secrets)
         if args.command == "definitions":  # no broker, no event loop
             return _definitions(args, settings)
+        if args.command == "alerts":
+            return alerts_cmd.run(args, settings)
         return asyncio.run(_COMMANDS[args.command](args, settings))
     except RmqDelayError as e:
         print(f"rmqdelay: error: {e}", file=sys.stderr)

@@ -109,7 +109,7 @@ class Worker:
         #: Hand every message over as its raw body, whatever its content type (or none):
         #: for handlers that pass messages on (``--forward``) rather than read them.
         self.raw = raw
-        self.metrics = WorkerMetrics(self.destination)
+        self.metrics = WorkerMetrics(self.destination, settings.namespace)
         self._tally = Tally(self.metrics)
         #: Counts since the worker started (``wait_for`` waits on them).
         self.stats: WorkerStats = self._tally.stats
@@ -120,6 +120,7 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._follower = CancelFollower(settings)
+        self.metrics.cancels_behind.set_function(self._follower.behind_s)
         self._holder = Holder(self._tally, self.metrics, self._release)
         self._skew = SkewReport()
         #: How long a delivery may wait (held, then for a slot) before it is handed back.

@@ -23,12 +23,14 @@ class WorkerMetrics:
     does no label lookups.
     """
 
-    def __init__(self, destination: str) -> None:
+    def __init__(self, destination: str, namespace: str = "rmqdelay") -> None:
         self.registry = CollectorRegistry()
-        labels = ["destination"]
+        # The namespace too: one Prometheus watches every deployment (the alert rules of
+        # ``rmqdelay alerts`` select on it).
+        labels = ["destination", "namespace"]
 
         def counter(name: str, doc: str) -> Counter:
-            return Counter(name, doc, labels, registry=self.registry).labels(destination)
+            return Counter(name, doc, labels, registry=self.registry).labels(destination, namespace)
 
         self.executed = counter("rmqdelay_tasks_executed", "Tasks whose handler returned")
         self.failed = counter("rmqdelay_tasks_failed", "Handler runs that raised or timed out")
@@ -49,23 +51,30 @@ class WorkerMetrics:
             "Tasks delivered before their due time, held (unacked) until it",
             labels,
             registry=self.registry,
-        ).labels(destination)
+        ).labels(destination, namespace)
         self.in_flight = Gauge(
             "rmqdelay_tasks_in_flight", "Handlers running now", labels, registry=self.registry
-        ).labels(destination)
+        ).labels(destination, namespace)
         self.lateness = Histogram(
             "rmqdelay_task_lateness_seconds",
             "Execution start minus due time",
             labels,
             buckets=LATENESS_BUCKETS,
             registry=self.registry,
-        ).labels(destination)
+        ).labels(destination, namespace)
         self.duration = Histogram(
             "rmqdelay_handler_duration_seconds", "Handler run time", labels, registry=self.registry
-        ).labels(destination)
+        ).labels(destination, namespace)
         self.connected = Gauge(
             "rmqdelay_connected", "1 while connected and consuming", labels, registry=self.registry
-        ).labels(destination)
+        ).labels(destination, namespace)
+        self.cancels_behind = Gauge(
+            "rmqdelay_cancels_behind_seconds",
+            "How long the cancellation set has not been current (0: it is); the worker runs "
+            "nothing meanwhile",
+            labels,
+            registry=self.registry,
+        ).labels(destination, namespace)
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus text format."""

@@ -25,10 +25,10 @@ async def _get(address: tuple[str, int], path: str) -> tuple[int, str]:
 
 
 def _value(text: str, name: str, destination: str) -> float:
-    prefix = f'{name}{{destination="{destination}"}} '
+    prefix = f'{name}{{destination="{destination}",namespace="'
     lines = [line for line in text.splitlines() if line.startswith(prefix)]
     assert lines, f"no {prefix!r} in the metrics"
-    return float(lines[0][len(prefix) :])
+    return float(lines[0].rsplit(" ", 1)[1])
 
 
 async def test_metrics_count_every_outcome_and_health_says_consuming(
@@ -65,3 +65,5 @@ async def test_metrics_count_every_outcome_and_health_says_consuming(
     assert _value(text, "rmqdelay_handler_duration_seconds_count", destination) == 3
     assert _value(text, "rmqdelay_tasks_in_flight", destination) == 0
     assert _value(text, "rmqdelay_connected", destination) == 1
+    assert _value(text, "rmqdelay_cancels_behind_seconds", destination) == 0
+    assert f'namespace="{settings.namespace}"' in text, "the alert rules select on it"
