@@ -45,39 +45,41 @@ def rules(namespace: str, thresholds: Thresholds | None = None) -> dict[str, Any
         # Every member of a quorum queue may report it: the largest figure counts once.
         return f"max by (vhost, queue) ({metric}{{queue='{name}'}})"
 
+    def not_empty(alert: str, name: str, severity: str, summary: str, what: str) -> dict[str, Any]:
+        """A queue an operator must empty: it holds tasks for a minute."""
+        return {
+            "alert": alert,
+            "expr": f"{queue('rabbitmq_detailed_queue_messages', name)} > 0",
+            "for": "1m",
+            "labels": {"severity": severity, **ns},
+            "annotations": {"summary": "{{ $value }} " + summary + name, "description": what},
+        }
+
     work = f"{_literal(names.work_queue(''))}.+"
     return {
         "groups": [
             {
                 "name": f"rmqdelay-{namespace}",
                 "rules": [
-                    {
-                        "alert": "RmqdelayTasksParked",
-                        "expr": f"{queue('rabbitmq_detailed_queue_messages', names.parked)} > 0",
-                        "for": "1m",
-                        "labels": {"severity": "warning", **ns},
-                        "annotations": {
-                            "summary": "{{ $value }} tasks parked in " + names.parked,
-                            "description": "Tasks that failed their last attempt (or could "
-                            "not be decoded) wait in the parking lot with their reason: "
-                            f"RMQDELAY_NAMESPACE={namespace} rmqdelay parked lists them; "
-                            "requeue or delete them once the cause is fixed.",
-                        },
-                    },
-                    {
-                        "alert": "RmqdelayUnroutableNotEmpty",
-                        "expr": f"{queue('rabbitmq_detailed_queue_messages', names.unroutable)}"
-                        " > 0",
-                        "for": "1m",
-                        "labels": {"severity": "critical", **ns},
-                        "annotations": {
-                            "summary": "{{ $value }} tasks in " + names.unroutable,
-                            "description": "Tasks whose destination has no work queue (or "
-                            "whose routing headers were damaged) wait here: declare the "
-                            f"destination, then RMQDELAY_NAMESPACE={namespace} rmqdelay "
-                            "unroutable requeue --all.",
-                        },
-                    },
+                    not_empty(
+                        "RmqdelayTasksParked",
+                        names.parked,
+                        "warning",
+                        "tasks parked in ",
+                        "Tasks that failed their last attempt (or could not be decoded) wait "
+                        "in the parking lot with their reason: "
+                        f"RMQDELAY_NAMESPACE={namespace} rmqdelay parked lists them; requeue "
+                        "or delete them once the cause is fixed.",
+                    ),
+                    not_empty(
+                        "RmqdelayUnroutableNotEmpty",
+                        names.unroutable,
+                        "critical",
+                        "tasks in ",
+                        "Tasks whose destination has no work queue (or whose routing headers "
+                        "were damaged) wait here: declare the destination, then "
+                        f"RMQDELAY_NAMESPACE={namespace} rmqdelay unroutable requeue --all.",
+                    ),
                     {
                         "alert": "RmqdelayTasksLate",
                         "expr": "histogram_quantile(0.99, sum by (destination, le) "
