@@ -8,11 +8,14 @@ import logging
 import subprocess
 import sys
 import textwrap
+import tomllib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
+import rmqdelay
 from rmqdelay import (
     BrokerUnavailableError,
     ConfigError,
@@ -251,11 +254,14 @@ def test_operator_mistakes_are_one_line_naming_the_problem(
     assert "us " not in captured.err  # durations in human units
 
 
-def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+def test_version_is_the_one_in_pyproject(capsys: pytest.CaptureFixture[str]) -> None:
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    version = tomllib.loads(pyproject.read_text())["project"]["version"]
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0
-    assert capsys.readouterr().out.strip() == "rmqdelay 0.1.0"
+    assert capsys.readouterr().out.strip() == f"rmqdelay {version}"
+    assert rmqdelay.__version__ == version
 
 
 def test_definitions_take_the_vhost_from_the_url(
