@@ -126,7 +126,7 @@ async def unavailable(settings: Settings, error: BaseException) -> BrokerUnavail
         return BrokerUnavailableError(
             f"{where} accepted the TCP connection but did not complete the AMQP handshake in "
             f"time. Likely causes: the broker ran out of file handles (see its log and "
-            "/proc/<pid>/limits; README 'For operators'), is overloaded or still starting, or "
+            "/proc/<pid>/limits; docs/how-to/operators.md), is overloaded or still starting, or "
             "the port is not AMQP (an amqps:// port with amqp://, or a proxy)"
         )
     reason = str(error) or type(error).__name__

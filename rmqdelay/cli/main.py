@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bridge = commands.add_parser(
         "bridge",
-        help="take publishers of a delayed-message plugin exchange over (see the README)",
+        help="take publishers of a delayed-message plugin exchange over (docs/how-to/plugin.md)",
         description="Publishers go on sending to exchange FROM with an x-delay header; each "
         "message waits in the levels and is then published, as it was sent, to exchange TO, "
         "where consumers' queues are bound.",

@@ -1,6 +1,7 @@
 """Every broker object name, derived from the namespace alone. Pure; no I/O.
 
-Other languages publish to these names, so they are part of the wire contract (README).
+Other languages publish to these names, so they are part of the wire contract
+(docs/reference/wire-format.md).
 """
 
 from __future__ import annotations

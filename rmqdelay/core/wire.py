@@ -1,7 +1,7 @@
 """The message format on the wire: header names, units, payload encoding. Pure; no I/O.
 
 This is a public contract: services in other languages schedule by publishing messages
-that follow it (README, "Wire format"). Times are integer milliseconds since the Unix
+that follow it (docs/reference/wire-format.md). Times are integer milliseconds since the Unix
 epoch: pamqp would encode a float header as a 32-bit float and lose up to a minute.
 """
 
@@ -314,7 +314,7 @@ def unit_mistake(value: int) -> str:
 
 
 def _identity(headers: Mapping[str, Any]) -> tuple[str, list[str], int]:
-    """A task's id, cancel keys and attempt, held to the limits the README gives
+    """A task's id, cancel keys and attempt, held to the limits the wire format gives
     publishers (a key the scheduler would refuse must not pass the worker either)."""
     attempt = _int_header(headers, ATTEMPT, 1)
     if attempt < 1:

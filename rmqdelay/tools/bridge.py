@@ -144,8 +144,8 @@ class Bridge:
             if not switch:
                 raise ConfigError(
                     f"exchange {plan.source!r} is the delayed-message plugin's; to move it "
-                    "to rmqdelay follow the migration guide in the README (drain, then run "
-                    "with --switch)"
+                    "to rmqdelay follow the migration guide, docs/how-to/plugin.md (drain, "
+                    "then run with --switch)"
                 )
             return await self._switch(info, force=force)
         if info is not None and BRIDGE_ARGUMENT not in (info.get("arguments") or {}):

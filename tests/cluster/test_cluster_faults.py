@@ -56,7 +56,7 @@ async def _under_load(
 
     On RabbitMQ 4.x every returned task must run before ``recover`` and no publish may be
     refused. On 3.10 tasks still missing then must run after it (a level can stall until
-    the dead node is back: see the README's cluster section)."""
+    the dead node is back: see docs/how-to/cluster.md)."""
     strict = await _broker_version(settings) >= (4, 0)
     recorder = Recorder()
     async with Scheduler(settings) as scheduler, running_worker(settings, DESTINATION, recorder):

@@ -68,7 +68,7 @@ async def _until(condition: Callable[[], Awaitable[bool]], within: float, what: 
 
 async def _refused(scheduler: Scheduler, destination: str, n: str, reason: str) -> str:
     """schedule() under the alarm: refused naming it, at the deadline. Its message (and
-    how long it took, printed: the figure README's "Reliability" gives)."""
+    how long it took, printed: the figure docs/explanation/reliability.md gives)."""
     started = time.monotonic()
     with pytest.raises(BrokerBlockedError) as caught:
         await scheduler.schedule(destination, {"n": n}, delay=1)

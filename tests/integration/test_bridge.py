@@ -256,8 +256,9 @@ async def test_a_bridge_on_a_namespace_nothing_has_declared_declares_it_and_deli
     capsys: pytest.CaptureFixture[str],
     channel: aio_pika.abc.AbstractChannel,
 ) -> None:
-    # The README's path for a broker that never had the plugin: nothing of the namespace
-    # exists yet (its work exchange least of all, which the bridge's work queue binds to).
+    # The plugin guide's path (docs/how-to/plugin.md) for a broker that never had the
+    # plugin: nothing of the namespace exists yet (its work exchange least of all, which
+    # the bridge's work queue binds to).
     fresh = make_settings(broker_url, max_delay="1h")
     plan = plan_bridge(fresh, source, target_type="topic")
     use_in_cli(monkeypatch, fresh)

@@ -156,7 +156,8 @@ def _publish(settings: Settings, headers: dict[str, object], body: bytes) -> Non
 
 
 def _publish_as_the_readme_says(settings: Settings, delay_ms: int, task_id: str) -> int:
-    """The README's "Wire format" recipe, step by step; returns the due time (ms)."""
+    """The wire format's recipe (docs/reference/wire-format.md), step by step; returns the
+    due time (ms)."""
     now_ms = int(time.time() * 1000)
     n = delay_ms // settings.resolution_ms  # whole units: the worker holds the remainder
     levels = [k for k in range(n.bit_length() - 1, -1, -1) if n >> k & 1]

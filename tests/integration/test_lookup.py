@@ -89,7 +89,7 @@ async def test_tasks_published_by_other_clients_are_found_with_their_properties(
     own_settings: Settings,
 ) -> None:
     """The wire format is all the journal needs: a task another client published, keys as
-    the README says (the array, and its JSON copy), keeps its own properties."""
+    the wire format says (the array, and its JSON copy), keeps its own properties."""
     due = time.time_ns() // 1_000_000 + 600_000
     task_id, incident = uuid.uuid4().hex, key()
     headers: dict[str, Any] = {
