@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import ssl
 import subprocess
 import sys
@@ -266,15 +267,18 @@ async def test_status_watch_refreshes_until_interrupted(small: Settings) -> None
     await _fill(small)
     env = subprocess_env(small)
     env["RMQDELAY_MAX_DELAY"] = "1h"
+    # Ctrl-C as at a terminal: a run started in the background of a shell without job
+    # control inherits SIGINT ignored, and an ignored signal stays ignored across exec.
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "rmqdelay", "status", "--json", "--watch", "200ms",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     assert process.stdout is not None
     try:
         lines = [await asyncio.wait_for(process.stdout.readline(), 30) for _ in range(3)]
     finally:
-        process.send_signal(2)
+        process.send_signal(signal.SIGINT)
         # Read on: a pipe left full would block its last writes and its exit.
         await asyncio.wait_for(process.communicate(), 30)
         code = process.returncode
