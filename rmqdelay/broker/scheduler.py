@@ -15,6 +15,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.exceptions import AMQPConnectionError, ChannelNotFoundEntity
 from pamqp.commands import Basic
 
+from rmqdelay.broker import tracing
 from rmqdelay.broker.cancels import load_cancels, publish_cancel
 from rmqdelay.broker.connection import PUBLISH_RETRYABLE, connect
 from rmqdelay.broker.declare import check_topology, declare_topology, resolve_backend
@@ -335,8 +336,11 @@ class Scheduler:
             backoff_base=backoff_base,
             backoff_cap=backoff_cap,
         )
+        checked = check_task(self.wiring, spec)
+        if tracing.recording():
+            return (await self._traced([checked], "schedule"))[0]
         # One task: no list, no gather, one coroutine frame less on every resumption.
-        [prepared] = await self._prepare([check_task(self.wiring, spec)])
+        [prepared] = await self._prepare([checked])
         await self._publish_task(*prepared)
         return prepared[-1]
 
@@ -356,7 +360,26 @@ class Scheduler:
                 raise type(e)(f"task {i} of the batch: {e}") from e
         if not checked:
             return []
-        prepared = await self._prepare(checked)
+        if tracing.recording():
+            return await self._traced(checked, "schedule_many")
+        return await self._publish_batch(await self._prepare(checked))
+
+    async def _traced(self, checked: list[CheckedTask], name: str) -> list[ScheduledTask]:
+        """Publish inside a schedule span whose context the messages carry (``tracing``)."""
+        first = checked[0]
+        with tracing.producing(
+            name, destination=first.destination, task_id=first.task_id, batch=len(checked)
+        ):
+            prepared = await self._prepare(checked)
+            for _, props, _, _ in prepared:
+                assert props.headers is not None
+                tracing.inject(props.headers)
+            if len(prepared) == 1:
+                await self._publish_task(*prepared[0])
+                return [prepared[0][-1]]
+            return await self._publish_batch(prepared)
+
+    async def _publish_batch(self, prepared: list[_Prepared]) -> list[ScheduledTask]:
         sent = await asyncio.gather(
             *(self._publish_task(*p) for p in prepared), return_exceptions=True
         )

@@ -20,6 +20,7 @@ from urllib.parse import quote
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from aiormq.exceptions import AMQPError
 
+from rmqdelay.broker import tracing
 from rmqdelay.broker.connection import connect
 from rmqdelay.broker.declare import check_topology, declare_topology, resolve_backend
 from rmqdelay.broker.management import management_get, management_url, vhost_path
@@ -354,14 +355,19 @@ class Bridge:
             # delivers it, as the plugin would have.
             await self._park(message, headers, problem)
             return
-        await self._publisher.publish(
-            message.body,
-            carried(props, headers),
-            way.exchange,
-            plan.destination,
-            mandatory=way.mandatory,
-            what=f"the message {task_id} bridged from {plan.source!r}",
-        )
+        # A trace the plugin's publisher began (its traceparent) goes on through the delay.
+        with tracing.producing(
+            "bridge", headers, parent_headers=message.headers,
+            destination=plan.destination, task_id=task_id,
+        ):  # fmt: skip
+            await self._publisher.publish(
+                message.body,
+                carried(props, headers),
+                way.exchange,
+                plan.destination,
+                mandatory=way.mandatory,
+                what=f"the message {task_id} bridged from {plan.source!r}",
+            )
 
     async def _park(
         self, message: AbstractIncomingMessage, headers: dict[str, Any], problem: Exception

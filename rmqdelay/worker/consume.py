@@ -19,6 +19,7 @@ from typing import Any
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage, TaskWrapper
 
+from rmqdelay.broker import tracing
 from rmqdelay.broker.cancels import CancelFollower
 from rmqdelay.broker.connection import connect
 from rmqdelay.broker.declare import check_topology, resolve_backend
@@ -29,7 +30,7 @@ from rmqdelay.core.redact import Redactor
 from rmqdelay.core.retry import RetryPolicy
 from rmqdelay.core.task import Handler
 from rmqdelay.core.topology import build_topology
-from rmqdelay.core.wire import DEFAULT_ACCEPT
+from rmqdelay.core.wire import ATTEMPT, DEFAULT_ACCEPT, PUBLISHED_MS
 from rmqdelay.settings import Settings
 from rmqdelay.worker.clocks import SkewReport
 from rmqdelay.worker.delivery import Delivery
@@ -477,8 +478,23 @@ class Worker:
         return True
 
     async def _execute(self, message: Delivery, settler: Settler) -> None:
+        if not tracing.recording():
+            await self._settle(message, await self._run_task(message), settler)
+            return
+        headers = message.headers or {}
+        with tracing.executing(
+            headers, self.destination, message.message_id, headers.get(PUBLISHED_MS)
+        ) as span:
+            result = await self._run_task(message)
+            tracing.outcome(span, *_outcome(result), attempt=headers.get(ATTEMPT, 1))
+            await self._settle(message, result, settler)
+
+    async def _run_task(self, message: Delivery) -> Result:
         assert self._execution is not None
-        result = await self._execution.run(message)
+        return await self._execution.run(message)
+
+    async def _settle(self, message: Delivery, result: Result, settler: Settler) -> None:
+        assert self._execution is not None
         if message.overran:
             await self._overran(message, result, settler)
         elif isinstance(result, Executed):
@@ -525,6 +541,16 @@ class Worker:
             self._execution.settled(message)  # the copy is confirmed; only the ack failed
             raise
         self._execution.settled(message)
+
+
+def _outcome(result: Result) -> tuple[str, str | None]:
+    """What a trace's execute span says of ``result``: its kind, and an error if it failed."""
+    # The error's type only: its text may hold a secret (the park span has it redacted).
+    if isinstance(result, Failed):
+        return "failed", result.error
+    if isinstance(result, Undecodable):
+        return "undecodable", "MessageDecodeError"
+    return type(result).__name__.lower(), None
 
 
 def _check_between(name: str, value: object, low: int, high: int) -> None:

@@ -24,6 +24,7 @@ from datetime import timedelta
 
 from pamqp.commands import Basic
 
+from rmqdelay.broker import tracing
 from rmqdelay.broker.cancels import publish_cancel
 from rmqdelay.broker.publisher import Publisher, carried
 from rmqdelay.core.errors import InvalidDelayError, PublishNotConfirmedError
@@ -122,13 +123,15 @@ class Settler:
             wait_us / 1e6,
         )  # fmt: skip
         now_us = time.time_ns() // 1000
-        if await self._republish(
-            message,
-            attempt=task.attempt + 1,
-            due_ms=-(-(now_us + wait_us) // 1000),
-            wait_us=wait_us,
-            what="retry",
-        ):
+        with tracing.step("retry", attempt=task.attempt + 1, backoff_ms=wait_us // 1000):
+            retried = await self._republish(
+                message,
+                attempt=task.attempt + 1,
+                due_ms=-(-(now_us + wait_us) // 1000),
+                wait_us=wait_us,
+                what="retry",
+            )
+        if retried:
             self._tally.count("retried")
 
     async def send_back(self, message: Delivery, due: float) -> None:
@@ -152,6 +155,11 @@ class Settler:
 
     async def park(self, message: Delivery, reason: str, *, error: str, attempts: int) -> None:
         """Move a delivery to the parking lot with ``reason``; requeue it if that fails."""
+        # Redacted as the parked headers are: a handler's exception text may hold a secret.
+        with tracing.step("park", reason=self._redact(reason), error=error, attempts=attempts):
+            await self._park(message, reason, error=error, attempts=attempts)
+
+    async def _park(self, message: Delivery, reason: str, *, error: str, attempts: int) -> None:
         parked = carried(
             message.properties,
             parked_headers(

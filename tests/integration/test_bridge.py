@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 import aio_pika
 import pytest
+from opentelemetry import trace
 
 from rmqdelay import ConfigError, Scheduler, Settings
 from rmqdelay.broker.declare import apply_topology, resolve_backend
@@ -22,6 +23,9 @@ from rmqdelay.tools.parking import ParkingLot
 
 from .conftest import make_settings
 from .helpers import in_background, use_in_cli
+from .tracing import Spans, ids, spans, traceparent
+
+__all__ = ["spans"]  # the fixture, imported for a test here
 
 pytestmark = pytest.mark.integration
 
@@ -139,6 +143,32 @@ async def test_a_plugin_publisher_reaches_a_plain_consumer_on_time_as_it_sent(
     assert message.timestamp == datetime(2026, 11, 24, 9, tzinfo=UTC)
     assert message.delivery_mode == aio_pika.DeliveryMode.NOT_PERSISTENT
     assert message.headers == {"trace": "t-1", "x-delay": -1200}, "as the plugin hands it on"
+
+
+async def test_a_plugin_publishers_trace_goes_on_through_the_bridge_and_the_delay(
+    settings: Settings, plan: BridgePlan, channel: aio_pika.abc.AbstractChannel, spans: Spans
+) -> None:
+    publisher_span = trace.get_tracer("legacy shop").start_span("publish order")
+    sent_traceparent = traceparent(publisher_span)  # type: ignore[arg-type]
+    publisher_span.end()
+    async with running(settings, plan):
+        consumer = await _bind_consumer(channel, plan.target, "orders.*")
+        target = await channel.get_exchange(plan.source, ensure=False)
+        await target.publish(
+            aio_pika.Message(b"o", headers={"x-delay": 300, "traceparent": sent_traceparent}),
+            routing_key="orders.eu",
+        )
+        message, _ = await consumer.next()
+    bridged = spans.one("bridge")
+    assert bridged.parent is not None
+    assert (f"{bridged.parent.trace_id:032x}", f"{bridged.parent.span_id:016x}") == ids(
+        sent_traceparent
+    ), "the publisher's trace goes on"
+    execute = spans.one("execute")
+    assert [link.context.span_id for link in execute.links] == [
+        bridged.get_span_context().span_id  # type: ignore[union-attr]
+    ]
+    assert ids((message.headers or {})["traceparent"]) == ids(traceparent(bridged))
 
 
 @pytest.mark.parametrize("x_delay", [None, 0, -50])
