@@ -19,6 +19,7 @@ A comment right before a block can change that:
   server), started and left running until the page ends (then stopped with SIGTERM and
   required to exit 0); with ``until=``, the next block waits for URL to answer, with
   ``says=WORD`` for the command's output to hold WORD;
+- a page may set OpenTelemetry's global tracer provider: it is put back afterwards;
 - ``<!-- docs-test: skip REASON -->``: not run. The few there are name why (minutes of
   benchmark, a Docker engine, this very test suite) and are listed in ``SKIPS`` below, so
   a new one cannot slip in unseen.
@@ -43,6 +44,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from opentelemetry import trace
+from opentelemetry.util._once import Once
 
 from rmqdelay import Settings
 from rmqdelay.tools.destroy import destroy, plan_destroy
@@ -175,6 +178,10 @@ async def test_the_examples_of_a_page_run(
             monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    # A page may set OpenTelemetry's global tracer provider (once per process, says the
+    # API): a fresh slot for it, and the one before put back after the page.
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER_SET_ONCE", Once())
     names: dict[str, object] = {"__name__": "__docs__", "asyncio": asyncio}  # python -m asyncio
     background: list[Background] = []
     runnable = [
