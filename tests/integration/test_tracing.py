@@ -67,8 +67,11 @@ async def test_the_execute_span_is_linked_to_the_schedule_span_across_the_levels
 
 
 async def test_every_attempt_links_to_the_schedule_and_retry_and_park_are_spans(
-    settings: Settings, destination: str, spans: Spans
+    own_settings: Settings, spans: Spans
 ) -> None:
+    # A namespace of its own: the task ends in its parking lot, which other tests read.
+    settings, destination = own_settings, "dest"
+
     async def handler(task: Task) -> None:
         if task.attempt == 1:
             raise Retry(delay=0.05)
@@ -112,18 +115,26 @@ async def target(settings: Settings) -> AsyncIterator[aio_pika.abc.AbstractQueue
         yield queue
 
 
-async def test_a_forwarded_task_carries_the_schedule_spans_context(
-    settings: Settings, destination: str, spans: Spans, target: aio_pika.abc.AbstractQueue
-) -> None:
+async def _forwarded(
+    settings: Settings, destination: str, target: aio_pika.abc.AbstractQueue, delay: float
+) -> aio_pika.abc.AbstractIncomingMessage:
+    """A task scheduled with ``delay``, as a forwarding worker hands it to ``target``."""
     async with (
         Forwarder(settings, "traced-target", "traced") as forwarder,
         running_worker(settings, destination, forwarder, raw=True),
     ):
         async with Scheduler(settings) as scheduler:
-            await scheduler.schedule(destination, b"raw", delay=0.5, content_type="text/plain")
+            await scheduler.schedule(destination, b"raw", delay=delay, content_type="text/plain")
         async with target.iterator(timeout=30) as messages:
             message = await anext(messages)
             await message.ack()
+    return message
+
+
+async def test_a_forwarded_task_carries_the_schedule_spans_context(
+    settings: Settings, destination: str, spans: Spans, target: aio_pika.abc.AbstractQueue
+) -> None:
+    message = await _forwarded(settings, destination, target, delay=0.5)
     assert ids((message.headers or {})["traceparent"]) == ids(traceparent(spans.one("schedule")))
 
 
@@ -132,13 +143,5 @@ async def test_without_an_sdk_the_message_gets_no_trace_headers(
 ) -> None:
     # The API alone (as FastAPI installs it) and no provider: tracing is off, for free.
     assert not tracing.recording()
-    async with (
-        Forwarder(settings, "traced-target", "traced") as forwarder,
-        running_worker(settings, destination, forwarder, raw=True),
-    ):
-        async with Scheduler(settings) as scheduler:
-            await scheduler.schedule(destination, b"raw", delay=0, content_type="text/plain")
-        async with target.iterator(timeout=30) as messages:
-            message = await anext(messages)
-            await message.ack()
+    message = await _forwarded(settings, destination, target, delay=0)
     assert "traceparent" not in (message.headers or {})
