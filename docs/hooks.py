@@ -39,9 +39,10 @@ def _command(prog: str, parser: argparse.ArgumentParser) -> list[str]:
 
 def _help(parser: argparse.ArgumentParser, prog: str) -> str:
     parser.prog = prog
-    # A fixed width (argparse reads COLUMNS), so the page is the same whatever built it.
+    # A fixed width (argparse reads COLUMNS): the same page whatever built it, and one
+    # that fits the code box of the page without scrolling.
     before = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "88"
+    os.environ["COLUMNS"] = "76"
     try:
         return parser.format_help().rstrip()
     finally:
