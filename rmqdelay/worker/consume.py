@@ -478,20 +478,17 @@ class Worker:
         return True
 
     async def _execute(self, message: Delivery, settler: Settler) -> None:
+        assert self._execution is not None
         if not tracing.recording():
-            await self._settle(message, await self._run_task(message), settler)
+            await self._settle(message, await self._execution.run(message), settler)
             return
         headers = message.headers or {}
         with tracing.executing(
             headers, self.destination, message.message_id, headers.get(PUBLISHED_MS)
         ) as span:
-            result = await self._run_task(message)
+            result = await self._execution.run(message)
             tracing.outcome(span, *_outcome(result), attempt=headers.get(ATTEMPT, 1))
             await self._settle(message, result, settler)
-
-    async def _run_task(self, message: Delivery) -> Result:
-        assert self._execution is not None
-        return await self._execution.run(message)
 
     async def _settle(self, message: Delivery, result: Result, settler: Settler) -> None:
         assert self._execution is not None
