@@ -184,7 +184,13 @@ async def test_a_task_published_by_a_plain_amqp_client_per_the_readme_runs_on_ti
     task, ran = recorder.runs[0]
     assert task.payload == {"from": "pika"}
     assert ran * 1000 >= due_ms, "never early"
-    assert worker.stats.held == 1, "1390 ms at 200 ms: 6 units, 190 ms early, held"
+    # 1390 ms at 200 ms: 6 units in the levels, so it reaches the worker 190 ms early and
+    # is held. Unless the levels took longer than that margin (a loaded broker: 82 ms late
+    # once in CI): then it arrived after its due time, and ran at once.
+    if worker.stats.held == 0:
+        assert worker.stats.lateness_max_s > 0, "not held, so it must have arrived late"
+    else:
+        assert worker.stats.held == 1
 
 
 async def test_a_task_far_ahead_of_its_due_time_goes_back_through_the_levels(
